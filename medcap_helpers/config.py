@@ -1,0 +1,278 @@
+"""One validated configuration for the whole pipeline.
+
+Notebook parameters, the ``medcap`` CLI and :mod:`medcap_helpers.pipeline` all build a
+:class:`MedcapConfig`; every value is checked on construction and a bad one raises
+:class:`ConfigError` with a message that names the field and what would be accepted.
+
+Two profiles ship: ``smoke`` (a tiny BLIP, the embedded sample, CPU, minutes) and
+``full`` (BLIP-large, the full IU X-Ray collection, a CUDA GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BLIP_LARGE_ID = "Salesforce/blip-image-captioning-large"
+TINY_MODEL = "tiny"
+"""Sentinel model name: a tiny randomly initialised BLIP built locally (no download)."""
+
+PROFILES = ("smoke", "full")
+DATA_SOURCES = ("smoke", "openi", "r2gen", "kaggle", "xrv_reports", "hub")
+TARGETS = ("findings", "impression", "both")
+SPLIT_MODES = ("random", "r2gen")
+EXAMPLE_UNITS = ("image", "study")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+TEXT_LORA_TARGETS = ("query", "key", "value", "dense")
+VISION_LORA_TARGETS = ("qkv", "projection", "fc1", "fc2")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user set is not valid; the message says which and why."""
+
+
+@dataclass
+class MedcapConfig:
+    """Every knob of the pipeline. Build with :meth:`from_profile` to start from a profile."""
+
+    profile: str = "smoke"
+    run_dir: str = "runs/smoke"
+    seed: int = 42
+    device: str = "auto"
+
+    # --- data -------------------------------------------------------------------------
+    data_source: str = "smoke"
+    data_path: str | None = None
+    """Reports folder/.tgz (openi), annotation.json (r2gen), CSV folder (kaggle)."""
+    images_dir: str | None = None
+    hub_dataset_id: str | None = None
+    target: str = "findings"
+    lowercase: bool = False
+    example_unit: str = "image"
+    split_mode: str = "random"
+    split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    smoke_num_reports: int = 64
+    smoke_image_size: int = 256
+    max_image_pixels: int = 50_000_000
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    # --- model ------------------------------------------------------------------------
+    model_name: str = TINY_MODEL
+    load_in_4bit: bool = True
+    compute_dtype: str = "auto"
+    max_target_tokens: int = 128
+    tiny_init_range: float = 0.5
+    """Init scale of the tiny random BLIP: larger than BLIP's 0.02 so adapters can learn."""
+
+    # --- LoRA -------------------------------------------------------------------------
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("query", "value", "dense")
+    lora_vision: bool = False
+
+    # --- training ---------------------------------------------------------------------
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 5.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_torch"
+    logging_steps: int = 5
+    vram_budget_gb: float | None = None
+
+    # --- generation / evaluation ---------------------------------------------------------
+    max_new_tokens: int = 100
+    num_beams: int = 3
+    eval_batch_size: int = 8
+    bootstrap_samples: int = 1000
+
+    # --- sweep ------------------------------------------------------------------------
+    sweep_ranks: tuple[int, ...] = (4, 8, 16, 32)
+    sweep_alphas: tuple[int, ...] = (16, 32, 64)
+    sweep_epochs: float = 1.0
+    sweep_vram_budget_gb: float = 4.0
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes recorded with the run (never read by the pipeline)."""
+
+    def __post_init__(self) -> None:
+        for name in ("split_ratios", "lora_target_modules", "sweep_ranks", "sweep_alphas"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    # ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first invalid value."""
+        _choice("profile", self.profile, PROFILES)
+        _choice("device", self.device, DEVICES)
+        _choice("data_source", self.data_source, DATA_SOURCES)
+        _choice("target", self.target, TARGETS)
+        _choice("split_mode", self.split_mode, SPLIT_MODES)
+        _choice("example_unit", self.example_unit, EXAMPLE_UNITS)
+        _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        if not str(self.run_dir).strip():
+            raise ConfigError("run_dir is empty: give a folder for the run's outputs, e.g. 'runs/smoke'.")
+        if self.data_source in ("openi", "r2gen", "kaggle") and not self.data_path:
+            raise ConfigError(
+                f"data_source={self.data_source!r} needs data_path (the reports folder or .tgz for "
+                "'openi', annotation.json for 'r2gen', the folder with indiana_reports.csv for 'kaggle')."
+            )
+        if self.data_source == "hub" and not self.hub_dataset_id:
+            raise ConfigError("data_source='hub' needs hub_dataset_id, e.g. 'org/iu_xray'.")
+        if self.split_mode == "r2gen" and self.data_source != "r2gen":
+            raise ConfigError("split_mode='r2gen' keeps the split of an R2Gen annotation.json: "
+                              "it needs data_source='r2gen'.")
+        if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
+            raise ConfigError(f"split_ratios must be three non-negative numbers (train, val, test), "
+                              f"got {self.split_ratios!r}.")
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6 or self.split_ratios[0] <= 0:
+            raise ConfigError(f"split_ratios must sum to 1 with a non-zero train share, "
+                              f"got {self.split_ratios!r}.")
+        _positive_int("seed", self.seed, allow_zero=True)
+        _positive_int("smoke_num_reports", self.smoke_num_reports, minimum=6)
+        _positive_int("smoke_image_size", self.smoke_image_size, minimum=32)
+        _positive_int("max_image_pixels", self.max_image_pixels)
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not str(self.model_name).strip():
+            raise ConfigError(f"model_name is empty: use {BLIP_LARGE_ID!r}, a local folder, or {TINY_MODEL!r}.")
+        _positive_int("max_target_tokens", self.max_target_tokens, minimum=8)
+        if not self.tiny_init_range > 0:
+            raise ConfigError(f"tiny_init_range must be > 0, got {self.tiny_init_range!r}.")
+
+        _positive_int("lora_r", self.lora_r)
+        _positive_int("lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: LoRA needs at least one layer name, "
+                              f"e.g. {TEXT_LORA_TARGETS[0]!r}.")
+        known = TEXT_LORA_TARGETS + VISION_LORA_TARGETS
+        unknown = [m for m in self.lora_target_modules if m not in known]
+        if unknown:
+            raise ConfigError(f"Unknown LoRA target module(s) {unknown}: BLIP's text decoder has "
+                              f"{list(TEXT_LORA_TARGETS)}, its vision tower {list(VISION_LORA_TARGETS)} "
+                              "(set lora_vision=True to adapt the vision tower).")
+
+        _positive_int("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
+            raise ConfigError(f"learning_rate must be a number in (0, 1), got {self.learning_rate!r} "
+                              "(QLoRA usually uses 1e-4 to 3e-4).")
+        if not self.num_train_epochs > 0:
+            raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs!r}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        _positive_int("logging_steps", self.logging_steps)
+        if self.vram_budget_gb is not None and not self.vram_budget_gb > 0:
+            raise ConfigError(f"vram_budget_gb must be a positive number of GB or None, got {self.vram_budget_gb!r}.")
+
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("num_beams", self.num_beams)
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        _positive_int("bootstrap_samples", self.bootstrap_samples, minimum=10)
+
+        if not self.sweep_ranks or not self.sweep_alphas:
+            raise ConfigError("sweep_ranks and sweep_alphas need at least one value each.")
+        for r in self.sweep_ranks:
+            _positive_int("sweep_ranks entry", r)
+        for a in self.sweep_alphas:
+            _positive_int("sweep_alphas entry", a)
+        if not self.sweep_epochs > 0:
+            raise ConfigError(f"sweep_epochs must be > 0, got {self.sweep_epochs!r}.")
+        if not self.sweep_vram_budget_gb > 0:
+            raise ConfigError(f"sweep_vram_budget_gb must be > 0, got {self.sweep_vram_budget_gb!r}.")
+
+    # ---------------------------------------------------------------------------------
+    @classmethod
+    def from_profile(cls, profile: str = "smoke", **overrides: Any) -> MedcapConfig:
+        """The named profile's defaults with ``overrides`` applied (unknown keys are an error)."""
+        _choice("profile", profile, PROFILES)
+        values: dict[str, Any] = dict(PROFILE_DEFAULTS[profile])
+        values["profile"] = profile
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ConfigError(f"Unknown setting(s) {unknown}. Known settings: {', '.join(field_names())}.")
+        values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MedcapConfig:
+        unknown = sorted(set(values) - set(field_names()))
+        if unknown:
+            raise ConfigError(f"Unknown setting(s) {unknown} in saved config.")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MedcapConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> MedcapConfig:
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.data_source == "smoke"
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+_NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
+             "vram_budget_gb"}
+
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        run_dir="runs/smoke", data_source="smoke", model_name=TINY_MODEL, device="cpu",
+        smoke_num_reports=64, num_train_epochs=3.0, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=2e-3, max_target_tokens=64, max_new_tokens=40,
+        num_beams=1, logging_steps=2, bootstrap_samples=200, sweep_ranks=(4, 16), sweep_alphas=(16, 64),
+        sweep_epochs=1.0, lora_dropout=0.0,
+    ),
+    "full": dict(
+        run_dir="runs/full", data_source="openi", data_path="data/NLMCXR_reports.tgz",
+        images_dir="data/NLMCXR_png", model_name=BLIP_LARGE_ID, device="cuda",
+        num_train_epochs=5.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+        learning_rate=2e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3,
+    ),
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(MedcapConfig)]
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, allow_zero: bool = False) -> None:
+    lowest = 0 if allow_zero else minimum
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ConfigError(f"{name} must be a whole number >= {lowest}, got {value!r}.")
