@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent (a user's clone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("MEDCAP_SHARED_DIR", REPO_ROOT.parent / "shared"))
+IU_SAMPLE = SHARED_DIR / "iu_xray_sample"
+BLIP_LARGE_REFERENCE = SHARED_DIR / "reference" / "blip_large_config.json"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def iu_sample() -> Path:
+    """The real 18-image IU X-Ray sample in ../shared (skips when absent, as on a user's clone)."""
+    if not IU_SAMPLE.is_dir():
+        pytest.skip(f"{IU_SAMPLE} is absent: the real IU X-Ray sample ships with the project's CI only")
+    return IU_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def blip_large_reference() -> Path:
+    if not BLIP_LARGE_REFERENCE.is_file():
+        pytest.skip(f"{BLIP_LARGE_REFERENCE} is absent")
+    return BLIP_LARGE_REFERENCE
