@@ -1,0 +1,110 @@
+"""``medcap`` command line: run the pipeline or show a profile's config.
+
+    medcap run --profile smoke                      # the embedded default, CPU, minutes
+    medcap run --profile full --out runs/blip-large --vram-budget-gb 4
+    medcap run --profile smoke --stages 01-03 --set num_train_epochs=2
+    medcap config --profile full
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medcap_helpers.config import PROFILES, ConfigError, MedcapConfig, field_names
+from medcap_helpers.runs import RunFolderError
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with value read as a Python literal when it is one (``2``, ``None``, ``(4, 8)``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in field_names():
+        raise ConfigError(f"Unknown setting {key!r}. Known settings: {', '.join(field_names())}.")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def build_config(args: argparse.Namespace) -> MedcapConfig:
+    overrides: dict[str, Any] = dict(parse_assignment(item) for item in (args.set or []))
+    if args.out:
+        overrides["run_dir"] = args.out
+    if getattr(args, "vram_budget_gb", None) is not None:
+        overrides["vram_budget_gb"] = args.vram_budget_gb
+    run_dir = Path(overrides.get("run_dir", MedcapConfig.from_profile(args.profile).run_dir))
+    saved = run_dir / "config.json"
+    if saved.exists() and not getattr(args, "force", False):
+        # A rerun continues the run it finds, with its saved settings plus any new overrides.
+        values = json.loads(saved.read_text())
+        if values.get("profile") != args.profile:
+            raise ConfigError(f"{run_dir} holds a '{values.get('profile')}' run, not '{args.profile}': "
+                              "choose another --out folder or pass --force to start it afresh.")
+        values.update(overrides)
+        return MedcapConfig.from_dict(values)
+    return MedcapConfig.from_profile(args.profile, **overrides)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medcap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the notebooks 01 → 06 into a run folder")
+    run.add_argument("--profile", choices=PROFILES, default="smoke")
+    run.add_argument("--out", help="run folder (default: runs/<profile>)")
+    run.add_argument("--stages", help="subset such as 01-03 or 01,04 (default: all)")
+    run.add_argument("--force", action="store_true", help="rerun stages that already finished")
+    run.add_argument("--vram-budget-gb", type=float, dest="vram_budget_gb",
+                     help="fit batch size and checkpointing to this much GPU memory")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
+    run.add_argument("--no-progress", action="store_true")
+
+    show = sub.add_parser("config", help="print a profile's settings as JSON")
+    show.add_argument("--profile", choices=PROFILES, default="smoke")
+    show.add_argument("--out")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        config = build_config(args)
+        if args.command == "config":
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        from medcap_helpers.pipeline import StageFailed, run_pipeline
+        from medcap_helpers.report import final_table_text
+
+        try:
+            run_pipeline(config, stages=args.stages, force=args.force, progress=not args.no_progress)
+        except StageFailed as err:
+            print(f"medcap: {err}", file=sys.stderr)
+            return 1
+        print(final_table_text(config.run_dir))
+        print(f"\nRun folder: {Path(config.run_dir).resolve()} (summary.md)")
+        return 0
+    except ConfigError as err:
+        print(f"medcap: configuration error: {err}", file=sys.stderr)
+        return 2
+    except RunFolderError as err:
+        print(f"medcap: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medcap: interrupted; finished stages are kept, rerun the same command to continue.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Headless runner: executes the numbered notebooks in order with papermill.
+
+``medcap run --profile smoke`` (see :mod:`medcap_helpers.cli`) calls :func:`run_pipeline`, which
+writes into ``runs/<run>/``: the config and environment, one executed notebook per stage under
+``notebooks/``, each stage's metrics under ``metrics/`` and, at the end, ``summary.md``.
+A stage counts as finished only once its notebook ran to the end and its metrics file exists;
+rerunning a run folder skips finished stages unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medcap_helpers import runs
+from medcap_helpers.config import ConfigError, MedcapConfig
+
+STAGES: tuple[str, ...] = (
+    "01_data",
+    "02_baseline",
+    "03_qlora_train",
+    "04_sweep",
+    "05_merge_requant",
+    "06_eval_and_demo",
+)
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL_NAME = "python3"
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A notebook stopped with an error; the message points at the executed notebook."""
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    notebook: Path
+
+
+def notebook_config(profile: str = "smoke", run_dir: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> MedcapConfig:
+    """The config a notebook runs with: its parameters cell maps straight onto this.
+
+    ``overrides`` may hold any :class:`MedcapConfig` field (the pipeline injects the whole
+    config). Also seeds Python, NumPy and torch and quietens chatty libraries.
+    """
+    values = dict(overrides or {})
+    values.pop("profile", None)
+    if run_dir:
+        values["run_dir"] = run_dir
+    config = MedcapConfig.from_profile(profile, **values)
+    runs.write_run_header(config)
+    seed_everything(config.seed)
+    quiet_libraries()
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy is a hard dependency
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def quiet_libraries() -> None:
+    """Offline-friendly defaults and less noise in notebook outputs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "datasets", "peft", "bitsandbytes", "papermill"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def stage_notebook(stage: str) -> Path:
+    if stage not in STAGES:
+        raise ConfigError(f"Unknown stage {stage!r}; stages are {', '.join(STAGES)}.")
+    return NOTEBOOK_DIR / f"{stage}.ipynb"
+
+
+def parse_stages(spec: str | Sequence[str] | None) -> list[str]:
+    """Stages from a spec like ``"01,03"``, ``"01-03"`` or full names; None means all."""
+    if spec is None:
+        return list(STAGES)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: list[str] = []
+    for item in (i.strip() for i in items if i.strip()):
+        if "-" in item and item.split("-")[0].isdigit() and item.split("-")[1].isdigit():
+            lo, hi = (int(x) for x in item.split("-"))
+            chosen += [s for s in STAGES if lo <= int(s[:2]) <= hi]
+            continue
+        matches = [s for s in STAGES if s == item or s[:2] == item.zfill(2)]
+        if not matches:
+            raise ConfigError(f"Unknown stage {item!r}; stages are {', '.join(STAGES)}.")
+        chosen += matches
+    return [s for s in STAGES if s in chosen]
+
+
+def run_stage(config: MedcapConfig, stage: str, force: bool = False,
+              progress: bool = True) -> StageOutcome:
+    """Execute one stage's notebook into the run folder (skipped when already finished)."""
+    import papermill as pm
+
+    run_dir = Path(config.run_dir)
+    executed = run_dir / "notebooks" / f"{stage}.ipynb"
+    if runs.is_done(run_dir, stage) and not force:
+        return StageOutcome(stage, "skipped", 0.0, executed)
+    runs.clear_done(run_dir, stage)
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    parameters = {"PROFILE": config.profile, "RUN_DIR": str(run_dir), "OVERRIDES": config.to_dict()}
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(stage_notebook(stage)), str(executed), parameters=parameters,
+            kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
+            request_save_on_cell_execute=True,
+        )
+    except pm.PapermillExecutionError as err:
+        raise StageFailed(f"Stage {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                          f"The executed notebook with the error is {executed}.") from None
+    if not runs.metrics_path(run_dir, stage).exists():
+        raise StageFailed(f"Stage {stage} ran but wrote no metrics ({runs.metrics_path(run_dir, stage)}).")
+    runs.mark_done(run_dir, stage)
+    return StageOutcome(stage, "ran", time.perf_counter() - start, executed)
+
+
+def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, force: bool = False,
+                 progress: bool = True) -> list[StageOutcome]:
+    """Run the stages in order into ``config.run_dir`` and write ``summary.md``."""
+    config = config.replace(run_dir=str(Path(config.run_dir).resolve()))
+    run_dir = runs.write_run_header(config)
+    saved = run_dir / "config.json"
+    outcomes: list[StageOutcome] = []
+    for stage in parse_stages(stages):
+        if not stage_notebook(stage).exists():
+            raise StageFailed(f"Notebook for stage {stage} is missing: {stage_notebook(stage)}")
+        print(f"[medcap] {stage} ...", flush=True)
+        outcome = run_stage(config, stage, force=force, progress=progress)
+        print(f"[medcap] {stage} {outcome.status}"
+              + (f" in {outcome.seconds:.0f} s" if outcome.status == "ran" else " (already finished)"),
+              flush=True)
+        outcomes.append(outcome)
+    runs.write_json(saved, config.to_dict())
+    write_summary(run_dir)
+    return outcomes
+
+
+def write_summary(run_dir: str | Path) -> Path:
+    """``summary.md``: the final table, plots, per-stage metrics files, versions and git commit."""
+    from medcap_helpers.report import summary_markdown
+
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.md"
+    with runs.atomic_path(path) as tmp:
+        tmp.write_text(summary_markdown(run_dir))
+    return path
