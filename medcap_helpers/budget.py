@@ -1,0 +1,130 @@
+"""Fit training to a GPU memory budget (``vram_budget_gb``) automatically.
+
+A short probe tries training settings fastest first — larger micro-batches, then gradient
+checkpointing — always keeping the effective batch (micro-batch × accumulation) of the config.
+It picks the first whose measured peak stays under the budget with a safety margin. A candidate
+that runs out of memory is recorded and the next one is tried; the probe never crashes on OOM.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class TrainingCandidate:
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+
+    def describe(self) -> str:
+        return (f"batch {self.per_device_train_batch_size} × accumulation {self.gradient_accumulation_steps}, "
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+
+
+@dataclass
+class ProbeOutcome:
+    candidate: TrainingCandidate
+    peak_gb: float | None
+    status: str  # "fits" | "over budget" | "out of memory"
+    samples_per_s: float | None = None
+
+
+@dataclass
+class BudgetFit:
+    budget_gb: float
+    margin: float
+    chosen: TrainingCandidate | None
+    tried: list[ProbeOutcome] = field(default_factory=list)
+
+    def explain(self) -> str:
+        lines = [f"VRAM budget {self.budget_gb:.2f} GB, keeping a {self.margin:.0%} margin "
+                 f"(usable {self.budget_gb * (1 - self.margin):.2f} GB):"]
+        for outcome in self.tried:
+            peak = "–" if outcome.peak_gb is None else f"{outcome.peak_gb:.2f} GB"
+            speed = "" if outcome.samples_per_s is None else f", {outcome.samples_per_s:.1f} samples/s"
+            lines.append(f"  {outcome.candidate.describe()}: peak {peak}{speed} → {outcome.status}")
+        if self.chosen:
+            lines.append(f"Chosen: {self.chosen.describe()} (the fastest candidate that fits).")
+        else:
+            lines.append("Nothing fits: even batch 1 with checkpointing exceeds the budget. Use a larger budget, "
+                         "fewer max_target_tokens or a smaller model.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_gb": self.budget_gb, "margin": self.margin,
+                "chosen": asdict(self.chosen) if self.chosen else None,
+                "tried": [{**asdict(o.candidate), "peak_gb": o.peak_gb, "status": o.status,
+                           "samples_per_s": o.samples_per_s} for o in self.tried]}
+
+
+class BudgetTooSmall(RuntimeError):
+    """No training setting fits the memory budget."""
+
+
+def candidate_settings(effective_batch: int, max_micro_batch: int = 16) -> list[TrainingCandidate]:
+    """Settings that keep ``effective_batch``, fastest first.
+
+    Micro-batches are the divisors of the effective batch (largest first); at each size running
+    without checkpointing is faster than with it, so it is tried first.
+    """
+    sizes = [b for b in range(min(effective_batch, max_micro_batch), 0, -1) if effective_batch % b == 0]
+    return [TrainingCandidate(b, effective_batch // b, ckpt) for b in sizes for ckpt in (False, True)]
+
+
+def fit_to_budget(candidates: Iterable[TrainingCandidate],
+                  probe: Callable[[TrainingCandidate], tuple[float, float | None]],
+                  budget_gb: float, margin: float = 0.1,
+                  is_oom: Callable[[BaseException], bool] | None = None) -> BudgetFit:
+    """Probe candidates in order; choose the first whose peak (GB) stays below the budget less ``margin``.
+
+    ``probe`` returns ``(peak_gb, samples_per_s)`` or raises an out-of-memory error, which
+    ``is_oom`` recognises (default: :func:`is_out_of_memory`). Other errors propagate.
+    """
+    if budget_gb <= 0:
+        raise ValueError(f"budget_gb must be positive, got {budget_gb!r}")
+    is_oom = is_oom or is_out_of_memory
+    fit = BudgetFit(budget_gb=budget_gb, margin=margin, chosen=None)
+    usable = budget_gb * (1 - margin)
+    for candidate in candidates:
+        try:
+            peak_gb, speed = probe(candidate)
+        except BaseException as err:  # noqa: BLE001 - only OOM is swallowed, see below
+            if not is_oom(err):
+                raise
+            fit.tried.append(ProbeOutcome(candidate, None, "out of memory"))
+            release_memory()
+            continue
+        fits = peak_gb <= usable
+        fit.tried.append(ProbeOutcome(candidate, peak_gb, "fits" if fits else "over budget", speed))
+        if fits:
+            fit.chosen = candidate
+            break
+    return fit
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(err, (MemoryError, RuntimeError)) and "out of memory" in str(err).lower()
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
