@@ -1,0 +1,89 @@
+"""LoRA rank × alpha grid: one short training run per trial, under a VRAM budget.
+
+Each trial trains in ``<run_dir>/sweep/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
+(atomically); a rerun finds it and skips the trial. The chosen configuration (best validation
+CIDEr among trials that fit the budget) goes to ``<run_dir>/sweep/chosen.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medcap_helpers import runs
+from medcap_helpers.config import MedcapConfig
+
+TrialRunner = Callable[[MedcapConfig], dict[str, Any]]
+
+
+@dataclass
+class SweepResult:
+    trials: list[dict[str, Any]]
+    chosen: dict[str, Any] | None
+    skipped: list[str] = field(default_factory=list)
+    budget_note: str = ""
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        keys = ("lora_r", "lora_alpha", "val_cider", "peak_gpu_gb", "peak_rss_gb", "trainable_params",
+                "wall_time_s", "feasible")
+        return [{k: t.get(k) for k in keys} for t in self.trials]
+
+
+def trial_dir(config: MedcapConfig, rank: int, alpha: int) -> Path:
+    return Path(config.run_dir) / "sweep" / f"r{rank}_alpha{alpha}"
+
+
+def trial_config(config: MedcapConfig, rank: int, alpha: int) -> MedcapConfig:
+    return config.replace(run_dir=str(trial_dir(config, rank, alpha)), lora_r=rank, lora_alpha=alpha,
+                          num_train_epochs=config.sweep_epochs)
+
+
+def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
+    """True/False against the budget on a GPU; None on CPU, where GPU memory can't be measured."""
+    return None if peak_gpu_gb is None else peak_gpu_gb <= budget_gb
+
+
+def run_sweep(config: MedcapConfig, run_trial: TrialRunner, force: bool = False) -> SweepResult:
+    """Run (or reuse) every trial of the grid; ``run_trial`` trains one config and returns its record.
+
+    The record must hold ``val_cider``, ``trainable_params`` and ``peak_gpu_gb`` (None on CPU);
+    ``wall_time_s`` and the feasibility verdict are added here.
+    """
+    trials: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for rank in config.sweep_ranks:
+        for alpha in config.sweep_alphas:
+            folder = trial_dir(config, rank, alpha)
+            record_path = folder / "trial.json"
+            if record_path.exists() and not force:
+                trials.append(runs.read_json(record_path))
+                skipped.append(folder.name)
+                continue
+            start = time.perf_counter()
+            record = dict(run_trial(trial_config(config, rank, alpha)))
+            record.update(lora_r=rank, lora_alpha=alpha, wall_time_s=round(time.perf_counter() - start, 2),
+                          feasible=feasibility(record.get("peak_gpu_gb"), config.sweep_vram_budget_gb))
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
+            runs.write_json(record_path, record)
+            trials.append(record)
+    chosen = choose_trial(trials)
+    if chosen is not None:
+        runs.write_json(Path(config.run_dir) / "sweep" / "chosen.json", chosen)
+    on_gpu = any(t.get("peak_gpu_gb") is not None for t in trials)
+    note = (f"Trials over the {config.sweep_vram_budget_gb:g} GB budget are marked infeasible."
+            if on_gpu else
+            f"No GPU: the {config.sweep_vram_budget_gb:g} GB VRAM budget can't be measured on the CPU, "
+            "so no trial is marked infeasible (peak RSS is shown instead).")
+    return SweepResult(trials=trials, chosen=chosen, skipped=skipped, budget_note=note)
+
+
+def choose_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Best validation CIDEr among trials not known to exceed the budget; ties go to the smaller rank."""
+    candidates = [t for t in trials if t.get("feasible") is not False and t.get("val_cider") is not None]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda t: (t["val_cider"], -t["lora_r"], -t["lora_alpha"]))
