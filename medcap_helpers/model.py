@@ -1,0 +1,500 @@
+"""BLIP models: real (hub/folder), tiny random, 4-bit NF4 loading, LoRA, memory and generation.
+
+The tiny model (``model_name="tiny"``) is a randomly initialised ``BlipForConditionalGeneration``
+with the same classes as BLIP-large. It is saved to ``<run_dir>/tiny_model`` (safetensors, with its
+processor) and loaded back through the same ``from_pretrained(..., quantization_config=...)`` path
+as the real model, so a smoke run exercises real bitsandbytes 4-bit loading (on CPU too).
+
+Gradient checkpointing + LoRA on BLIP: peft registers a forward hook on the input embeddings that
+calls ``output.requires_grad_(True)`` (``enable_input_require_grads``; done by
+``prepare_model_for_kbit_training`` and by ``get_peft_model`` when checkpointing is already on). It
+turns the word-embedding output into a leaf that requires grad, and ``BlipTextEmbeddings.forward``
+then does ``embeddings += position_embeddings`` in place: "a leaf Variable that requires grad is
+being used in an in-place operation". The hook only exists for *reentrant* checkpointing, which
+needs an input that requires grad; :func:`attach_lora` uses non-reentrant checkpointing
+(``use_reentrant=False``, PyTorch's recommended mode), never registers the hook and removes any
+that was registered (:func:`remove_input_grad_hooks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from medcap_helpers.config import TEXT_LORA_TARGETS, TINY_MODEL, VISION_LORA_TARGETS, ConfigError, MedcapConfig
+from medcap_helpers.processing import tiny_model_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+GIB = 1024**3
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelLoadError(OSError):
+    """A model or adapter cannot be loaded; the message says what to check."""
+
+
+# --------------------------------------------------------------------------------------- configs
+@lru_cache(maxsize=1)
+def blip_large_values() -> dict[str, Any]:
+    """The architecture, image-processor and tokenizer facts of Salesforce/blip-image-captioning-large."""
+    text = resources.files("medcap_helpers").joinpath("blip_large_config.json").read_text()
+    return json.loads(text)
+
+
+def blip_large_config() -> BlipConfig:
+    """BLIP-large's :class:`~transformers.BlipConfig` (446.3 M parameters with the LM head tied)."""
+    from transformers import BlipConfig
+
+    values = blip_large_values()
+    top = {k: values[k] for k in ("projection_dim", "image_text_hidden_size", "initializer_factor",
+                                  "initializer_range", "logit_scale_init_value")}
+    return BlipConfig(text_config=dict(values["text_config"]), vision_config=dict(values["vision_config"]), **top)
+
+
+def tiny_blip_config(vocab_size: int, image_size: int = 64, init_range: float = 0.5, *,
+                     bos_token_id: int | None = None, pad_token_id: int = 0, sep_token_id: int = 3,
+                     hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                     max_positions: int = 256) -> BlipConfig:
+    """A tiny BLIP (hidden 64, 2+2 layers, patch 16) initialised with std ``init_range``.
+
+    ``bos_token_id`` defaults to ``vocab_size - 2``, where :func:`~medcap_helpers.processing.build_offline_processor`
+    puts ``[DEC]``. ``eos_token_id`` is set to the ``[SEP]`` id, the token BLIP's generate stops on.
+    """
+    from transformers import BlipConfig
+
+    if image_size % 16:
+        raise ValueError(f"image_size={image_size} must be a multiple of the patch size 16.")
+    bos = vocab_size - 2 if bos_token_id is None else bos_token_id
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=max_positions,
+                bos_token_id=bos, eos_token_id=sep_token_id, pad_token_id=pad_token_id, sep_token_id=sep_token_id,
+                initializer_range=init_range, is_decoder=True)
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=16, initializer_range=init_range)
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden_size,
+                      image_text_hidden_size=hidden_size, initializer_range=init_range)
+
+
+def create_tiny_model(folder: str | Path, processor: BlipProcessor, init_range: float = 0.5,
+                      seed: int = 0) -> Path:
+    """Build a tiny random BLIP matching ``processor`` and save it (safetensors) with the processor.
+
+    Vocabulary size, image size and the bos/pad/sep ids come from the processor. Returns ``folder``.
+    """
+    from transformers import BlipForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    size = processor.image_processor.size
+    image_size = int(size["height"] if isinstance(size, dict) or hasattr(size, "__getitem__") else size)
+    blip_config = tiny_blip_config(len(tokenizer), image_size, init_range, bos_token_id=tokenizer.bos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(blip_config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def ensure_tiny_model(config: MedcapConfig, processor: BlipProcessor) -> Path:
+    """Create the run's tiny model (weights + processor) unless it is already saved; return its folder."""
+    folder = tiny_model_dir(config)
+    if not (folder / WEIGHTS_FILE).is_file():
+        create_tiny_model(folder, processor, init_range=config.tiny_init_range, seed=config.seed)
+    return folder
+
+
+# --------------------------------------------------------------------------------------- devices
+def pick_device(config: MedcapConfig) -> torch.device:
+    """``config.device`` as a torch device; ``"auto"`` takes CUDA when present."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() "
+                          "is False): install a CUDA build of torch or use device='cpu' / profile 'smoke'.")
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def compute_dtype(config: MedcapConfig, device: torch.device) -> torch.dtype:
+    """Compute dtype: explicit ``config.compute_dtype`` honoured; "auto" = bf16 on CUDA that supports
+    it, else fp16 on CUDA, fp32 on CPU."""
+    if config.compute_dtype != "auto":
+        return getattr(torch, config.compute_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _device_map(device: torch.device) -> dict[str, Any]:
+    return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+
+
+def quantization_config(dtype: torch.dtype) -> Any:
+    """The QLoRA quantization: 4-bit NF4 with double quantization, computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------- loading
+def _resolve_model_source(config: MedcapConfig, model_path: str | Path | None) -> str:
+    if model_path is not None:
+        source = Path(model_path).expanduser()
+        if not (source / "config.json").is_file():
+            raise ModelLoadError(f"Model folder '{source}' has no config.json: give a folder written by "
+                                 "save_pretrained (or create_tiny_model), or a hub id.")
+        return str(source)
+    if config.model_name == TINY_MODEL:
+        folder = tiny_model_dir(config)
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ModelLoadError(f"The tiny model is not built yet ({folder / WEIGHTS_FILE} is missing): call "
+                                 "ensure_tiny_model(config, processor) first.")
+        return str(folder)
+    name = config.model_name
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"Model folder '{name}' does not exist or has no config.json: give a folder "
+                                 "written by save_pretrained, or a hub id such as "
+                                 "'Salesforce/blip-image-captioning-large'.")
+        return str(local)
+    return name
+
+
+def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
+                    device: torch.device | None = None) -> BlipForConditionalGeneration:
+    """BLIP from ``model_path``, the run's tiny model, or ``config.model_name`` (hub id / folder).
+
+    4-bit NF4 (double quantization, compute dtype per :func:`compute_dtype`) when
+    ``config.load_in_4bit``, else the compute dtype. Safetensors only, no remote code. Generation
+    defaults (stop on ``[SEP]``, ``config.max_new_tokens``, ``config.num_beams``) are set on the model.
+    """
+    from transformers import BlipForConditionalGeneration
+
+    source = _resolve_model_source(config, model_path)
+    device = device or pick_device(config)
+    dtype = compute_dtype(config, device)
+    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False, device_map=_device_map(device))
+    if config.load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(dtype)
+    else:
+        kwargs["dtype"] = dtype
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Could not load BLIP from '{source}': {err}. For a hub id, check the internet connection "
+            "(HF_HUB_OFFLINE must be unset) and the spelling, or download it once and pass the folder; "
+            "only safetensors weights are accepted. model_name='tiny' needs no download."
+        ) from err
+    set_generation_defaults(model, config)
+    return model
+
+
+def random_model(config_or_blip_config: MedcapConfig | BlipConfig, quantize: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 seed: int = 0) -> BlipForConditionalGeneration:
+    """A random-weight BLIP of real size (benchmarks, shape tests) loaded like a downloaded one.
+
+    A :class:`MedcapConfig` means BLIP-large's architecture (the tiny one for ``model_name="tiny"``);
+    a :class:`~transformers.BlipConfig` is used as given. The random model is saved to a temporary
+    folder in safetensors and loaded back with ``from_pretrained`` (4-bit NF4 when ``quantize``), the
+    only route bitsandbytes quantizes through; works on CPU and CUDA. The folder is deleted afterwards.
+    """
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    if isinstance(config_or_blip_config, BlipConfig):
+        blip_config = config_or_blip_config
+        medcap = MedcapConfig(device="auto")
+    else:
+        medcap = config_or_blip_config
+        blip_config = (tiny_blip_config(4000, init_range=medcap.tiny_init_range)
+                       if medcap.model_name == TINY_MODEL else blip_large_config())
+    device = torch.device(device) if device is not None else pick_device(medcap)
+    dtype = dtype or compute_dtype(medcap, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(blip_config)
+    folder = Path(tempfile.mkdtemp(prefix="medcap_random_blip_"))
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        del model
+        kwargs: dict[str, Any] = dict(use_safetensors=True, device_map=_device_map(device))
+        if quantize:
+            kwargs["quantization_config"] = quantization_config(dtype)
+        else:
+            kwargs["dtype"] = dtype
+        loaded = BlipForConditionalGeneration.from_pretrained(folder, **kwargs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return loaded
+
+
+def set_generation_defaults(model: Any, config: MedcapConfig | None = None) -> None:
+    """Make ``generate()`` stop on ``[SEP]``, pad with ``[PAD]`` and write reports of full length.
+
+    BLIP's generate passes these to its text decoder, whose own generation config is what applies;
+    both are set so that ``model.generate(pixel_values)`` alone is not cut at the 20-token default.
+    """
+    text = model.config.text_config
+    ids = dict(bos_token_id=text.bos_token_id, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
+    for module in (model, getattr(model, "text_decoder", None)):
+        generation_config = getattr(module, "generation_config", None)
+        if generation_config is None:
+            continue
+        for key, value in ids.items():
+            setattr(generation_config, key, value)
+        if config is not None:
+            generation_config.max_new_tokens = config.max_new_tokens
+            generation_config.num_beams = config.num_beams
+            generation_config.max_length = None
+
+
+def check_tokenizer_matches(model: Any, tokenizer: Any) -> None:
+    """Raise when the tokenizer's special ids differ from the model's (a processor of another model)."""
+    text = unwrap_model(model).config.text_config
+    pairs = {"bos ([DEC])": (tokenizer.bos_token_id, text.bos_token_id),
+             "pad": (tokenizer.pad_token_id, text.pad_token_id),
+             "sep (stop)": (tokenizer.sep_token_id, text.sep_token_id)}
+    wrong = {name: ids for name, ids in pairs.items() if ids[0] != ids[1]}
+    if wrong or len(tokenizer) > text.vocab_size:
+        raise ValueError(f"Tokenizer and model disagree (tokenizer id, model id): {wrong}; tokenizer size "
+                         f"{len(tokenizer)} vs model vocabulary {text.vocab_size}. Use the processor saved "
+                         "with the model.")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The BLIP model inside a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_quantized(model: Any) -> bool:
+    base = unwrap_model(model)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+# --------------------------------------------------------------------------------------- LoRA
+def lora_target_regex(config: MedcapConfig) -> str:
+    """peft ``target_modules`` regex: text names inside ``text_decoder`` only; vision names inside
+    ``vision_model`` when ``config.lora_vision`` (all four of qkv/projection/fc1/fc2 unless some are listed)."""
+    text = [m for m in config.lora_target_modules if m in TEXT_LORA_TARGETS]
+    vision = [m for m in config.lora_target_modules if m in VISION_LORA_TARGETS]
+    if vision and not config.lora_vision:
+        raise ConfigError(f"lora_target_modules lists vision-tower layers {vision}; set lora_vision=True "
+                          "to adapt the vision tower.")
+    if config.lora_vision and not vision:
+        vision = list(VISION_LORA_TARGETS)
+    parts = []
+    if text:
+        parts.append(rf"text_decoder\..*\.({'|'.join(text)})")
+    if vision:
+        parts.append(rf"vision_model\..*\.({'|'.join(vision)})")
+    if not parts:
+        raise ConfigError("No LoRA target left: list text-decoder layers (query, key, value, dense) in "
+                          "lora_target_modules or set lora_vision=True.")
+    return "^(" + "|".join(parts) + ")$"
+
+
+@contextlib.contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    """peft still calls transformers' deprecated ``gradient_checkpointing_enable``/``is_gradient_checkpointing``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*",
+                                category=FutureWarning)
+        yield
+
+
+def remove_input_grad_hooks(model: Any) -> int:
+    """Remove the ``enable_input_require_grads`` hooks (the source of BLIP's in-place crash); return how many."""
+    removed = 0
+    for module in unwrap_model(model).modules():
+        hooks = getattr(module, "_require_grads_hooks", None) or []
+        single = getattr(module, "_require_grads_hook", None)
+        for hook in {id(h): h for h in [*hooks, *([single] if single is not None else [])]}.values():
+            hook.remove()
+            removed += 1
+        for name in ("_require_grads_hooks", "_require_grads_hook"):
+            if hasattr(module, name):
+                with contextlib.suppress(AttributeError):
+                    delattr(module, name)
+    return removed
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing on BLIP (no input-grad hook needed; see module docstring)."""
+    base = unwrap_model(model)
+    kwargs = {"use_reentrant": False}
+    with _quiet_deprecations():
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.x naming
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.config.use_cache = False
+
+
+def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool | None = None) -> Any:
+    """Wrap ``model`` in a peft LoRA model per ``config`` (see :func:`lora_target_regex`).
+
+    k-bit models go through ``prepare_model_for_kbit_training`` (freeze, fp32 norms/embeddings) with
+    non-reentrant checkpointing so that no input-grad hook is registered; gradient checkpointing
+    defaults to ``config.gradient_checkpointing``.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=lora_target_regex(config), bias="none")
+    with _quiet_deprecations():
+        if is_quantized(model):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model = get_peft_model(model, lora_config)
+    remove_input_grad_hooks(peft_model)
+    if checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int, float]:
+    """(trainable, total, trainable share); 4-bit weights count as their unpacked number of values."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            storage = getattr(param, "quant_storage", None)
+            count *= 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total, (trainable / total if total else 0.0)
+
+
+def describe_trainable(model: torch.nn.Module, echo: bool = True) -> str:
+    """One line: trainable / total parameters (and print it)."""
+    trainable, total, share = trainable_parameters(model)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable: {100 * share:.3f}%"
+    if echo:
+        print(line)
+    return line
+
+
+# --------------------------------------------------------------------------------------- memory
+def memory_snapshot(device: torch.device | str) -> dict[str, float]:
+    """Memory now and at peak, in GiB: CUDA allocator (+ NVML device use when available) or CPU RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        snap = {"allocated_gib": torch.cuda.memory_allocated(index) / GIB,
+                "reserved_gib": torch.cuda.memory_reserved(index) / GIB,
+                "max_allocated_gib": torch.cuda.max_memory_allocated(index) / GIB,
+                "max_reserved_gib": torch.cuda.max_memory_reserved(index) / GIB,
+                "total_gib": torch.cuda.get_device_properties(index).total_memory / GIB}
+        with contextlib.suppress(Exception):  # NVML may be missing (containers, non-NVIDIA builds)
+            snap["device_used_gib"] = torch.cuda.device_memory_used(index) / GIB
+        return {k: round(v, 4) for k, v in snap.items()}
+    import resource
+
+    snap = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        snap["rss_gib"] = pages * resource.getpagesize() / GIB
+    return {k: round(v, 4) for k, v in snap.items()}
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new CUDA peak measurement (CPU peak RSS cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# --------------------------------------------------------------------------------------- generation
+def open_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path or an HxWxC/HxW array."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file '{path}' does not exist.")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if hasattr(image, "__array__"):
+        import numpy as np
+
+        return Image.fromarray(np.asarray(image)).convert("RGB")
+    raise TypeError(f"Expected a PIL image, a path or an array, got {type(image).__name__}.")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
+                     num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
+                     progress: bool = True) -> list[str]:
+    """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
+
+    Works for base, 4-bit and peft models; restores the model's train/eval mode afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    reports: list[str] = []
+    try:
+        with tqdm(total=len(images), desc="Generating reports", unit="img", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(images), batch_size):
+                batch = [open_rgb(img) for img in images[start:start + batch_size]]
+                pixel_values = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+                output = model.generate(pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
+                                        num_beams=num_beams, do_sample=False)
+                texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+                reports.extend(" ".join(t.split()) for t in texts)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return reports
+
+
+def count_parameters_meta(blip_config: BlipConfig) -> int:
+    """Parameters of ``BlipForConditionalGeneration(blip_config)`` counted on the meta device (no memory)."""
+    from transformers import BlipForConditionalGeneration
+
+    with torch.device("meta"):
+        model = BlipForConditionalGeneration(blip_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ModelLoadError", "attach_lora", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
+    "compute_dtype", "count_parameters_meta", "create_tiny_model", "describe_trainable",
+    "enable_gradient_checkpointing", "ensure_tiny_model", "generate_reports", "is_quantized",
+    "load_base_model", "lora_target_regex", "memory_snapshot", "open_rgb", "pick_device",
+    "quantization_config", "random_model", "remove_input_grad_hooks", "reset_peak_memory",
+    "set_generation_defaults", "tiny_blip_config", "tiny_model_dir", "trainable_parameters", "unwrap_model",
+]

@@ -1,0 +1,198 @@
+"""Processor (image processor + tokenizer) and the training collator.
+
+* :func:`build_offline_processor` builds a BLIP processor without a download: the real image
+  settings (bicubic resize, 1/255 rescale, CLIP mean/std) and a BERT-style WordPiece tokenizer
+  trained on the given report texts, with BLIP's ``[DEC]`` (bos) and ``[ENC]`` tokens added.
+* :func:`load_processor` picks that offline processor for the tiny model, else the hub/folder one.
+* :class:`CaptionCollator` turns ``{"image", "text"}`` rows into model inputs whose first token is
+  ``[DEC]``, the token ``BlipForConditionalGeneration.generate`` starts every caption from.
+
+Facts about BLIP's loss in transformers 5 (``BlipTextLMHeadModel.forward``): the labels are shifted
+inside the model (logits ``[:, :-1]`` against labels ``[:, 1:]``), so the first label (the ``[DEC]``
+position) is never a target and position 0 learns to predict the report's first word; the loss
+uses ``reduction="mean"`` over non ``-100`` labels and ``label_smoothing=config.text_config.label_smoothing``,
+which is 0.0 in transformers 5 (transformers 4.x hard-coded 0.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import BlipProcessor
+
+    from medcap_helpers.config import MedcapConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BLIP_IMAGE_SIZE = 384
+TINY_IMAGE_SIZE = 64
+"""Input size of the tiny model's image processor (small for CPU speed)."""
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+DECODER_BOS_TOKEN = "[DEC]"
+ENCODER_TOKEN = "[ENC]"
+PROCESSOR_FILES = ("processor_config.json", "tokenizer.json")
+
+
+class ProcessorLoadError(OSError):
+    """The processor cannot be loaded (offline, wrong id, missing folder); the message says what to do."""
+
+
+def blip_image_processor(image_size: int = BLIP_IMAGE_SIZE) -> Any:
+    """BLIP's image processor with the real settings (bicubic, 1/255, CLIP mean/std, RGB).
+
+    transformers 5 serves the Pillow implementation when torchvision is missing; both are accepted
+    by :class:`~transformers.BlipProcessor`.
+    """
+    kwargs = dict(do_resize=True, size={"height": image_size, "width": image_size}, resample=3,
+                  do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+                  image_std=list(CLIP_STD), do_convert_rgb=True)
+    try:
+        from transformers import BlipImageProcessorPil
+
+        return BlipImageProcessorPil(**kwargs)
+    except ImportError:  # older transformers: a single class
+        from transformers import BlipImageProcessor
+
+        return BlipImageProcessor(**kwargs)
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> Any:
+    """A lower-casing BERT WordPiece tokenizer trained on ``texts``, with BLIP's ``[DEC]``/``[ENC]``.
+
+    Ids: ``[PAD]``=0, ``[UNK]``=1, ``[CLS]``=2, ``[SEP]``=3, ``[MASK]``=4, the learned vocabulary, then
+    ``[DEC]`` (the bos token) and ``[ENC]`` last, the order BLIP's tokenizer has them in.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    corpus = [str(t) for t in texts if str(t).strip()]
+    if not corpus:
+        raise ValueError("Cannot train a tokenizer on no text: pass the report texts of the dataset.")
+    if vocab_size < 64:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a WordPiece vocabulary (use >= 64).")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS),
+                                        show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+                             do_lower_case=True)
+    fast.add_special_tokens({"bos_token": DECODER_BOS_TOKEN, "additional_special_tokens": [ENCODER_TOKEN]})
+    return fast
+
+
+def build_offline_processor(texts: Iterable[str], vocab_size: int = 4000,
+                            image_size: int = BLIP_IMAGE_SIZE) -> BlipProcessor:
+    """A :class:`~transformers.BlipProcessor` built without a download (see module docstring)."""
+    from transformers import BlipProcessor
+
+    return BlipProcessor(image_processor=blip_image_processor(image_size),
+                         tokenizer=train_wordpiece_tokenizer(texts, vocab_size))
+
+
+def tiny_model_dir(config: MedcapConfig) -> Path:
+    """Where the tiny random BLIP (weights + processor) of a run lives."""
+    return Path(config.run_dir) / "tiny_model"
+
+
+def has_saved_processor(folder: str | Path) -> bool:
+    return all((Path(folder) / name).is_file() for name in PROCESSOR_FILES)
+
+
+def load_processor(config: MedcapConfig, texts: Iterable[str] | None = None) -> BlipProcessor:
+    """The processor for ``config.model_name``.
+
+    ``"tiny"``: the processor saved beside the run's tiny model when there is one (so a resumed run
+    keeps its vocabulary), else a new offline processor trained on ``texts``. Otherwise
+    ``BlipProcessor.from_pretrained(model_name)`` (a hub id or a local folder).
+    """
+    from transformers import BlipProcessor
+
+    from medcap_helpers.config import TINY_MODEL
+
+    if config.model_name == TINY_MODEL:
+        folder = tiny_model_dir(config)
+        if has_saved_processor(folder):
+            return BlipProcessor.from_pretrained(str(folder))
+        if texts is None:
+            raise ValueError("The tiny model's tokenizer is trained on the report texts: pass texts= "
+                             "(e.g. the training reports).")
+        return build_offline_processor(texts, image_size=TINY_IMAGE_SIZE)
+    return load_pretrained_processor(config.model_name)
+
+
+def load_pretrained_processor(name_or_path: str) -> BlipProcessor:
+    """``BlipProcessor.from_pretrained`` with an error that says what to do when it fails."""
+    from transformers import BlipProcessor
+
+    local = Path(name_or_path).expanduser()
+    looks_local = local.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ProcessorLoadError(f"Processor folder '{name_or_path}' does not exist: give a folder holding "
+                                 "processor_config.json and tokenizer files, or a hub id such as "
+                                 "'Salesforce/blip-image-captioning-large'.")
+    try:
+        return BlipProcessor.from_pretrained(str(local) if looks_local else name_or_path)
+    except (OSError, ValueError) as err:
+        raise ProcessorLoadError(
+            f"Could not load the BLIP processor '{name_or_path}': {err}. If this is a hub id, check the "
+            "internet connection (or that HF_HUB_OFFLINE is unset) and the spelling; or download it once "
+            "with `huggingface-cli download` and pass the local folder; model_name='tiny' needs no download."
+        ) from err
+
+
+def caption_start_token_id(processor: BlipProcessor) -> int:
+    """The id training puts first in every caption: the tokenizer's bos token, BLIP's ``[DEC]``."""
+    bos = processor.tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("The tokenizer has no bos token: BLIP captions start with [DEC]; use BLIP's "
+                         "processor or build_offline_processor().")
+    return int(bos)
+
+
+class CaptionCollator:
+    """Batch ``{"image": PIL image or path, "text": str}`` rows into BLIP training inputs.
+
+    Returns ``pixel_values``, ``input_ids`` (first token replaced by ``[DEC]``), ``attention_mask`` and
+    ``labels`` (= ``input_ids`` with padding set to -100; BLIP shifts them inside the model). Texts
+    longer than ``max_length`` tokens are truncated, keeping the final ``[SEP]`` (the stop token).
+    """
+
+    def __init__(self, processor: BlipProcessor, max_length: int = 128) -> None:
+        if max_length < 3:
+            raise ValueError(f"max_length={max_length} leaves no room for a report (use >= 3).")
+        self.processor = processor
+        self.max_length = max_length
+        self.bos_token_id = caption_start_token_id(processor)
+        self.pad_token_id = processor.tokenizer.pad_token_id
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from medcap_helpers.model import open_rgb
+
+        if not rows:
+            raise ValueError("CaptionCollator got an empty batch.")
+        missing = [key for key in ("image", "text") if key not in rows[0]]
+        if missing:
+            raise KeyError(f"Rows need 'image' and 'text'; missing {missing} (row keys: {sorted(rows[0])}).")
+        images = [open_rgb(row["image"]) for row in rows]
+        texts = [str(row["text"]) for row in rows]
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        encoded = self.processor.tokenizer(texts, padding="longest", truncation=True,
+                                           max_length=self.max_length, return_tensors="pt")
+        input_ids = encoded["input_ids"].clone()
+        input_ids[:, 0] = self.bos_token_id
+        attention_mask = encoded["attention_mask"]
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": labels}
