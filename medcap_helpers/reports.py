@@ -21,11 +21,13 @@ therefore group by report uid, which never separates the images of one study.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -162,6 +164,38 @@ def _uid_sort_key(uid: str) -> tuple[int, str]:
     return (int(uid), uid) if uid.isdigit() else (1 << 62, uid)
 
 
+def xrv_reports_archive() -> Path:
+    """The 3,955 Open-i report XMLs bundled in the ``torchxrayvision`` package (never imported: it needs
+    torchvision; only its data file is read)."""
+    spec = importlib.util.find_spec("torchxrayvision")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        archive = Path(location) / "data" / "NLMCXR_reports.tgz"
+        if archive.is_file():
+            return archive
+    raise FileNotFoundError(
+        "The IU X-Ray report XMLs bundled with torchxrayvision were not found: run "
+        "`pip install torchxrayvision` (it ships torchxrayvision/data/NLMCXR_reports.tgz), or download "
+        "NLMCXR_reports.tgz with `python -m medcap_helpers.download data/` and use data_source='openi'.")
+
+
+@lru_cache(maxsize=1)
+def bundled_reports() -> ParsedReports:
+    """All reports of :func:`xrv_reports_archive`, parsed once per process (do not mutate the result)."""
+    return load_reports(xrv_reports_archive())
+
+
+@lru_cache(maxsize=1)
+def bundled_report_xml() -> dict[str, bytes]:
+    """Raw XML bytes of every bundled report, by uid (read once per process)."""
+    blobs: dict[str, bytes] = {}
+    for name, data in _iter_xml_blobs(xrv_reports_archive()):
+        uid = _uid_from_name(name)
+        if uid:
+            blobs[uid] = data
+    return blobs
+
+
 # --- text ---------------------------------------------------------------------------------------
 # De-identification tokens, with a hyphen/slash that glued them to a word ("XXXX-year-old", "x-XXXX").
 _DEID_TOKEN = re.compile(r"[-/]?X{3,}(?:'[st]?)?[-/]?")
@@ -281,8 +315,9 @@ def normalise_view(projection: str | None) -> str:
 
 
 __all__ = [
-    "ParsedReports", "Report", "ReportParseError", "TARGETS", "UNKNOWN_VIEW", "VIEWS", "clean_text",
+    "ParsedReports", "Report", "ReportParseError", "TARGETS", "UNKNOWN_VIEW", "VIEWS", "bundled_report_xml",
+    "bundled_reports", "clean_text",
     "image_id_from_filename", "is_image_id", "iter_reports", "kaggle_image_id", "load_reports",
     "normalise_view", "openi_image_id", "parse_report_xml", "r2gen_image_id", "r2gen_study_id",
-    "read_report", "report_uid", "study_id_from_image_id", "target_text",
+    "read_report", "report_uid", "study_id_from_image_id", "target_text", "xrv_reports_archive",
 ]

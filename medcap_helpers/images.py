@@ -1,0 +1,168 @@
+"""Load any radiograph file (or upload) as an 8-bit RGB PIL image, or say clearly why not.
+
+Conversions made by :func:`to_rgb8`:
+
+* 8-bit grey (``L``, ``1``) and ``CMYK``/``YCbCr``/``LAB``/``HSV`` -> RGB through PIL.
+* 16/32-bit grey (``I;16*``, ``I``) -> 8-bit by the image's *bit range*: values are divided by
+  ``2**bits - 1`` where ``bits`` is the smallest depth (8 to 16, or more for ``I``) holding the
+  largest value. A 12-bit radiograph stored in 16 bits thus fills the 8-bit range instead of
+  turning almost black, and there is no per-image contrast stretch (nor clipping at 255).
+  Float images (``F``) are min-max scaled.
+* Transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent index) is composited onto
+  **black**: a radiograph's surroundings are black, so a transparent margin looks like the film edge.
+* EXIF orientation is applied (phone photos of a film are often rotated by a tag, not in pixels).
+
+Every failure raises :class:`ImageLoadError` naming the file: not an image, zero bytes, truncated
+(the whole file is decoded; ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched on), or more
+pixels than ``max_pixels`` (checked on the header, before decoding).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+_GREY_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageLoadError(ValueError):
+    """An image file cannot be used; the message names the file and the reason."""
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image (see module docstring for the conversions)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageLoadError(f"{path}: cannot read the file ({err.strerror or err}).") from None
+    if size == 0:
+        raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
+    with open(path, "rb") as handle:
+        return _decode(handle, str(path), max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Like :func:`load_image` for bytes already in memory (an upload); ``name`` is used in errors."""
+    if not data:
+        raise ImageLoadError(f"{name}: the file is empty (0 bytes).")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def check_image_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Cheap check (header only, no decoding): ``(width, height)`` or :class:`ImageLoadError`.
+
+    Finds missing, empty, non-image and oversized files; a truncated body needs :func:`load_image`.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
+    except OSError as err:
+        raise ImageLoadError(f"{path}: cannot read the file ({err.strerror or err}).") from None
+    with open(path, "rb") as handle, _open_image(handle, str(path)) as image:
+        _check_pixels(image, str(path), max_pixels)
+        return image.size
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Convert a decoded image of any mode to 8-bit RGB (transparency onto black)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _GREY_WIDE_MODES:
+        return _wide_grey_to_rgb(np.asarray(image))
+    if mode == "F":
+        return _float_grey_to_rgb(np.asarray(image, dtype=np.float64))
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA" if mode == "PA" else "RGB")
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _decode(handle: IO[bytes], name: str, max_pixels: int) -> Image.Image:
+    with _open_image(handle, name) as image:
+        _check_pixels(image, name, max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageLoadError(f"{name}: too many pixels to decode safely ({err}).") from None
+        except MemoryError:
+            raise ImageLoadError(f"{name}: not enough memory to decode this image.") from None
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad data
+            raise ImageLoadError(f"{name}: the image data is damaged or truncated ({_reason(err)}).") from None
+        return to_rgb8(upright if upright is not None else image).copy()
+
+
+@contextmanager
+def _open_image(handle: IO[bytes], name: str) -> Iterator[Image.Image]:
+    """``Image.open`` that turns PIL's errors into :class:`ImageLoadError` naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not an image (or a format Pillow cannot read); "
+                             "use a PNG or JPEG radiograph.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"{name}: too many pixels to decode safely ({err}).") from None
+    except Exception as err:
+        raise ImageLoadError(f"{name}: cannot read the image header ({_reason(err)}).") from None
+    try:
+        yield image
+    finally:
+        image.close()
+
+
+def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(f"{name}: the header gives an empty size {width}x{height}.")
+    if width * height > max_pixels:
+        raise ImageLoadError(f"{name}: {width}x{height} = {width * height:,} pixels is more than the limit "
+                             f"of {max_pixels:,} (max_image_pixels); downscale the image or raise the limit.")
+
+
+def _wide_grey_to_rgb(values: np.ndarray) -> Image.Image:
+    values = values.astype(np.int64)
+    low = int(values.min()) if values.size else 0
+    if low < 0:  # signed 32-bit data: shift so the darkest pixel is 0
+        values = values - low
+    high = int(values.max()) if values.size else 0
+    bits = max(8, high.bit_length())
+    scaled = np.round(values * (255.0 / ((1 << bits) - 1))).astype(np.uint8)
+    return Image.fromarray(scaled).convert("RGB")
+
+
+def _float_grey_to_rgb(values: np.ndarray) -> Image.Image:
+    values = np.nan_to_num(values)
+    low, high = float(values.min()), float(values.max())
+    span = high - low or 1.0
+    scaled = np.round((values - low) * (255.0 / span)).astype(np.uint8)
+    return Image.fromarray(scaled).convert("RGB")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "check_image_header", "load_image",
+           "load_image_bytes", "to_rgb8"]
