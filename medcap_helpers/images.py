@@ -23,6 +23,7 @@ import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -32,6 +33,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 50_000_000
 _GREY_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_NATIVE_RGB_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
+_END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
+_TAIL_BYTES = 1024
 
 
 class ImageLoadError(ValueError):
@@ -58,20 +62,50 @@ def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = DEFA
     return _decode(io.BytesIO(data), name, max_pixels)
 
 
-def check_image_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """Cheap check (header only, no decoding): ``(width, height)`` or :class:`ImageLoadError`.
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header says (see :func:`inspect_image`)."""
 
-    Finds missing, empty, non-image and oversized files; a truncated body needs :func:`load_image`.
+    width: int
+    height: int
+    mode: str
+    format: str | None
+    has_transparency: bool
+
+    @property
+    def converts_natively(self) -> bool:
+        """True when PIL's ``convert("RGB")`` gives the same pixels as :func:`to_rgb8`.
+
+        Not for 16/32-bit grey (PIL clips it at 255) nor transparency (PIL drops alpha, keeping
+        whatever colour lies under it, instead of compositing on black).
+        """
+        return self.mode in _NATIVE_RGB_MODES and not self.has_transparency
+
+
+def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Cheap check of a file (header and last bytes, no decoding) or :class:`ImageLoadError`.
+
+    Finds missing, empty, non-image and oversized files, and PNG/JPEG files cut short (no ``IEND`` /
+    end-of-image marker at the end). Damage inside the data needs a full decode (:func:`load_image`).
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
+        size = path.stat().st_size
     except OSError as err:
         raise ImageLoadError(f"{path}: cannot read the file ({err.strerror or err}).") from None
+    if size == 0:
+        raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
     with open(path, "rb") as handle, _open_image(handle, str(path)) as image:
         _check_pixels(image, str(path), max_pixels)
-        return image.size
+        info = ImageInfo(image.width, image.height, image.mode, image.format,
+                         "transparency" in image.info or image.mode in _ALPHA_MODES)
+        handle.seek(max(0, size - _TAIL_BYTES))
+        tail = handle.read()
+    end_marker = _END_MARKERS.get(info.format or "")
+    if end_marker is not None and end_marker not in tail:
+        raise ImageLoadError(f"{path}: the file is truncated (no {info.format} end marker); "
+                             "download or copy it again.")
+    return info
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -164,5 +198,5 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "check_image_header", "load_image",
-           "load_image_bytes", "to_rgb8"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "inspect_image", "load_image", "load_image_bytes",
+           "to_rgb8"]
