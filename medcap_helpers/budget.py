@@ -128,3 +128,87 @@ def release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover
         pass
+
+
+def measure_training_step(model: Any, collator: Any, rows: Any, candidate: TrainingCandidate,
+                          steps: int = 3) -> tuple[float, float]:
+    """Peak reserved GPU memory (GB) and samples/s of ``steps`` optimizer steps at ``candidate``'s settings.
+
+    The first step is a warm-up and not timed. The trainable weights are restored afterwards, so the
+    probe leaves the model as it found it.
+    """
+    import time
+
+    import torch
+
+    from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
+
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    if candidate.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    else:
+        unwrap_model(model).gradient_checkpointing_disable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-8)
+    size = candidate.per_device_train_batch_size
+    batch = collator([rows[i % len(rows)] for i in range(size)])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.train()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        start = time.perf_counter()
+        for step in range(steps):
+            if step == 1:
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_reserved(device) / 1e9
+    finally:
+        with torch.no_grad():
+            for param, original in zip(trainable, saved):
+                param.copy_(original)
+        del optimizer, saved, batch
+        model.train(was_training)
+        release_memory()
+    return peak, size * max(steps - 1, 1) / elapsed
+
+
+def fit_config_to_budget(config: Any, model: Any, processor: Any, train_rows: Any,
+                         margin: float = 0.1) -> tuple[Any, BudgetFit | None]:
+    """Apply ``config.vram_budget_gb``: probe settings on the GPU and return the updated config.
+
+    The allocator is capped at the budget (``torch.cuda.set_per_process_memory_fraction``) for the
+    probe and the training that follows, so a bigger card behaves like the budgeted one. Returns
+    ``(config, None)`` when no budget is set or there is no GPU to measure.
+    """
+    import torch
+
+    from medcap_helpers.model import pick_device
+    from medcap_helpers.processing import CaptionCollator
+
+    if config.vram_budget_gb is None:
+        return config, None
+    device = pick_device(config)
+    if device.type != "cuda":
+        print(f"vram_budget_gb={config.vram_budget_gb} is ignored: there is no GPU to measure on this machine.")
+        return config, None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total_gb = torch.cuda.get_device_properties(index).total_memory / 1e9
+    torch.cuda.set_per_process_memory_fraction(min(1.0, config.vram_budget_gb / total_gb), index)
+    collator = CaptionCollator(processor, config.max_target_tokens)
+    fit = fit_to_budget(candidate_settings(config.effective_batch_size),
+                        lambda c: measure_training_step(model, collator, train_rows, c),
+                        config.vram_budget_gb, margin)
+    if fit.chosen is None:
+        raise BudgetTooSmall(fit.explain())
+    chosen = fit.chosen
+    return config.replace(per_device_train_batch_size=chosen.per_device_train_batch_size,
+                          gradient_accumulation_steps=chosen.gradient_accumulation_steps,
+                          gradient_checkpointing=chosen.gradient_checkpointing), fit

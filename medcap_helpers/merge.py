@@ -14,7 +14,9 @@ Either merged model is then loaded in NF4 and saved as a 4-bit checkpoint with i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +68,24 @@ def _merge(base_model: Any, adapter_dir: Path) -> Any:
 
 
 def save_checkpoint(model: Any, processor: Any, out_dir: str | Path, kind: str) -> MergedCheckpoint:
+    """Save into a staging folder and rename it into place, so a crash never leaves a half checkpoint."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
     if processor is not None:
-        processor.save_pretrained(out_dir)
+        processor.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
     return MergedCheckpoint(out_dir, kind, checkpoint_size(out_dir))
+
+
+def saved_checkpoint(out_dir: str | Path, kind: str) -> MergedCheckpoint | None:
+    """The checkpoint already in ``out_dir`` (from an earlier run), or None."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and checkpoint_size(out_dir) > 0:
+        return MergedCheckpoint(out_dir, kind, checkpoint_size(out_dir))
+    return None
 
 
 def merge_onto_16bit_base(base_path: str, adapter_dir: str | Path, out_dir: str | Path, processor: Any,
@@ -124,3 +138,143 @@ def load_captioner(folder: str | Path, device_map: Any = None) -> tuple[Any, Any
     model = BlipForConditionalGeneration.from_pretrained(str(folder), device_map=device_map, use_safetensors=True)
     processor = BlipProcessor.from_pretrained(str(folder))
     return model.eval(), processor
+
+
+# ----------------------------------------------------------------------------- the 05 stage
+FINAL_CANDIDATES = {"merged-nf4": "merged onto 16-bit base → NF4",
+                    "merged-dequantized-nf4": "merged onto dequantized 4-bit base → NF4"}
+
+
+@dataclass
+class MergeOutcome:
+    checkpoints: dict[str, MergedCheckpoint]
+    validation: dict[str, dict[str, Any]]
+    final_name: str
+    final_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def deltas(self) -> dict[str, dict[str, float]]:
+        """Each merged NF4 model's metrics minus the adapter-on-4-bit-base reference."""
+        reference = self.validation["adapter on 4-bit base"]
+        return {name: {k: row[k] - reference[k] for k in row if k in reference and isinstance(row[k], float)}
+                for name, row in self.validation.items() if name != "adapter on 4-bit base"}
+
+
+def merge_and_requantize(config: Any, dataset: Any) -> MergeOutcome:
+    """Both merges, both NF4 re-quantizations, the degradation check; the less degraded one is final.
+
+    Checkpoints already in the run folder are reused (a rerun redoes only what is missing).
+    """
+    from medcap_helpers import data as data_lib
+    from medcap_helpers import evaluation
+    from medcap_helpers import model as model_lib
+    from medcap_helpers.train import load_adapter_model
+
+    run = Path(config.run_dir)
+    adapter_dir = check_adapter_dir(run / "adapter")
+    device = model_lib.pick_device(config)
+    compute = model_lib.compute_dtype(config, device)
+    dtype16 = merge_dtype(compute)
+    processor = load_processor_from(adapter_dir)
+    base_source = model_lib.base_model_source(config)
+    val = data_lib.limit_rows(dataset[data_lib.VALIDATION], config.max_eval_examples)
+    device_map = model_lib.device_map_for(device)
+
+    def build(name: str, make: Any) -> MergedCheckpoint:
+        return saved_checkpoint(run / name, name) or make()
+
+    checkpoints: dict[str, MergedCheckpoint] = {}
+    checkpoints["base-16bit"] = build("base-16bit", lambda: save_checkpoint(
+        model_lib.load_plain_model(base_source, dtype16), processor, run / "base-16bit", "base-16bit"))
+    checkpoints["merged-16bit"] = build("merged-16bit", lambda: merge_onto_16bit_base(
+        base_source, adapter_dir, run / "merged-16bit", processor, dtype16))
+    checkpoints["merged-dequantized-16bit"] = build("merged-dequantized-16bit", lambda: merge_onto_dequantized_base(
+        model_lib.load_base_model(config), adapter_dir, run / "merged-dequantized-16bit", processor, dtype16))
+    for source, target in (("merged-16bit", "merged-nf4"), ("merged-dequantized-16bit", "merged-dequantized-nf4")):
+        checkpoints[target] = build(target, lambda s=source, t=target: requantize_nf4(
+            checkpoints[s].path, run / t, processor, model_lib.quantization_config(compute), device_map))
+
+    predictions: dict[str, list[str]] = {}
+    adapter_model = load_adapter_model(config, adapter_dir)
+    predictions["adapter on 4-bit base"] = evaluation.generate_for_split(adapter_model, processor, val, config)
+    del adapter_model
+    for name, label in FINAL_CANDIDATES.items():
+        nf4_model, nf4_processor = load_captioner(checkpoints[name].path, device_map=device_map)
+        predictions[label] = evaluation.generate_for_split(nf4_model, nf4_processor, val, config)
+        del nf4_model
+    validation = evaluation.score_systems(predictions, val, config)
+    # "Degrades less" = higher validation CIDEr after re-quantization; ties go to the dequantized merge,
+    # which reproduces the trained weights before re-quantization.
+    final_name = max(("merged-dequantized-nf4", "merged-nf4"),
+                     key=lambda n: validation[FINAL_CANDIDATES[n]]["CIDEr"])
+    return MergeOutcome(checkpoints=checkpoints, validation=validation, final_name=final_name,
+                        final_dir=checkpoints[final_name].path)
+
+
+def load_processor_from(folder: str | Path) -> Any:
+    from transformers import BlipProcessor
+
+    return BlipProcessor.from_pretrained(str(folder))
+
+
+def sizes_markdown(outcome: MergeOutcome) -> str:
+    base = outcome.checkpoints["base-16bit"].size_bytes
+    lines = ["| checkpoint | on disk | vs 16-bit base |", "|---|---:|---:|"]
+    for name, checkpoint in outcome.checkpoints.items():
+        lines.append(f"| {name} | {_human(checkpoint.size_bytes)} | {checkpoint.size_bytes / base:.2f}× |")
+    return "\n".join(lines)
+
+
+def degradation_markdown(outcome: MergeOutcome) -> str:
+    from medcap_helpers.report import format_table
+
+    deltas = outcome.deltas()
+    lines = [format_table(outcome.validation), "", "Change against the adapter on its 4-bit base:", "",
+             "| merged NF4 model | ΔCIDEr | ΔBLEU-4 | ΔROUGE-L |", "|---|---:|---:|---:|"]
+    for name, delta in deltas.items():
+        lines.append(f"| {name} | {delta.get('CIDEr', 0):+.4f} | {delta.get('BLEU-4', 0):+.4f} | "
+                     f"{delta.get('ROUGE-L', 0):+.4f} |")
+    lines += ["", f"Final model: **{outcome.final_name}** (the smaller CIDEr drop)."]
+    return "\n".join(lines)
+
+
+def measure_inference(config: Any, folder: str | Path, split: Any, n_images: int) -> dict[str, Any]:
+    """Load memory, peak memory while generating and latency per report (one image at a time)."""
+    import statistics
+
+    from medcap_helpers import model as model_lib
+
+    device = model_lib.pick_device(config)
+    model_lib.reset_peak_memory(device)
+    before = model_lib.memory_snapshot(device)
+    captioner, processor = load_captioner(folder, device_map=model_lib.device_map_for(device))
+    loaded = model_lib.memory_snapshot(device)
+    model_lib.reset_peak_memory(device)
+    images = [split[i]["image"] for i in range(min(n_images, len(split)))]
+    latencies = []
+    for image in images:
+        start = time.perf_counter()
+        model_lib.generate_reports(captioner, processor, [image], max_new_tokens=config.max_new_tokens,
+                                   num_beams=config.num_beams, batch_size=1, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        latencies.append(time.perf_counter() - start)
+    peak = model_lib.memory_snapshot(device)
+    return {"device": str(device), "num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens,
+            "images": len(images), "latency_s_median": statistics.median(latencies) if latencies else None,
+            "latency_s_mean": statistics.fmean(latencies) if latencies else None,
+            "memory_before": before, "memory_after_load": loaded, "memory_peak_generation": peak}
+
+
+def stage_metrics(outcome: MergeOutcome, inference: dict[str, Any]) -> dict[str, Any]:
+    return {"sizes_bytes": {name: c.size_bytes for name, c in outcome.checkpoints.items()},
+            "validation": outcome.validation, "deltas": outcome.deltas(), "final_model": outcome.final_name,
+            "final_dir": str(outcome.final_dir), "inference": inference}
+
+
+def _human(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.2f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.2f} GB"

@@ -87,3 +87,45 @@ def choose_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not candidates:
         return None
     return max(candidates, key=lambda t: (t["val_cider"], -t["lora_r"], -t["lora_alpha"]))
+
+
+def trial_runner(dataset: Any) -> TrialRunner:
+    """Train one trial's config with the pipeline's own model loading, LoRA and Trainer code."""
+
+    def run_trial(config: MedcapConfig) -> dict[str, Any]:
+        from medcap_helpers import model as model_lib
+        from medcap_helpers.train import train
+
+        base, processor = model_lib.load_model_and_processor(config, dataset)
+        result = train(config, model_lib.attach_lora(base, config), processor, dataset, save_total_limit=1)
+        peaks = result.peak_memory
+        gpu = [p["max_reserved_gib"] for p in peaks if "max_reserved_gib" in p]
+        rss = [p["peak_rss_gib"] for p in peaks if "peak_rss_gib" in p]
+        del base
+        return {"val_cider": result.best_cider, "trainable_params": result.trainable_params,
+                "peak_gpu_gb": max(gpu) * GIB_TO_GB if gpu else None,
+                "peak_rss_gb": max(rss) * GIB_TO_GB if rss else None,
+                "train_runtime_s": result.train_runtime_s}
+
+    return run_trial
+
+
+GIB_TO_GB = 1024**3 / 1e9
+
+
+def results_markdown(result: SweepResult) -> str:
+    lines = ["| r | alpha | val CIDEr | trainable params | peak GPU (GB) | peak RSS (GB) | time (s) | fits budget |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in result.trials:
+        fits = {True: "yes", False: "**no**", None: "n/a (CPU)"}[t.get("feasible")]
+        lines.append(f"| {t['lora_r']} | {t['lora_alpha']} | {_num(t.get('val_cider'), 3)} | "
+                     f"{t.get('trainable_params', 0):,} | {_num(t.get('peak_gpu_gb'), 2)} | "
+                     f"{_num(t.get('peak_rss_gb'), 2)} | {_num(t.get('wall_time_s'), 1)} | {fits} |")
+    if result.chosen:
+        lines += ["", f"Chosen: r={result.chosen['lora_r']}, alpha={result.chosen['lora_alpha']} "
+                      f"(validation CIDEr {result.chosen['val_cider']:.3f})."]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
