@@ -200,7 +200,7 @@ def bundled_report_xml() -> dict[str, bytes]:
 # De-identification tokens, with a hyphen/slash that glued them to a word ("XXXX-year-old", "x-XXXX").
 _DEID_TOKEN = re.compile(r"[-/]?X{3,}(?:'[st]?)?[-/]?")
 _MARK = "\x00"
-_CAPITALISE_AFTER_REMOVAL = re.compile(rf"(^|[.!?]\s+)(?:{_MARK}[\s,;:]*)+([a-z])")
+_CAPITALISE_AFTER_REMOVAL = re.compile(rf"(^\s*|[.!?]\s+)(?:{_MARK}[\s,;:]*)+([a-z])")
 
 
 def clean_text(text: str | None, lowercase: bool = False) -> str:
@@ -241,7 +241,7 @@ def target_text(report: Report, target: str = "findings", lowercase: bool = Fals
 
 
 # --- ids ----------------------------------------------------------------------------------------
-_IMAGE_ID = re.compile(r"^CXR\d+(?:_\d+)?_IM-\d+(?:-\d+)+$")
+_IMAGE_ID = re.compile(r"^CXR\d+(?:_\d+)?_IM-\d+(?:-\d+)*$")
 _UID = re.compile(r"^CXR(\d+)_")
 _KAGGLE_NAME = re.compile(r"^(\d+(?:_\d+)?_IM-\d+(?:-\d+)+)\.dcm\.png$", re.IGNORECASE)
 
@@ -255,7 +255,7 @@ def openi_image_id(filename: str | Path) -> str:
     """``CXR54_IM-2145-1001.png`` (any folder) -> ``CXR54_IM-2145-1001``."""
     stem = Path(filename).name
     stem = stem[: -len(".png")] if stem.lower().endswith(".png") else Path(stem).stem
-    if not is_image_id(stem):
+    if not is_image_id(stem) or stem.count("-") < 2:
         raise ValueError(f"'{filename}' is not an Open-i image name like 'CXR54_IM-2145-1001.png'.")
     return stem
 
