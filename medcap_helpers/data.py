@@ -250,8 +250,10 @@ def _kaggle_examples(config: MedcapConfig, report: DataReport, progress: bool) -
         by_uid[row["uid"].strip()].append(row)
     on_disk = {p.name for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     report.images_total = len(on_disk)
-    listed = {row["filename"].strip() for row in projections}
-    report.images_without_report = len(on_disk - listed)
+    uids = {row["uid"].strip() for row in rows}
+    with_report = {row["filename"].strip() for row in projections if row["uid"].strip() in uids}
+    report.images_without_report = len(on_disk - with_report)
+    report.images_missing = sum(1 for row in projections if row["filename"].strip() not in on_disk)
     groups = []
     for row in rows:
         uid = row["uid"].strip()
@@ -261,7 +263,6 @@ def _kaggle_examples(config: MedcapConfig, report: DataReport, progress: bool) -
         for proj in by_uid.get(uid, []):
             name = proj["filename"].strip()
             if name not in on_disk:
-                report.images_missing += 1
                 continue
             try:
                 image_id = kaggle_image_id(name)
