@@ -331,6 +331,8 @@ def assign_splits(group_keys: Iterable[str], ratios: Sequence[float] = (0.7, 0.1
                   seed: int = 42) -> dict[str, str]:
     """Map each distinct group key to train/validation/test, deterministically for ``seed``.
 
+    The mapping's order is the shuffled order of the keys.
+
     Counts follow ``ratios`` by largest remainder; a split with a non-zero ratio gets at least one
     group when there are enough groups.
     """
@@ -353,17 +355,11 @@ def split_by_study(examples: Sequence[Example], ratios: Sequence[float] = (0.7, 
     Within a split, examples follow the shuffled order of their reports (so a prefix is a random subset).
     """
     assignment = assign_splits((e.report_uid for e in examples), ratios, seed)
-    order = {key: i for i, key in enumerate(_shuffled_keys(assignment, seed))}
+    order = {key: i for i, key in enumerate(assignment)}  # assignment is in shuffled order
     out: dict[str, list[Example]] = {split: [] for split in SPLITS}
     for example in sorted(examples, key=lambda e: (order[e.report_uid], e.image_id)):
         out[assignment[example.report_uid]].append(example)
     return out
-
-
-def _shuffled_keys(assignment: dict[str, str], seed: int) -> list[str]:
-    keys = sorted(assignment)
-    random.Random(seed).shuffle(keys)
-    return keys
 
 
 def _split_counts(n: int, ratios: Sequence[float]) -> list[int]:
@@ -432,6 +428,9 @@ def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetD
         splits = split_by_study(examples, config.split_ratios, config.seed)
     splits = _trim(splits, config.max_train_examples, config.max_eval_examples)
     dd = _to_dataset_dict(splits)
+    if report.is_smoke_sample:
+        for split in dd.values():
+            split.info.description = f"SMOKE SAMPLE: {SMOKE_SAMPLE_NOTE}"
     _record_splits(report, splits)
     return dd, report
 
@@ -515,9 +514,8 @@ def standardise_hub_dataset(raw: Any, config: MedcapConfig) -> tuple[DatasetDict
     for split_name, part in parts.items():
         columns = part.column_names
         image_col = _pick(columns, _HUB_IMAGE_COLUMNS, "image", config.hub_dataset_id)
-        text_cols = ([_pick(columns, _HUB_TEXT_COLUMNS[t], t, config.hub_dataset_id) for t in ("findings", "impression")]
-                     if config.target == "both" else [_pick(columns, _HUB_TEXT_COLUMNS[config.target], config.target,
-                                                            config.hub_dataset_id)])
+        targets = ("findings", "impression") if config.target == "both" else (config.target,)
+        text_cols = [_pick(columns, _HUB_TEXT_COLUMNS[t], t, config.hub_dataset_id) for t in targets]
         study_col = next((c for c in _HUB_STUDY_COLUMNS if c in columns), None)
         plain = part.cast_column(image_col, _image_feature(decode=False)) if image_col in columns else part
         for index, row in enumerate(plain):
@@ -666,12 +664,6 @@ def bundled_report_texts(target: str = "findings", lowercase: bool = False) -> l
     return [t for t in texts if t]
 
 
-def column_values(dataset: Any, column: str) -> list[Any]:
-    """A column of a ``Dataset`` without decoding its images (``dataset[column]`` would not need it, but
-    a format transform set by a user would)."""
-    return _column(dataset, column)
-
-
 # --- helpers ------------------------------------------------------------------------------------
 def _existing(value: str | Path | None, setting: str, what: str) -> Path:
     if not value:
@@ -701,7 +693,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
 
 __all__ = [
     "COLUMNS", "DataReport", "DataSourceError", "Example", "SPLITS", "assign_splits", "build_dataset",
-    "bundled_report_texts", "column_values", "leakage_check", "length_stats", "load_examples",
+    "bundled_report_texts", "leakage_check", "length_stats", "load_examples",
     "load_saved_dataset", "one_image_per_study", "save_dataset", "split_by_study", "split_sentences",
     "standardise_hub_dataset", "top_sentences", "xrv_reports_archive",
 ]

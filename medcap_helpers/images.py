@@ -12,6 +12,8 @@ Conversions made by :func:`to_rgb8`:
   **black**: a radiograph's surroundings are black, so a transparent margin looks like the film edge.
 * EXIF orientation is applied (phone photos of a film are often rotated by a tag, not in pixels).
 
+:func:`inspect_image` is the cheap check a dataset build runs on every file (header and last bytes).
+
 Every failure raises :class:`ImageLoadError` naming the file: not an image, zero bytes, truncated
 (the whole file is decoded; ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched on), or more
 pixels than ``max_pixels`` (checked on the header, before decoding).

@@ -80,6 +80,7 @@ def _openi_folder(iu_sample: Path, tmp_path: Path) -> Path:
 def test_smoke_dataset_is_labelled_split_and_decodes_to_rgb(smoke_build: tuple[object, DataReport, Path]) -> None:
     dd, report, run_dir = smoke_build
     assert report.is_smoke_sample and report.note == SMOKE_SAMPLE_NOTE and report.source == "smoke"
+    assert all(SMOKE_SAMPLE_NOTE in split.info.description for split in dd.values())
     assert report.reports_total == report.reports_with_target_and_images == 12
     assert report.examples == report.images_total == 24 and report.skipped_images == []
     assert list(dd) == list(SPLITS)
@@ -399,6 +400,7 @@ def test_save_and_load_round_trip(smoke_build: tuple[object, DataReport, Path]) 
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".dataset")]
     loaded, loaded_report = load_saved_dataset(run_dir)
     assert loaded_report == report and loaded_report.is_smoke_sample
+    assert SMOKE_SAMPLE_NOTE in loaded["train"].info.description
     for split in SPLITS:
         assert list(loaded[split]["image_id"]) == list(dd[split]["image_id"])  # type: ignore[index]
     image = loaded["test"][0]["image"]
@@ -435,7 +437,8 @@ def test_length_stats_words_and_tokens() -> None:
     from transformers import PreTrainedTokenizerFast
 
     texts = ["The heart is normal.", "No effusion.", "Lungs are clear and expanded."]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted({w for t in texts for w in t.replace(".", " .").split()}))}}
+    words = sorted({w for t in texts for w in t.replace(".", " .").split()})
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     raw = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = Whitespace()
     stats = length_stats(texts, raw)

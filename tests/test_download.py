@@ -21,6 +21,7 @@ from medcap_helpers.download import (
     download_file,
     download_openi,
     extract_archive,
+    main,
     sha256_file,
 )
 
@@ -207,3 +208,11 @@ def test_extraction_refuses_paths_outside_the_folder(tmp_path: Path) -> None:
         extract_archive(archive, tmp_path / "out", progress=False)
     assert not (tmp_path / "escaped.txt").exists()
     assert not (tmp_path / "out" / ".extracted").exists()
+
+
+def test_command_line(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server.files["/c/" + OPENI_REPORTS] = _tgz({"ecgen-radiology/1.xml": b"<eCitation/>"})
+    assert main([str(tmp_path), "--reports-only", "--base-url", f"{server.base_url}/c"]) == 0
+    assert (tmp_path / OPENI_REPORTS).is_file()
+    assert main([str(tmp_path / "other"), "--base-url", f"{server.base_url}/nothing"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err

@@ -186,7 +186,8 @@ def test_openi_kaggle_and_r2gen_names() -> None:
     assert r2gen_image_id("CXR368_IM-1832/1.png") == "CXR368_IM-1832/1"
     assert normalise_view("Frontal") == "frontal" and normalise_view(" Lateral") == "lateral"
     assert normalise_view(None) == "unknown" and normalise_view("AP") == "unknown"
-    for bad, call in (("photo.png", openi_image_id), ("CXR368_IM-1832.png", openi_image_id), ("CXR54.dcm.png", kaggle_image_id),
+    for bad, call in (("photo.png", openi_image_id), ("CXR368_IM-1832.png", openi_image_id),
+                      ("CXR54.dcm.png", kaggle_image_id),
                       ("54_IM-1.png", report_uid), ("CXR368_IM-1832", study_id_from_image_id),
                       ("0.png", r2gen_study_id)):
         with pytest.raises(ValueError, match="not"):
