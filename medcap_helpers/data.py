@@ -306,7 +306,8 @@ def _verified_examples(groups: Iterable[tuple[str, str, list[tuple[str, str, str
                 except ImageLoadError as err:
                     report.skipped_images.append((path, str(err)))
                     continue
-                examples.append(Example(path, text, study, image_id, uid, view, split))
+                # absolute: notebooks and the trainer may run from another working directory
+                examples.append(Example(os.path.abspath(path), text, study, image_id, uid, view, split))
                 kept += 1
             if kept:
                 report.reports_with_target_and_images += 1
@@ -413,7 +414,13 @@ def _column(split: Any, column: str) -> list[Any]:
 def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetDict, DataReport]:
     """Load, split (by report, or R2Gen's), trim to the configured sizes and build the ``DatasetDict``."""
     if config.data_source == "hub":
-        return _build_hub_dataset(config)
+        dd, report = _build_hub_dataset(config)
+        limits = {"train": config.max_train_examples, "validation": config.max_eval_examples,
+                  "test": config.max_eval_examples}
+        for split, limit in limits.items():
+            if limit and len(dd[split]) > limit:
+                dd[split] = dd[split].select(range(limit))
+        return dd, report
     examples, report = load_examples(config, progress)
     if not examples:
         raise DataSourceError(f"No usable examples in data_source={config.data_source!r}: "

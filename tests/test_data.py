@@ -464,3 +464,12 @@ def test_bundled_report_texts(bundled: None) -> None:
     findings = bundled_report_texts("findings")
     assert len(findings) == 3425 and all(t and "XXXX" not in t for t in findings)
     assert len(bundled_report_texts("impression", lowercase=True)) == 3921
+
+
+def test_relative_run_dir_gives_absolute_image_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     bundled: None) -> None:
+    monkeypatch.chdir(tmp_path)
+    examples, _ = load_examples(MedcapConfig.from_profile("smoke", run_dir="runs/rel", smoke_num_reports=6,
+                                                          smoke_image_size=32), progress=False)
+    assert examples and all(Path(e.image_path).is_absolute() for e in examples)
+    assert all(Path(e.image_path).is_relative_to(tmp_path / "runs" / "rel" / "smoke_images") for e in examples)
