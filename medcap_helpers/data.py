@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from medcap_helpers.config import MedcapConfig
 
 SPLITS = ("train", "validation", "test")
+VALIDATION = "validation"
 DATASET_FOLDER = "dataset"
 REPORT_NAME = "data_report.json"
 CONVERTED_FOLDER = "converted_images"
@@ -669,6 +670,95 @@ def bundled_report_texts(target: str = "findings", lowercase: bool = False) -> l
     """Non-empty cleaned ``target`` texts of the 3,955 bundled reports (tokenizer training, statistics)."""
     texts = (target_text(r, target, lowercase) for r in bundled_reports().reports)
     return [t for t in texts if t]
+
+
+def report_lengths(texts: Sequence[str], tokenizer: Any = None) -> tuple[list[int], list[int] | None]:
+    """Per-text word counts and (with a tokenizer) token counts, for histograms."""
+    texts = list(texts)
+    tokens = [len(ids) for ids in _token_ids(tokenizer, texts)] if tokenizer is not None else None
+    return [len(t.split()) for t in texts], tokens
+
+
+def bundled_collection_stats(target: str = "findings") -> dict[str, int]:
+    """How many of the 3,955 bundled Open-i reports can be training targets at all."""
+    parsed = bundled_reports()
+    with_target = [r for r in parsed.reports if target_text(r, target)]
+    return {"reports": len(parsed.reports), "malformed": len(parsed.malformed),
+            "with_target": len(with_target), "with_target_and_images": sum(bool(r.image_ids) for r in with_target),
+            "image_ids": sum(len(r.image_ids) for r in parsed.reports),
+            "without_images": sum(not r.image_ids for r in parsed.reports)}
+
+
+def collection_stats_markdown(stats: dict[str, int], target: str = "findings") -> str:
+    return (f"Of the **{stats['reports']:,}** bundled Open-i reports, **{stats['with_target']:,}** have "
+            f"{target.upper()} and **{stats['with_target_and_images']:,}** have {target.upper()} and at least one "
+            f"image; {stats['without_images']:,} reports list no image at all ({stats['image_ids']:,} image ids in "
+            f"total).")
+
+
+def data_report_markdown(report: DataReport) -> str:
+    """The data stage's counts as a table, with every drop and skip named."""
+    rows = [("source", report.source), ("reports read", report.reports_total),
+            ("malformed report files", len(report.reports_malformed)),
+            (f"reports with {report.target}", report.reports_with_target),
+            (f"reports dropped: empty {report.target}", report.dropped_empty_target),
+            (f"reports with {report.target} and ≥1 image", report.reports_with_target_and_images),
+            ("reports without a usable image", report.reports_without_images),
+            ("images found", report.images_total), ("images named but missing", report.images_missing),
+            ("images without a report", report.images_without_report),
+            ("unreadable images skipped", len(report.skipped_images)), ("examples", report.examples)]
+    lines = ["| | |", "|---|---:|"] + [f"| {name} | {value:,} |" if isinstance(value, int) else
+                                        f"| {name} | {value} |" for name, value in rows]
+    lines += ["", "| split | studies | reports | examples |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {s['studies']} | {s['reports']} | {s['examples']} |" for name, s in report.split_sizes.items()]
+    for path, reason in report.skipped_images[:20]:
+        lines.append(f"\n- skipped `{path}`: {reason}")
+    if report.is_smoke_sample:
+        lines += ["", f"> **Smoke sample:** {SMOKE_SAMPLE_NOTE}."]
+    return "\n".join(lines)
+
+
+def leakage_summary(leakage: dict[str, Any]) -> str:
+    lines = []
+    for pair, shared in leakage["pairs"].items():
+        counts = ", ".join(f"{len(values)} shared {column}s" for column, values in shared.items())
+        lines.append(f"{pair}: {counts}")
+    lines.append("no study, image or report sits in two splits" if leakage["ok"] else "LEAK: see the shared ids above")
+    return "\n".join(lines)
+
+
+def top_sentences_markdown(top: Sequence[tuple[str, int, float]]) -> str:
+    lines = ["| # | sentence | reports | share |", "|---:|---|---:|---:|"]
+    lines += [f"| {i} | {sentence} | {count} | {share:.1%} |" for i, (sentence, count, share) in enumerate(top, 1)]
+    return "\n".join(lines)
+
+
+def tokenizer_training_texts(config: MedcapConfig, dataset: Any) -> list[str] | None:
+    """Texts to train the tiny model's tokenizer on: the bundled reports minus validation/test reports.
+
+    Held-out reports are left out so not even the vocabulary sees them. None for real BLIP, whose
+    tokenizer comes with the model.
+    """
+    from medcap_helpers.config import TINY_MODEL
+
+    if config.model_name != TINY_MODEL:
+        return None
+    held_out = {uid for name in ("validation", "test") if name in dataset for uid in _column(dataset[name], "report_uid")}
+    texts = (target_text(r, config.target, config.lowercase) for r in bundled_reports().reports if r.uid not in held_out)
+    return [t for t in texts if t]
+
+
+def limit_rows(split: Any, limit: int | None) -> Any:
+    """The first ``limit`` rows of a split (all when ``limit`` is None)."""
+    return split if limit is None or len(split) <= limit else split.select(range(limit))
+
+
+def stage_metrics(report: DataReport, leakage: dict[str, Any], lengths: dict[str, Any],
+                  top: Sequence[tuple[str, int, float]], collection: dict[str, int]) -> dict[str, Any]:
+    """What notebook 01 records for the pipeline."""
+    return {**report.to_dict(), "leakage_ok": leakage["ok"], "leakage": leakage["pairs"], "lengths": lengths,
+            "top_sentences": [{"sentence": s, "reports": c, "share": share} for s, c, share in top],
+            "bundled_collection": collection}
 
 
 # --- helpers ------------------------------------------------------------------------------------
