@@ -140,7 +140,9 @@ def compute_dtype(config: MedcapConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _device_map(device: torch.device) -> dict[str, Any]:
+def device_map_for(device: torch.device | str) -> dict[str, Any]:
+    """``from_pretrained`` device map putting the whole model on ``device`` (bitsandbytes needs one)."""
+    device = torch.device(device)
     return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
 
 
@@ -177,6 +179,60 @@ def _resolve_model_source(config: MedcapConfig, model_path: str | Path | None) -
     return name
 
 
+def base_model_source(config: MedcapConfig) -> str:
+    """What :func:`load_base_model` loads for ``config``: the run's tiny-model folder, a local folder or a hub id."""
+    return _resolve_model_source(config, None)
+
+
+def load_plain_model(source: str | Path, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None) -> BlipForConditionalGeneration:
+    """A non-quantized BLIP from a folder or hub id in ``dtype`` (on CPU unless ``device`` is given)."""
+    from transformers import BlipForConditionalGeneration
+
+    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False, dtype=dtype)
+    if device is not None:
+        kwargs["device_map"] = device_map_for(device)
+    try:
+        return BlipForConditionalGeneration.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not load BLIP from '{source}': {err}") from err
+
+
+def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
+                             texts: Sequence[str] | None = None) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """The base model (4-bit per config) and its processor, building the tiny model when needed.
+
+    For ``model_name="tiny"`` the tokenizer learns from ``texts``, else from the bundled IU X-Ray
+    report texts plus the training texts of ``dataset``; the tiny model and processor are saved to
+    ``<run_dir>/tiny_model`` once and reused afterwards (a resumed run keeps its vocabulary).
+    """
+    from medcap_helpers.processing import has_saved_processor, load_processor
+
+    if config.model_name == TINY_MODEL and not (
+            has_saved_processor(tiny_model_dir(config)) and (tiny_model_dir(config) / WEIGHTS_FILE).is_file()):
+        corpus = list(texts) if texts is not None else _tokenizer_corpus(config, dataset)
+        ensure_tiny_model(config, load_processor(config, corpus))
+    processor = load_processor(config)
+    return load_base_model(config), processor
+
+
+def _tokenizer_corpus(config: MedcapConfig, dataset: Any) -> list[str]:
+    corpus: list[str] = []
+    try:
+        from medcap_helpers.data import bundled_report_texts
+
+        corpus.extend(bundled_report_texts(config.target, config.lowercase))
+    except Exception as err:  # the bundled reports are a convenience; the dataset's texts suffice
+        warnings.warn(f"Bundled report texts unavailable ({err}); the tiny tokenizer learns from the dataset only.",
+                      RuntimeWarning, stacklevel=3)
+    if dataset is not None and "train" in dataset:
+        train = dataset["train"]
+        corpus.extend(train["text"] if hasattr(train, "column_names") else [row["text"] for row in train])
+    if not corpus:
+        raise ValueError("No texts to build the tiny model's tokenizer from: pass texts= or a dataset.")
+    return corpus
+
+
 def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
                     device: torch.device | None = None) -> BlipForConditionalGeneration:
     """BLIP from ``model_path``, the run's tiny model, or ``config.model_name`` (hub id / folder).
@@ -190,7 +246,7 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
     source = _resolve_model_source(config, model_path)
     device = device or pick_device(config)
     dtype = compute_dtype(config, device)
-    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False, device_map=_device_map(device))
+    kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False, device_map=device_map_for(device))
     if config.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(dtype)
     else:
@@ -235,7 +291,7 @@ def random_model(config_or_blip_config: MedcapConfig | BlipConfig, quantize: boo
     try:
         model.save_pretrained(folder, safe_serialization=True)
         del model
-        kwargs: dict[str, Any] = dict(use_safetensors=True, device_map=_device_map(device))
+        kwargs: dict[str, Any] = dict(use_safetensors=True, device_map=device_map_for(device))
         if quantize:
             kwargs["quantization_config"] = quantization_config(dtype)
         else:
@@ -354,14 +410,15 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
 
     k-bit models go through ``prepare_model_for_kbit_training`` (freeze, fp32 norms/embeddings) with
     non-reentrant checkpointing so that no input-grad hook is registered; gradient checkpointing
-    defaults to ``config.gradient_checkpointing``.
+    defaults to ``config.gradient_checkpointing``. LoRA weights are initialised from ``config.seed``.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_regex(config), bias="none")
-    with _quiet_deprecations():
+    with _quiet_deprecations(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # reproducible LoRA A init without touching the global RNG
         if is_quantized(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -449,13 +506,30 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class RowColumn(Sequence[Any]):
+    """``rows[i][key]`` as a lazy sequence (no decoding of a dataset's whole image column)."""
+
+    def __init__(self, rows: Any, key: str) -> None:
+        self.rows, self.key = rows, key
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> Any:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self.rows[i][self.key] for i in range(*index.indices(len(self)))]
+        return self.rows[index][self.key]
+
+
 @torch.no_grad()
 def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
                      num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
                      progress: bool = True) -> list[str]:
     """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
 
-    Works for base, 4-bit and peft models; restores the model's train/eval mode afterwards.
+    ``images`` needs only ``len`` and integer indexing (PIL images, paths, arrays), so a
+    :class:`RowColumn` over a dataset decodes one batch at a time. Works for base, 4-bit and peft
+    models; restores the model's train/eval mode afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -469,7 +543,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         with tqdm(total=len(images), desc="Generating reports", unit="img", disable=not progress,
                   leave=False) as bar:
             for start in range(0, len(images), batch_size):
-                batch = [open_rgb(img) for img in images[start:start + batch_size]]
+                batch = [open_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
                 pixel_values = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
                 output = model.generate(pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
                                         num_beams=num_beams, do_sample=False)
@@ -491,10 +565,10 @@ def count_parameters_meta(blip_config: BlipConfig) -> int:
 
 
 __all__ = [
-    "ModelLoadError", "attach_lora", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
+    "ModelLoadError", "RowColumn", "attach_lora", "base_model_source", "device_map_for", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
     "compute_dtype", "count_parameters_meta", "create_tiny_model", "describe_trainable",
     "enable_gradient_checkpointing", "ensure_tiny_model", "generate_reports", "is_quantized",
-    "load_base_model", "lora_target_regex", "memory_snapshot", "open_rgb", "pick_device",
+    "load_base_model", "load_model_and_processor", "load_plain_model", "lora_target_regex", "memory_snapshot", "open_rgb", "pick_device",
     "quantization_config", "random_model", "remove_input_grad_hooks", "reset_peak_memory",
     "set_generation_defaults", "tiny_blip_config", "tiny_model_dir", "trainable_parameters", "unwrap_model",
 ]

@@ -2,7 +2,8 @@
 
 * :func:`build_offline_processor` builds a BLIP processor without a download: the real image
   settings (bicubic resize, 1/255 rescale, CLIP mean/std) and a BERT-style WordPiece tokenizer
-  trained on the given report texts, with BLIP's ``[DEC]`` (bos) and ``[ENC]`` tokens added.
+  (``tokenizers`` WordPiece model, vocabulary built deterministically from the given report texts),
+  with BLIP's ``[DEC]`` (bos) and ``[ENC]`` tokens added.
 * :func:`load_processor` picks that offline processor for the tiny model, else the hub/folder one.
 * :class:`CaptionCollator` turns ``{"image", "text"}`` rows into model inputs whose first token is
   ``[DEC]``, the token ``BlipForConditionalGeneration.generate`` starts every caption from.
@@ -60,30 +61,56 @@ def blip_image_processor(image_size: int = BLIP_IMAGE_SIZE) -> Any:
         return BlipImageProcessor(**kwargs)
 
 
-def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> Any:
-    """A lower-casing BERT WordPiece tokenizer trained on ``texts``, with BLIP's ``[DEC]``/``[ENC]``.
+def wordpiece_vocabulary(texts: Iterable[str], vocab_size: int = 4000) -> dict[str, int]:
+    """A deterministic WordPiece vocabulary for ``texts`` (BERT normalisation and pre-tokenisation).
 
-    Ids: ``[PAD]``=0, ``[UNK]``=1, ``[CLS]``=2, ``[SEP]``=3, ``[MASK]``=4, the learned vocabulary, then
-    ``[DEC]`` (the bos token) and ``[ENC]`` last, the order BLIP's tokenizer has them in.
+    ``[PAD]``=0, ``[UNK]``=1, ``[CLS]``=2, ``[SEP]``=3, ``[MASK]``=4, then every character seen (as a
+    word start and as a ``##`` continuation, so any word of the corpus can be spelled), then whole
+    words by frequency (ties alphabetical) up to ``vocab_size`` entries. The ``tokenizers`` trainer is
+    not used because it breaks ties in hash order: two runs would give different ids.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+    from collections import Counter
 
-    corpus = [str(t) for t in texts if str(t).strip()]
-    if not corpus:
-        raise ValueError("Cannot train a tokenizer on no text: pass the report texts of the dataset.")
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(str(text)))
+        counts.update(word for word, _ in words)
+    if not counts:
+        raise ValueError("Cannot build a tokenizer from no text: pass the report texts of the dataset.")
     if vocab_size < 64:
         raise ValueError(f"vocab_size={vocab_size} is too small for a WordPiece vocabulary (use >= 64).")
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = sorted({c for word in counts for c in word})
+    pieces = list(BERT_SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    known = set(pieces)
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(pieces) >= vocab_size:
+            break
+        if word not in known:
+            pieces.append(word)
+            known.add(word)
+    return {piece: index for index, piece in enumerate(pieces)}
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> Any:
+    """A lower-casing BERT WordPiece fast tokenizer for ``texts`` with BLIP's ``[DEC]``/``[ENC]`` tokens.
+
+    Vocabulary from :func:`wordpiece_vocabulary`; ``[DEC]`` (the bos token) and ``[ENC]`` are added
+    last, the order BLIP's tokenizer has them in. Encodes as ``[CLS] text [SEP]`` like BERT.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = wordpiece_vocabulary(texts, vocab_size)
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL_TOKENS),
-                                        show_progress=False)
-    tokenizer.train_from_iterator(corpus, trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                              cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,

@@ -1,0 +1,409 @@
+"""QLoRA training with the Hugging Face ``Trainer``: per-epoch generated-report CIDEr, best epoch, resume.
+
+:func:`train` runs ``Trainer`` with one evaluation and one checkpoint per epoch. Each evaluation
+computes the teacher-forced ``eval_loss`` and then *generates* a report for every validation image
+(``config.max_new_tokens``, ``config.num_beams``) and scores it with
+:func:`medcap_helpers.metrics.caption_scores`; the scores reach the Trainer as ``eval_cider``,
+``eval_bleu_1`` ... so ``load_best_model_at_end`` keeps the epoch with the best validation CIDEr.
+Training resumes from the last complete checkpoint in ``<run_dir>/checkpoints``. The best adapter
+(safetensors) and the processor go to ``<run_dir>/adapter``; ``<run_dir>/metrics/train.json`` records
+every epoch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from medcap_helpers import runs
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.model import (
+    ModelLoadError,
+    RowColumn,
+    attach_lora,
+    check_tokenizer_matches,
+    compute_dtype,
+    generate_reports,
+    load_base_model,
+    memory_snapshot,
+    pick_device,
+    remove_input_grad_hooks,
+    reset_peak_memory,
+    trainable_parameters,
+)
+from medcap_helpers.processing import CaptionCollator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import BlipProcessor
+
+Scorer = Callable[[list[str], list[str]], dict[str, float]]
+TRAIN_SPLITS = ("train",)
+VAL_SPLITS = ("validation", "val", "valid")
+SCORE_NAMES = {"cider": "CIDEr", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
+               "rouge_l": "ROUGE-L", "meteor": "METEOR"}
+MEMORY_KEYS = ("max_allocated_gib", "max_reserved_gib", "device_used_gib", "peak_rss_gib")
+"""Per-epoch peaks kept from :func:`~medcap_helpers.model.memory_snapshot` (CUDA allocator/NVML; CPU RSS)."""
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced. ``history`` has one dict per epoch (see :func:`epoch_history`)."""
+
+    history: list[dict[str, Any]]
+    best_epoch: float | None
+    best_cider: float | None
+    adapter_dir: Path
+    peak_memory: list[dict[str, Any]]
+    train_runtime_s: float
+    trainable_params: int = 0
+    total_params: int = 0
+    global_step: int = 0
+    resumed_from: str | None = None
+    best_checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir)
+        return data
+
+
+# --------------------------------------------------------------------------------------- helpers
+def metric_log_key(score_name: str) -> str:
+    """``"BLEU-4"`` -> ``"bleu_4"`` (the Trainer logs it as ``eval_bleu_4``)."""
+    return re.sub(r"[^0-9a-z]+", "_", score_name.lower()).strip("_")
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The highest-step ``checkpoint-N`` in ``folder`` that holds ``trainer_state.json`` (a complete one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def _split(dataset_dict: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
+    for name in names:
+        if name in dataset_dict and dataset_dict[name] is not None:
+            return dataset_dict[name]
+    raise KeyError(f"The dataset has no {what} split (looked for {list(names)}; it has {list(dataset_dict)}).")
+
+
+def text_column(rows: Any) -> list[str]:
+    """The ``text`` of every row, without decoding images (column access on a ``datasets.Dataset``)."""
+    if hasattr(rows, "column_names"):
+        return [str(t) for t in rows["text"]]
+    return [str(row["text"]) for row in rows]
+
+
+def _default_scorer() -> Scorer:
+    from medcap_helpers.metrics import caption_scores
+
+    return caption_scores
+
+
+# --------------------------------------------------------------------------------------- callbacks
+class PeakMemoryCallback(TrainerCallback):
+    """Record each epoch's peak memory in the log history and in :attr:`records`.
+
+    CUDA: ``max_allocated_gib``/``max_reserved_gib`` (peaks reset at every epoch start) and
+    ``device_used_gib`` (NVML, whole device) when available; CPU: ``peak_rss_gib`` (process lifetime).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.records: list[dict[str, Any]] = []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        reset_peak_memory(self.device)
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        snap = memory_snapshot(self.device)
+        peak = {key: snap[key] for key in MEMORY_KEYS if key in snap}
+        record = {"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step, **peak}
+        state.log_history.append(dict(record))
+        self.records.append(record)
+
+
+class _EpochTrainLossCallback(TrainerCallback):
+    """Write the mean training loss of each epoch (from the trainer's running sum) to the log history."""
+
+    def __init__(self, trainer: MedcapTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self.trainer.reset_epoch_loss()
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        mean = self.trainer.epoch_mean_loss()
+        if mean is not None:
+            state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
+                                      "train_loss_epoch": mean})
+
+
+# --------------------------------------------------------------------------------------- trainer
+class MedcapTrainer(Trainer):
+    """``Trainer`` whose evaluation also generates validation reports and scores them.
+
+    BLIP's ``forward`` takes ``**kwargs`` but always returns a per-batch *mean* loss, so the Trainer
+    must not pass ``num_items_in_batch`` nor skip dividing by the accumulation steps:
+    ``model_accepts_loss_kwargs`` is forced to False.
+    """
+
+    def __init__(self, *args: Any, generation_rows: Sequence[Mapping[str, Any]] = (),
+                 processor: BlipProcessor | None = None, medcap_config: MedcapConfig | None = None,
+                 scorer: Scorer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.generation_rows = generation_rows
+        self.processor = processor
+        self.medcap_config = medcap_config
+        self.scorer = scorer
+        self.last_predictions: list[str] = []
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self.add_callback(_EpochTrainLossCallback(self))
+
+    # ----- per-epoch training loss
+    def reset_epoch_loss(self) -> None:
+        self._loss_sum, self._loss_count = None, 0
+
+    def epoch_mean_loss(self) -> float | None:
+        if not self._loss_count or self._loss_sum is None:
+            return None
+        return float(self._loss_sum.item()) / self._loss_count
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        unscaled = loss.detach().float() * self.current_gradient_accumulation_steps
+        self._loss_sum = unscaled if self._loss_sum is None else self._loss_sum + unscaled
+        self._loss_count += 1
+        return loss
+
+    # ----- evaluation with generated reports
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,  # noqa: ANN001, ANN201
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if description == "Evaluation" and self.generation_rows and self.processor is not None:
+            output.metrics.update(self.generation_metrics(metric_key_prefix))
+        return output
+
+    def generation_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """Generate a report per validation row and score it against the row's text."""
+        config = self.medcap_config or MedcapConfig()
+        scorer = self.scorer or _default_scorer()
+        rows = self.generation_rows
+        predictions = generate_reports(self.model, self.processor, RowColumn(rows, "image"),
+                                       max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
+                                       batch_size=config.eval_batch_size, device=self.args.device)
+        self.last_predictions = predictions
+        scores = scorer(predictions, text_column(rows))  # caption_scores normalises both sides alike
+        metrics = {f"{prefix}_{metric_log_key(name)}": float(value) for name, value in scores.items()}
+        metrics[f"{prefix}_mean_report_words"] = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
+        return metrics
+
+
+# --------------------------------------------------------------------------------------- arguments
+def training_arguments(config: MedcapConfig, output_dir: str | Path, device: torch.device,
+                       save_total_limit: int = 2) -> TrainingArguments:
+    """``TrainingArguments`` from ``config``: per-epoch eval/save, best epoch by ``eval_cider``.
+
+    Mixed precision follows the compute dtype on CUDA (bf16 or fp16), none on CPU. Activation
+    checkpointing is non-reentrant (see :mod:`medcap_helpers.model`).
+    """
+    dtype = compute_dtype(config, device)
+    on_cuda = device.type == "cuda"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_train_epochs,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=float(config.warmup_ratio),  # transformers 5: a float < 1 is the warmup ratio
+        weight_decay=config.weight_decay,
+        optim=config.optim,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        seed=config.seed,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="cider",
+        greater_is_better=True,
+        save_total_limit=save_total_limit,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        report_to=[],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+# --------------------------------------------------------------------------------------- history
+def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per epoch from the Trainer's log history.
+
+    Keys: ``epoch``, ``step``, ``train_loss`` (mean over the epoch), ``eval_loss``, ``val_cider``,
+    ``val_scores`` (``{"CIDEr": .., "BLEU-1": .., ...}``), ``mean_report_words``, ``peak_memory``.
+    """
+    epochs: dict[float, dict[str, Any]] = {}
+
+    def row(entry: Mapping[str, Any]) -> dict[str, Any]:
+        epoch = round(float(entry.get("epoch", 0.0)), 4)
+        return epochs.setdefault(epoch, {"epoch": epoch, "step": entry.get("step"), "train_loss": None,
+                                         "eval_loss": None, "val_cider": None, "val_scores": {},
+                                         "peak_memory": {}})
+
+    for entry in log_history:
+        if "train_loss_epoch" in entry:
+            row(entry)["train_loss"] = entry["train_loss_epoch"]
+        elif any(k in MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
+            row(entry)["peak_memory"] = {k: v for k, v in entry.items() if k not in ("epoch", "step")}
+        elif "eval_loss" in entry or "eval_cider" in entry:
+            current = row(entry)
+            current["step"] = entry.get("step", current["step"])
+            current["eval_loss"] = entry.get("eval_loss")
+            for key, value in entry.items():
+                name = key.removeprefix("eval_")
+                if name in ("loss", "runtime", "samples_per_second", "steps_per_second", "model_preparation_time"):
+                    continue
+                if name == "mean_report_words":
+                    current["mean_report_words"] = value
+                elif key.startswith("eval_"):
+                    current["val_scores"][SCORE_NAMES.get(name, name)] = value
+            current["val_cider"] = entry.get("eval_cider")
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def best_epoch_of(history: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
+    """(epoch, CIDEr) of the first epoch with the highest validation CIDEr (the Trainer's choice)."""
+    best: tuple[float | None, float | None] = (None, None)
+    for entry in history:
+        cider = entry.get("val_cider")
+        if cider is not None and (best[1] is None or cider > best[1]):
+            best = (entry["epoch"], cider)
+    return best
+
+
+# --------------------------------------------------------------------------------------- training
+def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_dict: Mapping[str, Any],
+          callbacks_extra: Sequence[TrainerCallback] | None = None, *, scorer: Scorer | None = None,
+          save_total_limit: int = 2, max_generation_examples: int | None = None) -> TrainResult:
+    """Fine-tune ``model`` (LoRA is attached when it is not a peft model yet) with the HF ``Trainer``.
+
+    ``dataset_dict`` maps ``"train"`` and ``"validation"`` (or ``"val"``) to sequences of
+    ``{"image", "text"}`` rows (a ``datasets.Dataset`` or a list of dicts). Resumes from the last
+    complete checkpoint in ``<run_dir>/checkpoints``. ``scorer`` defaults to
+    :func:`medcap_helpers.metrics.caption_scores`; ``max_generation_examples`` caps the validation
+    rows generated per epoch (default: all).
+    """
+    train_rows = _split(dataset_dict, TRAIN_SPLITS, "training")
+    val_rows = _split(dataset_dict, VAL_SPLITS, "validation")
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(f"Training needs examples in both splits (train: {len(train_rows)}, "
+                         f"validation: {len(val_rows)}).")
+    if not hasattr(model, "peft_config"):
+        model = attach_lora(model, config)
+    remove_input_grad_hooks(model)  # a hook registered elsewhere would crash BLIP with checkpointing
+    check_tokenizer_matches(model, processor.tokenizer)
+    scorer = scorer or _default_scorer()
+
+    run_dir = runs.ensure_run_dir(config.run_dir)
+    checkpoints_dir = run_dir / "checkpoints"
+    device = pick_device(config)
+    args = training_arguments(config, checkpoints_dir, device, save_total_limit=save_total_limit)
+    generation_rows = val_rows
+    if max_generation_examples is not None and max_generation_examples < len(val_rows):
+        generation_rows = (val_rows.select(range(max_generation_examples)) if hasattr(val_rows, "select")
+                           else list(val_rows[:max_generation_examples]))
+    memory_callback = PeakMemoryCallback(device)
+    trainer = MedcapTrainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
+        data_collator=CaptionCollator(processor, config.max_target_tokens),
+        callbacks=[memory_callback, *(callbacks_extra or [])],
+        generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer)
+
+    resume = last_complete_checkpoint(checkpoints_dir)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+
+    history = epoch_history(trainer.state.log_history)
+    best_epoch, best_cider = best_epoch_of(history)
+    adapter_dir = save_adapter(trainer.model, processor, run_dir / "adapter")
+    trainable, total, share = trainable_parameters(trainer.model)
+    result = TrainResult(
+        history=history, best_epoch=best_epoch, best_cider=best_cider, adapter_dir=adapter_dir,
+        peak_memory=[dict(e["peak_memory"], epoch=e["epoch"]) for e in history if e["peak_memory"]],
+        train_runtime_s=round(wall, 3), trainable_params=trainable, total_params=total,
+        global_step=trainer.state.global_step, resumed_from=str(resume) if resume else None,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        extra={"trainable_share": share, "trainer_metrics": dict(output.metrics),
+               "last_val_predictions": trainer.last_predictions[:5]})
+    runs.write_stage_metrics(run_dir, "train", {
+        "epochs": history, "best_epoch": best_epoch, "best_val_cider": best_cider,
+        "best_checkpoint": result.best_checkpoint, "trainable_params": trainable, "total_params": total,
+        "trainable_share": share, "global_step": result.global_step, "resumed_from": result.resumed_from,
+        "wall_time_s": result.train_runtime_s, "train_runtime_s": output.metrics.get("train_runtime"),
+        "train_loss_mean": output.metrics.get("train_loss"), "device": str(device),
+        "effective_batch_size": config.effective_batch_size, "adapter_dir": str(adapter_dir),
+        "val_examples_generated": len(generation_rows), "val_prediction_samples": trainer.last_predictions[:5],
+    })
+    return result
+
+
+def save_adapter(model: Any, processor: BlipProcessor, adapter_dir: str | Path) -> Path:
+    """Save the LoRA adapter (safetensors) and the processor; the folder is replaced only when complete."""
+    adapter_dir = Path(adapter_dir)
+    staging = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    processor.save_pretrained(staging)
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    staging.rename(adapter_dir)
+    return adapter_dir
+
+
+def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path: str | Path | None = None,
+                       is_trainable: bool = False) -> Any:
+    """The base model (4-bit per ``config``) with the LoRA adapter in ``adapter_dir`` applied."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json): run the "
+                             "train stage first, or pass the run's adapter folder (<run_dir>/adapter).")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"'{adapter_dir}' has no adapter_model.safetensors (only safetensors adapters "
+                             "are loaded); re-run the train stage.")
+    base = load_base_model(config, model_path=model_path)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+
+
+__all__ = ["MedcapTrainer", "PeakMemoryCallback", "TrainResult", "best_epoch_of", "epoch_history",
+           "last_complete_checkpoint", "load_adapter_model", "metric_log_key",
+           "save_adapter", "train", "training_arguments"]
