@@ -679,6 +679,12 @@ def report_lengths(texts: Sequence[str], tokenizer: Any = None) -> tuple[list[in
     return [len(t.split()) for t in texts], tokens
 
 
+def unique_report_texts(split: Any) -> list[str]:
+    """One text per report of a split (a study's two images share one report)."""
+    texts = dict(zip(_column(split, "report_uid"), _column(split, "text")))
+    return list(texts.values())
+
+
 def bundled_collection_stats(target: str = "findings") -> dict[str, int]:
     """How many of the 3,955 bundled Open-i reports can be training targets at all."""
     parsed = bundled_reports()

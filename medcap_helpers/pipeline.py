@@ -9,6 +9,7 @@ rerunning a run folder skips finished stages unless ``force`` is given.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -129,7 +130,9 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
         return StageOutcome(stage, "skipped", 0.0, executed)
     runs.clear_done(run_dir, stage)
     executed.parent.mkdir(parents=True, exist_ok=True)
-    parameters = {"PROFILE": config.profile, "RUN_DIR": str(run_dir), "OVERRIDES": config.to_dict()}
+    # Through JSON so tuples become lists: papermill writes literals of JSON-like types only.
+    parameters = {"PROFILE": config.profile, "RUN_DIR": str(run_dir),
+                  "OVERRIDES": json.loads(json.dumps(config.to_dict()))}
     start = time.perf_counter()
     try:
         pm.execute_notebook(

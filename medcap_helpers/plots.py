@@ -47,7 +47,7 @@ def show_image_grid(images: Sequence[Any], captions: Sequence[str], ncols: int =
     """Images with their (wrapped) report text underneath."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 5.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 6.0 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):

@@ -1,0 +1,160 @@
+"""Notebook hygiene, and the whole smoke pipeline executed with papermill (recommenders-style).
+
+The smoke run executes 01 → 06 once per session into a temporary run folder; each test then asserts
+on what a stage recorded. This is also CI's end-to-end run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from medcap_helpers import runs
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.pipeline import NOTEBOOK_DIR, STAGES, run_pipeline
+
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+def test_the_six_notebooks_are_the_pipeline_stages() -> None:
+    assert [p.stem for p in NOTEBOOKS] == list(STAGES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_clean_and_thin(path: Path) -> None:
+    book = nbformat.read(path, as_version=4)
+    assert "widgets" not in book.metadata, "widget state saved in the notebook"
+    code = [c for c in book.cells if c.cell_type == "code"]
+    for cell in code:
+        assert not cell.get("outputs"), f"{path.name} has outputs"
+        assert cell.get("execution_count") is None, f"{path.name} has execution counts"
+        for line in cell.source.splitlines():
+            assert not line.lstrip().startswith(("def ", "class ", "lambda")), \
+                f"{path.name} defines a function: logic belongs in medcap_helpers ({line!r})"
+    parameters = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(parameters) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    for name in ("PROFILE", "RUN_DIR", "OVERRIDES"):
+        assert f"{name} =" in parameters[0].source
+    assert any(c.cell_type == "markdown" for c in book.cells[:1]), "a notebook opens with its explanation"
+    assert "write_stage_metrics" in code[-1].source, "the last cell records the stage's metrics"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    config = MedcapConfig.from_profile("smoke", run_dir=str(run_dir))
+    start = time.perf_counter()
+    outcomes = run_pipeline(config, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"smoke pipeline 01 → 06: {seconds:.0f} s")
+    metrics = {stage: runs.read_stage_metrics(run_dir, stage) for stage in STAGES}
+    return {"dir": run_dir, "outcomes": outcomes, "metrics": metrics, "seconds": seconds, "config": config}
+
+
+@pytest.mark.slow
+def test_pipeline_writes_every_stage(smoke_run: dict) -> None:
+    run_dir = smoke_run["dir"]
+    assert [o.status for o in smoke_run["outcomes"]] == ["ran"] * len(STAGES)
+    for stage in STAGES:
+        executed = nbformat.read(run_dir / "notebooks" / f"{stage}.ipynb", as_version=4)
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+        assert runs.is_done(run_dir, stage)
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["transformers"] and "git_commit" in env
+    assert json.loads((run_dir / "config.json").read_text())["profile"] == "smoke"
+
+
+@pytest.mark.slow
+def test_01_data_records_counts_and_no_leak(smoke_run: dict) -> None:
+    m = smoke_run["metrics"]["01_data"]
+    assert m["is_smoke_sample"] is True and m["leakage_ok"] is True
+    assert m["bundled_collection"]["reports"] == 3955
+    assert m["bundled_collection"]["with_target"] == 3425
+    assert m["bundled_collection"]["with_target_and_images"] == 3337
+    sizes = m["split_sizes"]
+    assert sum(s["studies"] for s in sizes.values()) == smoke_run["config"].smoke_num_reports
+    assert sizes["train"]["examples"] > sizes["test"]["examples"] > sizes["validation"]["examples"] > 0
+    assert len(m["top_sentences"]) == 20
+    assert (smoke_run["dir"] / "dataset" / "dataset_dict.json").exists()
+
+
+TABLE_KEYS = {"CIDEr", "BLEU-4", "ROUGE-L", "CIDEr_ci_low", "CIDEr_ci_high"}
+
+
+@pytest.mark.slow
+def test_02_baseline_table(smoke_run: dict) -> None:
+    table = smoke_run["metrics"]["02_baseline"]["test_table"]
+    assert set(table) == {"zero-shot base", "constant (most frequent report)",
+                          "nearest neighbour (base vision embedding)"}
+    for row in table.values():
+        assert TABLE_KEYS <= set(row)
+        assert row["CIDEr_ci_low"] <= row["CIDEr"] <= row["CIDEr_ci_high"]
+
+
+@pytest.mark.slow
+def test_03_training_records_epochs_memory_and_adapter(smoke_run: dict) -> None:
+    m = smoke_run["metrics"]["03_qlora_train"]
+    epochs = m["epochs"]
+    assert len(epochs) == int(smoke_run["config"].num_train_epochs)
+    assert all(e["val_cider"] is not None and e["peak_memory"] for e in epochs)
+    assert m["best_val_cider"] == max(e["val_cider"] for e in epochs)
+    assert m["quantized_4bit"] is True and 0 < m["trainable_share"] < 0.5
+    assert (smoke_run["dir"] / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_04_sweep_grid_and_choice(smoke_run: dict) -> None:
+    m = smoke_run["metrics"]["04_sweep"]
+    config = smoke_run["config"]
+    assert len(m["trials"]) == len(config.sweep_ranks) * len(config.sweep_alphas)
+    assert m["chosen"]["lora_r"] in config.sweep_ranks
+    assert "can't be measured on the CPU" in m["budget_note"]
+    trainable = {t["lora_r"]: t["trainable_params"] for t in m["trials"]}
+    assert trainable[max(trainable)] > trainable[min(trainable)]  # more rank, more parameters
+
+
+@pytest.mark.slow
+def test_05_nf4_checkpoint_is_smaller_and_loads_in_a_fresh_process(smoke_run: dict) -> None:
+    m = smoke_run["metrics"]["05_merge_requant"]
+    sizes = m["sizes_bytes"]
+    assert sizes["merged-nf4"] < sizes["merged-16bit"] and sizes["merged-16bit"] == sizes["base-16bit"]
+    assert set(m["deltas"]) and m["inference"]["latency_s_median"] > 0
+    image = smoke_run["dir"] / "fresh_process_test.png"
+    from PIL import Image
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(image)
+    script = (
+        "import sys; from transformers import BlipForConditionalGeneration, BlipProcessor; from PIL import Image\n"
+        "m = BlipForConditionalGeneration.from_pretrained(sys.argv[1]); p = BlipProcessor.from_pretrained(sys.argv[1])\n"
+        "assert any('4bit' in type(x).__name__ for x in m.modules()), 'not 4-bit'\n"
+        "out = m.generate(**p(images=Image.open(sys.argv[2]).convert('RGB'), return_tensors='pt'), max_new_tokens=12)\n"
+        "print('CAPTION:', p.decode(out[0], skip_special_tokens=True))\n")
+    done = subprocess.run([sys.executable, "-c", script, m["final_dir"], str(image)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CAPTION:" in done.stdout
+
+
+@pytest.mark.slow
+def test_06_final_table_and_summary(smoke_run: dict) -> None:
+    table = smoke_run["metrics"]["06_eval_and_demo"]["test_table"]
+    assert len(table) == 5
+    for row in table.values():
+        assert TABLE_KEYS <= set(row)
+    summary = (smoke_run["dir"] / "summary.md").read_text()
+    for name in table:
+        assert f"| {name} |" in summary
+    assert "Smoke sample" in summary
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(smoke_run: dict) -> None:
+    start = time.perf_counter()
+    outcomes = run_pipeline(smoke_run["config"], progress=False)
+    assert [o.status for o in outcomes] == ["skipped"] * len(STAGES)
+    assert time.perf_counter() - start < 30
