@@ -1,0 +1,248 @@
+"""BLIP configs, tiny model, 4-bit loading, LoRA placement, the checkpointing fix, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from medcap_helpers import model as M
+from medcap_helpers.config import ConfigError, MedcapConfig
+from medcap_helpers.processing import CaptionCollator, build_offline_processor
+
+REPORTS = [
+    "The heart size is normal. The lungs are clear.",
+    "Small left pleural effusion.",
+    "No acute cardiopulmonary disease.",
+    "Mild cardiomegaly with clear lungs.",
+]
+COLOURS = [(255, 0, 0), (0, 0, 255), (0, 160, 0), (255, 255, 255)]
+
+
+def _rows():
+    return [{"image": Image.new("RGB", (72, 72), COLOURS[i]), "text": t} for i, t in enumerate(REPORTS)]
+
+
+def _config(tmp_path, **overrides) -> MedcapConfig:
+    values = dict(run_dir=str(tmp_path / "run"), lora_dropout=0.0, max_new_tokens=12)
+    values.update(overrides)
+    return MedcapConfig.from_profile("smoke", **values)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, processor) of a saved tiny random BLIP (64 px images)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    processor = build_offline_processor(REPORTS, image_size=64)
+    M.create_tiny_model(folder, processor, init_range=0.5, seed=0)
+    return folder, processor
+
+
+def _lora_a_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if name.endswith("lora_A")]
+
+
+def _batch(processor):
+    return CaptionCollator(processor, max_length=32)(_rows())
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_blip_large_config_matches_reference_and_has_446m_parameters(blip_large_reference):
+    reference = json.loads(blip_large_reference.read_text())
+    assert M.blip_large_values()["text_config"] == reference["text_config"]  # the package carries the facts
+    assert M.blip_large_values()["vision_config"] == reference["vision_config"]
+    config = M.blip_large_config()
+    for key, value in reference["text_config"].items():
+        assert getattr(config.text_config, key) == value, key
+    for key, value in reference["vision_config"].items():
+        assert getattr(config.vision_config, key) == value, key
+    count = M.count_parameters_meta(config)  # meta device: no 1.8 GB allocation
+    assert count == pytest.approx(446.3e6, rel=0.005)
+
+
+def test_tiny_model_is_saved_as_safetensors_and_matches_processor(tiny):
+    folder, processor = tiny
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    text = config["text_config"]
+    tokenizer = processor.tokenizer
+    assert text["vocab_size"] == len(tokenizer)
+    assert (text["bos_token_id"], text["pad_token_id"], text["sep_token_id"]) == (
+        tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.sep_token_id)
+    assert config["vision_config"]["image_size"] == 64
+    assert config["initializer_range"] == 0.5
+
+
+def test_four_bit_loading_uses_bitsandbytes_nf4_layers(tiny, tmp_path):
+    import bitsandbytes as bnb
+
+    folder, _ = tiny
+    model = M.load_base_model(_config(tmp_path), model_path=folder)
+    query = model.text_decoder.bert.encoder.layer[0].attention.self.query
+    qkv = model.vision_model.encoder.layers[0].self_attn.qkv
+    assert isinstance(query, bnb.nn.Linear4bit) and isinstance(qkv, bnb.nn.Linear4bit)
+    assert query.weight.quant_state.quant_type == "nf4"
+    assert getattr(model, "is_loaded_in_4bit", False)
+    # generation defaults: stop on [SEP], the configured length (not transformers' 20 tokens)
+    assert model.text_decoder.generation_config.eos_token_id == model.config.text_config.sep_token_id
+    assert model.text_decoder.generation_config.max_new_tokens == 12
+
+
+def test_first_training_token_is_the_one_generate_starts_from(tiny, tmp_path, blip_large_reference):
+    folder, processor = tiny
+    model = M.load_base_model(_config(tmp_path, load_in_4bit=False), model_path=folder)
+    batch = _batch(processor)
+    generated = model.generate(pixel_values=batch["pixel_values"], max_new_tokens=3)
+    assert (generated[:, 0] == batch["input_ids"][:, 0]).all()
+    assert (batch["input_ids"][:, 0] == model.config.text_config.bos_token_id).all()
+    # the real model: [DEC] (30522) is both the tokenizer's bos and what BLIP's generate() uses
+    reference = json.loads(blip_large_reference.read_text())
+    assert M.blip_large_config().text_config.bos_token_id == reference["tokenizer"]["added_tokens"]["[DEC]"] == 30522
+
+
+def test_blip_loss_shifts_labels_inside_the_model(tiny, tmp_path):
+    """Position 0 ([DEC]) is never a target: logits[:, :-1] are scored against labels[:, 1:], mean, no smoothing."""
+    folder, processor = tiny
+    model = M.load_base_model(_config(tmp_path, load_in_4bit=False), model_path=folder).eval()
+    batch = _batch(processor)
+    with torch.no_grad():
+        out = model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.config.text_config.label_smoothing == 0.0
+
+
+# ------------------------------------------------------------------------------------ LoRA
+def test_default_lora_targets_only_the_text_decoder(tiny, tmp_path):
+    folder, _ = tiny
+    peft_model = M.attach_lora(M.load_base_model(_config(tmp_path, load_in_4bit=False), model_path=folder),
+                               _config(tmp_path), gradient_checkpointing=False)
+    names = _lora_a_names(peft_model)
+    assert names and all(".text_decoder." in n for n in names)
+    kinds = {n.split(".")[-2] for n in names}
+    assert {"query", "value", "dense"} <= kinds and not kinds & {"qkv", "projection", "fc1", "fc2"}
+    # trainable parameters are exactly the LoRA matrices
+    trainable, total, share = M.trainable_parameters(peft_model)
+    assert trainable == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert 0 < share < 1 and total > trainable
+
+
+def test_lora_vision_adapts_the_vision_tower(tiny, tmp_path):
+    folder, _ = tiny
+    config = _config(tmp_path, load_in_4bit=False, lora_vision=True)
+    names = _lora_a_names(M.attach_lora(M.load_base_model(config, model_path=folder), config,
+                                        gradient_checkpointing=False))
+    vision = [n for n in names if ".vision_model." in n]
+    assert {n.split(".")[-2] for n in vision} == {"qkv", "projection", "fc1", "fc2"}
+    assert any(".text_decoder." in n for n in names)
+    with pytest.raises(ConfigError, match="lora_vision=True"):
+        M.lora_target_regex(_config(tmp_path, lora_target_modules=("query", "qkv")))
+
+
+def test_four_bit_parameter_count_matches_full_precision(tiny, tmp_path):
+    folder, _ = tiny
+    full = M.trainable_parameters(M.load_base_model(_config(tmp_path, load_in_4bit=False), model_path=folder))[1]
+    quantized = M.trainable_parameters(M.load_base_model(_config(tmp_path), model_path=folder))[1]
+    assert quantized == full  # packed NF4 weights are counted as the values they hold
+
+
+# ------------------------------------------------------------------------------------ checkpointing
+def _backward(model, processor) -> torch.Tensor:
+    model.train()
+    loss = model(**_batch(processor)).loss
+    loss.backward()
+    return loss
+
+
+def test_naive_peft_checkpointing_crashes_blip(tiny, tmp_path):
+    """The bug the fix avoids: peft's input-grad hook + BLIP's in-place ``embeddings += position_embeddings``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    folder, processor = tiny
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=M.lora_target_regex(_config(tmp_path)))
+    quantized = prepare_model_for_kbit_training(M.load_base_model(_config(tmp_path), model_path=folder))
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        _backward(get_peft_model(quantized, lora), processor)
+
+    plain = M.load_base_model(_config(tmp_path, load_in_4bit=False), model_path=folder)
+    plain.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        _backward(get_peft_model(plain, lora), processor)
+
+
+@pytest.mark.parametrize("four_bit", [True, False], ids=["qlora-4bit", "lora-fp32"])
+def test_checkpointed_backward_works_after_the_fix(tiny, tmp_path, four_bit):
+    folder, processor = tiny
+    config = _config(tmp_path, load_in_4bit=four_bit, gradient_checkpointing=True)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    base = M.unwrap_model(peft_model)
+    assert base.is_activation_checkpointing
+    assert M.is_quantized(peft_model) == four_bit
+    assert not getattr(base, "_require_grads_hooks", None)
+
+    # transformers checkpoints the layer's forward (its own hooks run once): watch a submodule instead
+    attention = base.text_decoder.bert.encoder.layer[0].attention
+    calls = []
+    attention.register_forward_pre_hook(lambda *args: calls.append(1))
+    loss = _backward(peft_model, processor)
+    assert torch.isfinite(loss)
+    assert len(calls) == 2, "the checkpointed layer is recomputed during backward"
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]  # lora_A's grad is 0 while B = 0
+    assert grads and all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+# ------------------------------------------------------------------------------------ devices, errors
+def test_device_and_dtype_choice(tmp_path):
+    cpu_config = _config(tmp_path, device="cpu")
+    assert M.pick_device(cpu_config).type == "cpu"
+    assert M.compute_dtype(cpu_config, torch.device("cpu")) == torch.float32
+    assert M.compute_dtype(_config(tmp_path, compute_dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert M.pick_device(_config(tmp_path, device="auto")).type == "cpu"
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            M.pick_device(_config(tmp_path, device="cuda"))
+
+
+def test_clear_errors_for_missing_models(tmp_path):
+    with pytest.raises(M.ModelLoadError, match="config.json"):
+        M.load_base_model(_config(tmp_path), model_path=tmp_path / "missing")
+    with pytest.raises(M.ModelLoadError, match="ensure_tiny_model"):
+        M.load_base_model(_config(tmp_path))  # tiny model of this run not built yet
+    with pytest.raises(M.ModelLoadError, match="internet connection"):
+        M.load_base_model(_config(tmp_path, model_name="Salesforce/blip-image-captioning-large"))
+
+
+def test_random_model_goes_through_four_bit_loading():
+    import bitsandbytes as bnb
+
+    blip_config = M.tiny_blip_config(vocab_size=120, image_size=32, init_range=0.5)
+    quantized = M.random_model(blip_config, quantize=True, device="cpu")
+    assert isinstance(quantized.text_decoder.bert.encoder.layer[0].attention.self.value, bnb.nn.Linear4bit)
+    plain = M.random_model(blip_config, quantize=False, dtype=torch.float32, device="cpu")
+    assert plain.text_decoder.bert.encoder.layer[0].attention.self.value.weight.dtype == torch.float32
+
+
+def test_memory_snapshot_on_cpu():
+    snap = M.memory_snapshot("cpu")
+    assert snap["peak_rss_gib"] > 0 and snap["rss_gib"] > 0
+    assert snap["peak_rss_gib"] >= snap["rss_gib"] * 0.99
+
+
+def test_generate_reports_batches_and_respects_length(tiny, tmp_path):
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    peft_model.train()
+    images = [row["image"] for row in _rows()]
+    reports = M.generate_reports(peft_model, processor, images, max_new_tokens=3, num_beams=2, batch_size=3,
+                                 progress=False)
+    assert len(reports) == 4 and all(isinstance(r, str) for r in reports)
+    assert all(len(r.split()) <= 3 for r in reports)
+    assert peft_model.training, "generate_reports restores the train mode"
+    with pytest.raises(FileNotFoundError):
+        M.generate_reports(peft_model, processor, [str(tmp_path / "missing.png")], progress=False)
