@@ -27,6 +27,7 @@ from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.model import (
     ModelLoadError,
+    _quiet_deprecations,
     RowColumn,
     attach_lora,
     check_tokenizer_matches,
@@ -401,7 +402,8 @@ def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path
         raise ModelLoadError(f"'{adapter_dir}' has no adapter_model.safetensors (only safetensors adapters "
                              "are loaded); re-run the train stage.")
     base = load_base_model(config, model_path=model_path)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    with _quiet_deprecations():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
 
 
 __all__ = ["MedcapTrainer", "PeakMemoryCallback", "TrainResult", "best_epoch_of", "epoch_history",
