@@ -12,6 +12,7 @@ every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -52,6 +53,7 @@ SCORE_NAMES = {"cider": "CIDEr", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3
                "rouge_l": "ROUGE-L", "meteor": "METEOR"}
 MEMORY_KEYS = ("max_allocated_gib", "max_reserved_gib", "device_used_gib", "peak_rss_gib")
 """Per-epoch peaks kept from :func:`~medcap_helpers.model.memory_snapshot` (CUDA allocator/NVML; CPU RSS)."""
+_ALL_MEMORY_KEYS = frozenset(MEMORY_KEYS) | {f"validation_{key}" for key in MEMORY_KEYS}
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -112,32 +114,47 @@ def text_column(rows: Any) -> list[str]:
 
 
 def _default_scorer() -> Scorer:
+    """:func:`medcap_helpers.metrics.caption_scores` without METEOR (a Java run per epoch; CIDEr selects)."""
     from medcap_helpers.metrics import caption_scores
 
-    return caption_scores
+    def validation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+        return caption_scores(predictions, references, meteor=False)
+
+    return validation_scores
 
 
 # --------------------------------------------------------------------------------------- callbacks
 class PeakMemoryCallback(TrainerCallback):
-    """Record each epoch's peak memory in the log history and in :attr:`records`.
+    """Record each epoch's peak memory, training and validation apart, in the log history and :attr:`records`.
 
-    CUDA: ``max_allocated_gib``/``max_reserved_gib`` (peaks reset at every epoch start) and
-    ``device_used_gib`` (NVML, whole device) when available; CPU: ``peak_rss_gib`` (process lifetime).
+    Training (epoch start to epoch end): ``max_allocated_gib``/``max_reserved_gib`` from the CUDA
+    allocator and ``device_used_gib`` (NVML, whole device) when available; on CPU ``peak_rss_gib``
+    (the process's lifetime peak, which cannot be reset). Validation (the evaluation after the
+    epoch, report generation included): the same keys prefixed ``validation_``.
     """
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.records: list[dict[str, Any]] = []
 
+    def _peaks(self, prefix: str = "") -> dict[str, float]:
+        snap = memory_snapshot(self.device)
+        return {prefix + key: snap[key] for key in MEMORY_KEYS if key in snap}
+
+    def _append(self, state: Any, peaks: dict[str, float]) -> None:
+        record = {"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step, **peaks}
+        state.log_history.append(dict(record))
+        self.records.append(record)
+
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         reset_peak_memory(self.device)
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        snap = memory_snapshot(self.device)
-        peak = {key: snap[key] for key in MEMORY_KEYS if key in snap}
-        record = {"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step, **peak}
-        state.log_history.append(dict(record))
-        self.records.append(record)
+        self._append(state, self._peaks())
+        reset_peak_memory(self.device)  # the evaluation that follows is measured on its own
+
+    def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self._append(state, self._peaks("validation_"))
 
 
 class _EpochTrainLossCallback(TrainerCallback):
@@ -229,6 +246,19 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
     """
     dtype = compute_dtype(config, device)
     on_cuda = device.type == "cuda"
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing_kwargs = {"use_reentrant": False} if config.gradient_checkpointing else None
+    version_specific: dict[str, Any] = {}
+    if "activation_checkpointing" in known:  # transformers >= 5.2x renamed gradient_checkpointing
+        version_specific.update(activation_checkpointing=config.gradient_checkpointing,
+                                activation_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        version_specific.update(gradient_checkpointing=config.gradient_checkpointing,
+                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+    if "warmup_ratio" in known:
+        version_specific["warmup_ratio"] = config.warmup_ratio
+    else:  # newer transformers: a float < 1 in warmup_steps is the ratio
+        version_specific["warmup_steps"] = float(config.warmup_ratio)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -237,11 +267,8 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
         lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=float(config.warmup_ratio),  # transformers 5: a float < 1 is the warmup ratio
         weight_decay=config.weight_decay,
         optim=config.optim,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         use_cpu=not on_cuda,
@@ -260,6 +287,7 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         report_to=[],
         disable_tqdm=False,
         dataloader_num_workers=0,
+        **version_specific,
     )
 
 
@@ -281,8 +309,8 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     for entry in log_history:
         if "train_loss_epoch" in entry:
             row(entry)["train_loss"] = entry["train_loss_epoch"]
-        elif any(k in MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
-            row(entry)["peak_memory"] = {k: v for k, v in entry.items() if k not in ("epoch", "step")}
+        elif any(k in _ALL_MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
+            row(entry)["peak_memory"].update({k: v for k, v in entry.items() if k in _ALL_MEMORY_KEYS})
         elif "eval_loss" in entry or "eval_cider" in entry:
             current = row(entry)
             current["step"] = entry.get("step", current["step"])

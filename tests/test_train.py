@@ -120,7 +120,8 @@ def test_run_folder_holds_adapter_and_train_metrics(overfit):
     assert len(metrics["epochs"]) == 12
     for epoch in metrics["epochs"]:
         assert isinstance(epoch["val_cider"], float) and epoch["train_loss"] > 0 and epoch["eval_loss"] > 0
-        assert epoch["peak_memory"]["peak_rss_gib"] > 0
+        assert epoch["peak_memory"]["peak_rss_gib"] > 0  # training part of the epoch
+        assert epoch["peak_memory"]["validation_peak_rss_gib"] >= epoch["peak_memory"]["peak_rss_gib"]
     assert metrics["best_epoch"] == result.best_epoch and metrics["best_val_cider"] == result.best_cider
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["wall_time_s"] > 0
