@@ -203,7 +203,7 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
     """The base model (4-bit per config) and its processor, building the tiny model when needed.
 
     For ``model_name="tiny"`` the tokenizer learns from ``texts``, else from the bundled IU X-Ray
-    report texts plus the training texts of ``dataset``; the tiny model and processor are saved to
+    reports minus the dataset's validation/test reports; the tiny model and processor are saved to
     ``<run_dir>/tiny_model`` once and reused afterwards (a resumed run keeps its vocabulary).
     """
     from medcap_helpers.processing import has_saved_processor, load_processor
@@ -217,17 +217,22 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
 
 
 def _tokenizer_corpus(config: MedcapConfig, dataset: Any) -> list[str]:
+    """The tiny tokenizer's texts: :func:`medcap_helpers.data.tokenizer_training_texts` (bundled reports
+    minus held-out ones, what notebook 01 uses too), else the dataset's training texts."""
     corpus: list[str] = []
     try:
-        from medcap_helpers.data import bundled_report_texts
+        from medcap_helpers import data as data_lib
 
-        corpus.extend(bundled_report_texts(config.target, config.lowercase))
-    except Exception as err:  # the bundled reports are a convenience; the dataset's texts suffice
+        if dataset is not None:
+            corpus = list(data_lib.tokenizer_training_texts(config, dataset) or [])
+        else:
+            corpus = list(data_lib.bundled_report_texts(config.target, config.lowercase))
+    except (ImportError, AttributeError, OSError) as err:  # bundled reports are a convenience
         warnings.warn(f"Bundled report texts unavailable ({err}); the tiny tokenizer learns from the dataset only.",
                       RuntimeWarning, stacklevel=3)
-    if dataset is not None and "train" in dataset:
+    if not corpus and dataset is not None and "train" in dataset:
         train = dataset["train"]
-        corpus.extend(train["text"] if hasattr(train, "column_names") else [row["text"] for row in train])
+        corpus = list(train["text"] if hasattr(train, "column_names") else [row["text"] for row in train])
     if not corpus:
         raise ValueError("No texts to build the tiny model's tokenizer from: pass texts= or a dataset.")
     return corpus
