@@ -264,8 +264,24 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
             "(HF_HUB_OFFLINE must be unset) and the spelling, or download it once and pass the folder; "
             "only safetensors weights are accepted. model_name='tiny' needs no download."
         ) from err
+    if device.type == "cpu":
+        keep_cpu_4bit_weights_trainable(model)
     set_generation_defaults(model, config)
     return model
+
+
+def keep_cpu_4bit_weights_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return how many layers.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weights the first time it runs in eval mode
+    and keeps that layout, whose kernel adds the bias in place: training after any generation
+    (the 'before' captions, each epoch's validation) then fails with "a view of a leaf Variable that
+    requires grad is being used in an in-place operation". The plain layout works for both.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def random_model(config_or_blip_config: MedcapConfig | BlipConfig, quantize: bool = True,

@@ -72,6 +72,8 @@ class TrainResult:
     global_step: int = 0
     resumed_from: str | None = None
     best_checkpoint: str | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    """The Trainer's raw log (per logging step), for loss curves."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -340,8 +342,11 @@ def best_epoch_of(history: Sequence[Mapping[str, Any]]) -> tuple[float | None, f
 # --------------------------------------------------------------------------------------- training
 def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_dict: Mapping[str, Any],
           callbacks_extra: Sequence[TrainerCallback] | None = None, *, scorer: Scorer | None = None,
-          save_total_limit: int = 2, max_generation_examples: int | None = None) -> TrainResult:
+          save_total_limit: int = 2, max_generation_examples: int | None = None, lora: bool = True) -> TrainResult:
     """Fine-tune ``model`` (LoRA is attached when it is not a peft model yet) with the HF ``Trainer``.
+
+    ``lora=False`` trains every weight of an unquantized model instead (full fine-tuning, used by the
+    benchmarks to show what QLoRA saves); the model is then saved in ``<run_dir>/model``.
 
     ``dataset_dict`` maps ``"train"`` and ``"validation"`` (or ``"val"``) to sequences of
     ``{"image", "text"}`` rows (a ``datasets.Dataset`` or a list of dicts). Resumes from the last
@@ -354,7 +359,7 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ValueError(f"Training needs examples in both splits (train: {len(train_rows)}, "
                          f"validation: {len(val_rows)}).")
-    if not hasattr(model, "peft_config"):
+    if lora and not hasattr(model, "peft_config"):
         model = attach_lora(model, config)
     remove_input_grad_hooks(model)  # a hook registered elsewhere would crash BLIP with checkpointing
     check_tokenizer_matches(model, processor.tokenizer)
@@ -382,14 +387,14 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
 
     history = epoch_history(trainer.state.log_history)
     best_epoch, best_cider = best_epoch_of(history)
-    adapter_dir = save_adapter(trainer.model, processor, run_dir / "adapter")
+    adapter_dir = save_adapter(trainer.model, processor, run_dir / ("adapter" if lora else "model"))
     trainable, total, share = trainable_parameters(trainer.model)
     result = TrainResult(
         history=history, best_epoch=best_epoch, best_cider=best_cider, adapter_dir=adapter_dir,
         peak_memory=[dict(e["peak_memory"], epoch=e["epoch"]) for e in history if e["peak_memory"]],
         train_runtime_s=round(wall, 3), trainable_params=trainable, total_params=total,
         global_step=trainer.state.global_step, resumed_from=str(resume) if resume else None,
-        best_checkpoint=trainer.state.best_model_checkpoint,
+        best_checkpoint=trainer.state.best_model_checkpoint, log_history=list(trainer.state.log_history),
         extra={"trainable_share": share, "trainer_metrics": dict(output.metrics),
                "last_val_predictions": trainer.last_predictions[:5]})
     runs.write_stage_metrics(run_dir, "train", {
@@ -437,3 +442,40 @@ def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path
 __all__ = ["MedcapTrainer", "PeakMemoryCallback", "TrainResult", "best_epoch_of", "epoch_history",
            "last_complete_checkpoint", "load_adapter_model", "metric_log_key",
            "save_adapter", "train", "training_arguments"]
+
+
+# --------------------------------------------------------------------------------------- reporting (03)
+def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
+    """Per-epoch table: losses, validation scores of generated reports and peak memory."""
+    lines = ["| epoch | train loss | val loss | val CIDEr | val BLEU-4 | val ROUGE-L | peak memory |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+
+    def num(value: Any, digits: int = 3) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    for e in history:
+        scores = e.get("val_scores") or {}
+        memory = e.get("peak_memory") or {}
+        peak = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if isinstance(v, (int, float)))
+        lines.append(f"| {num(e.get('epoch'), 0)} | {num(e.get('train_loss'))} | {num(e.get('eval_loss'))} | "
+                     f"{num(e.get('val_cider'))} | {num(scores.get('BLEU-4'))} | {num(scores.get('ROUGE-L'))} | "
+                     f"{peak or '–'} GiB |")
+    return "\n".join(lines)
+
+
+def stage_metrics(result: TrainResult, memory_before: Mapping[str, Any], memory_loaded: Mapping[str, Any],
+                  budget_fit: Any, config: MedcapConfig) -> dict[str, Any]:
+    """What notebook 03 records for the pipeline."""
+    return {"epochs": result.history, "best_epoch": result.best_epoch, "best_val_cider": result.best_cider,
+            "trainable_params": result.trainable_params, "total_params": result.total_params,
+            "trainable_share": result.extra.get("trainable_share"), "quantized_4bit": config.load_in_4bit,
+            "peak_memory": result.peak_memory, "memory_before_loading": dict(memory_before),
+            "memory_after_loading": dict(memory_loaded), "train_runtime_s": result.train_runtime_s,
+            "global_step": result.global_step, "resumed_from": result.resumed_from,
+            "adapter_dir": str(result.adapter_dir),
+            "budget_fit": budget_fit.to_dict() if budget_fit is not None else None,
+            "training_settings": {"per_device_train_batch_size": config.per_device_train_batch_size,
+                                  "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                                  "gradient_checkpointing": config.gradient_checkpointing,
+                                  "learning_rate": config.learning_rate, "num_train_epochs": config.num_train_epochs,
+                                  "lora_r": config.lora_r, "lora_alpha": config.lora_alpha}}

@@ -196,6 +196,32 @@ def test_checkpointed_backward_works_after_the_fix(tiny, tmp_path, four_bit):
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
+def test_generation_before_training_leaves_cpu_4bit_gradients_unchanged(tiny, tmp_path):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at the first no-grad eval forward; the
+    packed kernel's in-place bias add then breaks training. load_base_model keeps the plain layout."""
+    folder, processor = tiny
+    config = _config(tmp_path, gradient_checkpointing=False)
+
+    def lora_grads(generate_first: bool) -> dict[str, torch.Tensor]:
+        peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+        with torch.no_grad():  # non-zero B so that every LoRA matrix gets a gradient
+            generator = torch.Generator().manual_seed(0)
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        if generate_first:
+            M.generate_reports(peft_model, processor, [_rows()[0]["image"]], max_new_tokens=3, progress=False)
+        _backward(peft_model, processor)
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    assert all(not getattr(m, "support_avx512bf16_for_cpu", False)
+               for m in M.load_base_model(config, model_path=folder).modules())
+    plain, after_generation = lora_grads(False), lora_grads(True)
+    assert plain.keys() == after_generation.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], after_generation[name]), name
+
+
 # ------------------------------------------------------------------------------------ devices, errors
 def test_device_and_dtype_choice(tmp_path):
     cpu_config = _config(tmp_path, device="cpu")
