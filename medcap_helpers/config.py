@@ -67,7 +67,7 @@ class MedcapConfig:
     load_in_4bit: bool = True
     compute_dtype: str = "auto"
     max_target_tokens: int = 128
-    tiny_init_range: float = 0.5
+    tiny_init_range: float = 0.1
     """Init scale of the tiny random BLIP: larger than BLIP's 0.02 so adapters can learn."""
 
     # --- LoRA -------------------------------------------------------------------------
@@ -249,8 +249,8 @@ _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         run_dir="runs/smoke", data_source="smoke", model_name=TINY_MODEL, device="cpu",
-        smoke_num_reports=64, num_train_epochs=3.0, per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, learning_rate=2e-3, max_target_tokens=64, max_new_tokens=40,
+        smoke_num_reports=64, num_train_epochs=4.0, per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, learning_rate=5e-3, max_target_tokens=64, max_new_tokens=40,
         num_beams=1, logging_steps=2, bootstrap_samples=200, sweep_ranks=(4, 16), sweep_alphas=(16, 64),
         sweep_epochs=1.0, lora_dropout=0.0,
     ),

@@ -1,0 +1,104 @@
+"""Markdown tables from ``benchmarks/results/*.json`` (the README's performance section).
+
+    python benchmarks/make_table.py            # prints the tables
+    python benchmarks/make_table.py --readme   # also replaces the block between the README's markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def _load(part: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{part}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def training_table(results: dict[str, Any], title: str) -> list[str]:
+    lines = [f"**{title}**", "",
+             "| configuration | trainable | peak allocated (GB) | peak reserved (GB) | process incl. CUDA context (GB) | samples/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        if "settings" not in r:
+            continue
+        if r.get("error"):
+            lines.append(f"| {name} | – | – | – | – | {r['error'][:60]} |")
+            continue
+        lines.append(f"| {name} | {r['trainable_share']:.2%} | {_f(r.get('max_allocated_gb'))} | "
+                     f"{_f(r.get('max_reserved_gb'))} | {_f(r.get('process_gpu_gb_max'))} | {_f(r.get('samples_per_s'), 1)} |")
+    return lines
+
+
+def tables() -> str:
+    out: list[str] = []
+    training = _load("training")
+    if training:
+        env = training["environment"]
+        out += [f"Measured on {env['gpu']} with torch {env['packages'].get('torch')}, transformers "
+                f"{env['packages'].get('transformers')}, bitsandbytes {env['packages'].get('bitsandbytes')} "
+                f"(commit `{(env.get('git_commit') or '?')[:12]}`); {env['model']}; 384 px, 128 tokens unless "
+                "stated; samples/s is the median over timed optimizer steps after warm-up.", ""]
+        out += training_table(training["results"], "Training") + [""]
+        seed = training["results"].get("seed settings (QLoRA, batch 1 × 4, checkpointing)", {})
+        lora = training["results"].get("LoRA on 16-bit base", {})
+        full = training["results"].get("full fine-tuning, mixed precision", {})
+        if seed.get("max_allocated_gb") and lora.get("max_allocated_gb") and full.get("max_allocated_gb"):
+            out += [f"What 4-bit buys (peak allocated, seed settings): QLoRA {seed['max_allocated_gb']:.2f} GB, "
+                    f"LoRA on a 16-bit base {lora['max_allocated_gb']:.2f} GB "
+                    f"({lora['max_allocated_gb'] / seed['max_allocated_gb']:.1f}×), full fine-tuning "
+                    f"{full['max_allocated_gb']:.2f} GB ({full['max_allocated_gb'] / seed['max_allocated_gb']:.1f}×).", ""]
+    cap = _load("cap4gb")
+    if cap:
+        out += training_table(cap["results"], "Under a 4 GB cap (allocator capped at 4 GB minus the CUDA context)") + [""]
+        fit = cap["results"].get("automatic fit (effective batch 16)", {})
+        if fit.get("explain"):
+            out += ["Automatic fit (`vram_budget_gb`), effective batch 16:", "", "```", fit["explain"], "```", ""]
+    inference = _load("inference")
+    if inference:
+        out += ["**Inference** (100 new tokens)", "",
+                "| model | loaded (GB) | greedy: latency (s) | beam 3: latency (s) | beam 3: peak allocated (GB) | batch 16 greedy: reports/s |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for name, r in inference["results"].items():
+            if "load" not in r:
+                out.append(f"| {name} | {r.get('error', '')[:80]} |")
+                continue
+            out.append(f"| {name} | {_f(r['load']['allocated_gb'])} | {_f(r['single_beam1']['latency_s_median'])} | "
+                       f"{_f(r['single_beam3']['latency_s_median'])} | {_f(r['single_beam3']['peak_allocated_gb'])} | "
+                       f"{_f(r['batch16_greedy']['reports_per_s'], 1)} |")
+        out.append("")
+    disk = _load("disk")
+    if disk and "gb" in disk["results"]:
+        sizes = disk["results"]["gb"]
+        out += ["**On disk**: " + ", ".join(f"{k} {v:.2f} GB" for k, v in sizes.items()), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args()
+    text = tables()
+    print(text)
+    if args.readme:
+        readme = ROOT / "README.md"
+        content = readme.read_text()
+        if BEGIN not in content:
+            raise SystemExit(f"README.md has no {BEGIN} … {END} block")
+        head, rest = content.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
