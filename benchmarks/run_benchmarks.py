@@ -197,7 +197,7 @@ def worker_train(folder: Path, settings: dict[str, Any], cap_gb: float | None) -
             "cuda_context_gb": context_gb}
 
 
-def worker_inference(folder: Path, quantize: bool) -> dict[str, Any]:
+def worker_inference(folder: Path, quantize: bool, dtype_name: str) -> dict[str, Any]:
     import torch
 
     from medcap_helpers.model import load_base_model
@@ -206,12 +206,12 @@ def worker_inference(folder: Path, quantize: bool) -> dict[str, Any]:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     context_gb = gpu_process_memory_gb()
-    config = medcap_config(folder, Path(tempfile.mkdtemp()), load_in_4bit=quantize)
+    config = medcap_config(folder, Path(tempfile.mkdtemp()), load_in_4bit=quantize, compute_dtype=dtype_name)
     processor = load_processor(config)
     torch.cuda.reset_peak_memory_stats()
     model = load_base_model(config).eval()
     load = {"allocated_gb": torch.cuda.memory_allocated() / GB, "process_gpu_gb": gpu_process_memory_gb()}
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
     images = [r["image"] for r in synthetic_rows(16, 4)]
 
     def generate(batch: list[Any], beams: int) -> float:
@@ -225,7 +225,7 @@ def worker_inference(folder: Path, quantize: bool) -> dict[str, Any]:
         assert out.shape[-1] >= 100
         return time.perf_counter() - start
 
-    result: dict[str, Any] = {"quantized_nf4": quantize, "weights_dtype": str(dtype), "load": load,
+    result: dict[str, Any] = {"quantized_nf4": quantize, "compute_dtype": dtype_name, "load": load,
                               "cuda_context_gb": context_gb}
     for beams in (1, 3):
         generate(images[:1], beams)  # warm-up
@@ -281,6 +281,24 @@ def worker_budget_fit(folder: Path, budget_gb: float) -> dict[str, Any]:
             "probe_s": time.perf_counter() - start, **fit.to_dict(), "explain": fit.explain()}
 
 
+def worker_tiny(dtype_name: str) -> dict[str, Any]:
+    """The smoke profile's training function on the GPU in fp16 or bf16 mixed precision."""
+    from medcap_helpers import data, model
+    from medcap_helpers.config import MedcapConfig
+    from medcap_helpers.train import train
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_tiny_"))
+    config = MedcapConfig.from_profile("smoke", run_dir=str(run_dir), device="cuda", compute_dtype=dtype_name,
+                                       num_train_epochs=2.0)
+    dataset, _ = data.build_dataset(config, progress=False)
+    base, processor = model.load_model_and_processor(config, dataset)
+    start = time.perf_counter()
+    result = train(config, model.attach_lora(base, config), processor, dataset)
+    return {"compute_dtype": dtype_name, "seconds": time.perf_counter() - start,
+            "epochs": [{k: e.get(k) for k in ("epoch", "train_loss", "eval_loss", "val_cider", "peak_memory")}
+                       for e in result.history]}
+
+
 # ----------------------------------------------------------------------------------- orchestration
 def run_worker(kind: str, folder: Path, payload: dict[str, Any], timeout: int = 600) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", kind, "--folder", str(folder), "--payload", json.dumps(payload)]
@@ -314,7 +332,7 @@ def write(part: str, results: dict[str, Any]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="training,inference,disk,cap4gb")
+    parser.add_argument("--only", default="training,inference,disk,cap4gb,tiny")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "medcap_blip_large_random"))
     parser.add_argument("--worker")
     parser.add_argument("--payload", default="{}")
@@ -324,7 +342,8 @@ def main() -> None:
     if args.worker:
         payload = json.loads(args.payload)
         result = {"train": lambda: worker_train(folder, payload["settings"], payload.get("cap_gb")),
-                  "inference": lambda: worker_inference(folder, payload["quantize"]),
+                  "inference": lambda: worker_inference(folder, payload["quantize"], payload["dtype"]),
+                  "tiny": lambda: worker_tiny(payload["dtype"]),
                   "disk": lambda: worker_disk(folder),
                   "budget": lambda: worker_budget_fit(folder, payload["budget_gb"])}[args.worker]()
         print("RESULT " + json.dumps(result, default=str), flush=True)
@@ -344,12 +363,15 @@ def main() -> None:
             print(name, json.dumps(results[name], default=str)[:400], flush=True)
         write("training", results)
     if "inference" in parts:
-        results = {"nf4": run_worker("inference", folder, {"quantize": True}),
-                   "fp16": run_worker("inference", folder, {"quantize": False})}
+        results = {"NF4, bf16 compute": run_worker("inference", folder, {"quantize": True, "dtype": "bfloat16"}),
+                   "NF4, fp16 compute": run_worker("inference", folder, {"quantize": True, "dtype": "float16"}),
+                   "fp16 (unquantized)": run_worker("inference", folder, {"quantize": False, "dtype": "float16"})}
         print(json.dumps(results, default=str)[:1500], flush=True)
         write("inference", results)
     if "disk" in parts:
         write("disk", run_worker("disk", folder, {}))
+    if "tiny" in parts:
+        write("tiny", {dtype: run_worker("tiny", folder, {"dtype": dtype}) for dtype in ("float16", "bfloat16")})
     if "cap4gb" in parts:
         results = {"seed settings": run_worker("train", folder, {"settings": {}, "cap_gb": 4.0})}
         for name, settings in CAP_CANDIDATES.items():

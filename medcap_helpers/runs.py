@@ -129,7 +129,8 @@ def git_commit(repo: str | Path | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        # A copy of the tree without .git (e.g. a remote GPU machine) can be told its commit.
+        return os.environ.get("MEDCAP_GIT_COMMIT")
     return sha + ("-dirty" if dirty else "")
 
 
