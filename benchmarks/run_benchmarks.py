@@ -334,6 +334,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="training,inference,disk,cap4gb,tiny")
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "medcap_blip_large_random"))
+    parser.add_argument("--configs", help="only training configurations whose name contains this text")
     parser.add_argument("--worker")
     parser.add_argument("--payload", default="{}")
     args = parser.parse_args()
@@ -359,6 +360,8 @@ def main() -> None:
     if "training" in parts:
         results = {}
         for name, settings in TRAINING_CONFIGS.items():
+            if args.configs and args.configs not in name:
+                continue
             results[name] = run_worker("train", folder, {"settings": settings})
             print(name, json.dumps(results[name], default=str)[:400], flush=True)
         write("training", results)
