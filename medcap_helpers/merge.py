@@ -120,11 +120,15 @@ def merge_onto_dequantized_base(quantized_base: Any, adapter_dir: str | Path, ou
 
 def requantize_nf4(merged_dir: str | Path, out_dir: str | Path, processor: Any,
                    quantization_config: Any, device_map: Any) -> MergedCheckpoint:
-    """Load a merged 16-bit checkpoint in NF4 and save the 4-bit weights with the processor."""
+    """Load a merged 16-bit checkpoint in NF4 and save the 4-bit weights with the processor.
+
+    Unquantized weights (embeddings, norms) are kept in the compute dtype.
+    """
     from transformers import BlipForConditionalGeneration
 
     model = BlipForConditionalGeneration.from_pretrained(
-        str(merged_dir), quantization_config=quantization_config, device_map=device_map, use_safetensors=True)
+        str(merged_dir), quantization_config=quantization_config, device_map=device_map, use_safetensors=True,
+        dtype=quantization_config.bnb_4bit_compute_dtype)
     return save_checkpoint(model, processor, out_dir, "merged-nf4")
 
 
