@@ -364,7 +364,7 @@ def main() -> None:
                 continue
             results[name] = run_worker("train", folder, {"settings": settings})
             print(name, json.dumps(results[name], default=str)[:400], flush=True)
-        write("training", results)
+            write("training", results)  # after each configuration: a cut-off run keeps what it measured
     if "inference" in parts:
         results = {"NF4, bf16 compute": run_worker("inference", folder, {"quantize": True, "dtype": "bfloat16"}),
                    "NF4, fp16 compute": run_worker("inference", folder, {"quantize": True, "dtype": "float16"}),
@@ -380,6 +380,7 @@ def main() -> None:
         for name, settings in CAP_CANDIDATES.items():
             results[name] = run_worker("train", folder, {"settings": settings, "cap_gb": 4.0})
             print(name, json.dumps(results[name], default=str)[:400], flush=True)
+            write("cap4gb", results)
         results["automatic fit (effective batch 16)"] = run_worker("budget", folder, {"budget_gb": 4.0})
         write("cap4gb", results)
 
