@@ -152,7 +152,7 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
 def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, force: bool = False,
                  progress: bool = True) -> list[StageOutcome]:
     """Run the stages in order into ``config.run_dir`` and write ``summary.md``."""
-    config = config.replace(run_dir=str(Path(config.run_dir).resolve()))
+    config = absolute_paths(config)
     run_dir = runs.write_run_header(config)
     saved = run_dir / "config.json"
     outcomes: list[StageOutcome] = []
@@ -168,6 +168,18 @@ def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, forc
     runs.write_json(saved, config.to_dict())
     write_summary(run_dir)
     return outcomes
+
+
+def absolute_paths(config: MedcapConfig) -> MedcapConfig:
+    """Paths resolved against the caller's folder: notebooks run inside the run folder."""
+    changes: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve())}
+    for name in ("data_path", "images_dir"):
+        value = getattr(config, name)
+        if value:
+            changes[name] = str(Path(value).expanduser().resolve())
+    if Path(config.model_name).expanduser().exists():
+        changes["model_name"] = str(Path(config.model_name).expanduser().resolve())
+    return config.replace(**changes)
 
 
 def write_summary(run_dir: str | Path) -> Path:
