@@ -1,0 +1,51 @@
+"""Runner pieces that need no notebook execution: stage selection, paths, the summary table."""
+
+from __future__ import annotations
+
+import pytest
+
+from medcap_helpers import runs
+from medcap_helpers.config import ConfigError, MedcapConfig
+from medcap_helpers.pipeline import STAGES, absolute_paths, parse_stages
+from medcap_helpers.report import format_table, summary_markdown
+
+
+def test_stage_specs() -> None:
+    assert parse_stages(None) == list(STAGES)
+    assert parse_stages("01-03") == ["01_data", "02_baseline", "03_qlora_train"]
+    assert parse_stages("6,1") == ["01_data", "06_eval_and_demo"]  # always in pipeline order
+    assert parse_stages("04_sweep") == ["04_sweep"]
+    with pytest.raises(ConfigError, match="Unknown stage"):
+        parse_stages("07")
+
+
+def test_relative_paths_resolve_against_the_callers_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(MedcapConfig.from_profile("full", run_dir="runs/x"))
+    assert config.run_dir == str(tmp_path / "runs" / "x")
+    assert config.data_path == str(tmp_path / "data" / "NLMCXR_reports.tgz")
+    assert config.model_name == "Salesforce/blip-image-captioning-large"  # a hub id stays a hub id
+
+
+def test_table_shows_the_bootstrap_interval_and_missing_values() -> None:
+    table = format_table({"constant": {"CIDEr": 0.25, "CIDEr_ci_low": 0.2, "CIDEr_ci_high": 0.31, "BLEU-4": 0.1},
+                          "model": {"CIDEr": 0.5, "BLEU-4": None}})
+    assert "| constant | 0.250 [0.200, 0.310] | 0.100 |" in table
+    assert "| model | 0.500 | – |" in table
+
+
+def test_atomic_json_leaves_no_partial_file(tmp_path) -> None:
+    target = tmp_path / "metrics" / "x.json"
+    with pytest.raises(TypeError):
+        runs.write_json(target, {"bad": object()})
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    runs.write_json(target, {"ok": 1})
+    assert runs.read_json(target) == {"ok": 1}
+
+
+def test_summary_of_a_partial_run_lists_what_exists(tmp_path) -> None:
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path))
+    runs.write_run_header(config)
+    runs.write_stage_metrics(tmp_path, "01_data", {"examples": 3})
+    text = summary_markdown(tmp_path)
+    assert "Smoke sample" in text and "metrics/01_data.json" in text and "| torch |" in text
