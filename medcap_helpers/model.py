@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medcap_helpers.budget import is_out_of_memory, release_memory
 from medcap_helpers.config import TEXT_LORA_TARGETS, TINY_MODEL, VISION_LORA_TARGETS, ConfigError, MedcapConfig
 from medcap_helpers.processing import tiny_model_dir
 
@@ -44,6 +46,35 @@ WEIGHTS_FILE = "model.safetensors"
 
 class ModelLoadError(OSError):
     """A model or adapter cannot be loaded; the message says what to check."""
+
+
+class OutOfMemory(torch.cuda.OutOfMemoryError):
+    """Training or generation ran out of (GPU) memory; the message gives the settings in force and what to change.
+
+    A subclass of ``torch.cuda.OutOfMemoryError``, so code that catches that (the budget probe, the
+    sweep, the benchmarks) still sees an out-of-memory error.
+    """
+
+
+def out_of_memory(doing: str, error: BaseException, settings: dict[str, Any], advice: Sequence[str],
+                  note: str = "") -> OutOfMemory:
+    """An :class:`OutOfMemory` for ``error``: one line of what failed, the settings, then what to change."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    in_force = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+    lines = [f"Out of memory while {doing}: {first_line[:200]}", f"Settings: {in_force}.",
+             "Try: " + "; ".join(advice) + "."]
+    if note:
+        lines.append(note)
+    return OutOfMemory("\n".join(lines))
+
+
+def _safetensors_error() -> tuple[type[BaseException], ...]:
+    """The error type safetensors raises for a damaged file (not an OSError/ValueError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return ()
+    return (SafetensorError,)
 
 
 # --------------------------------------------------------------------------------------- configs
@@ -104,10 +135,19 @@ def create_tiny_model(folder: str | Path, processor: BlipProcessor, init_range: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(blip_config)
+    # Saved to a staging folder, then moved in with the weights file last: a run killed while saving
+    # never leaves a model.safetensors (what marks the tiny model as built) that is half-written or
+    # lacks its processor.
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    processor.save_pretrained(staging)
+    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):
+        os.replace(item, folder / item.name)
+    staging.rmdir()
     return folder
 
 
@@ -194,7 +234,7 @@ def load_plain_model(source: str | Path, dtype: torch.dtype = torch.float32,
         kwargs["device_map"] = device_map_for(device)
     try:
         return BlipForConditionalGeneration.from_pretrained(str(source), **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, *_safetensors_error()) as err:
         raise ModelLoadError(f"Could not load BLIP from '{source}': {err}") from err
 
 
@@ -259,7 +299,7 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
         kwargs["quantization_config"] = quantization_config(dtype)
     try:
         model = BlipForConditionalGeneration.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, *_safetensors_error()) as err:
         raise ModelLoadError(
             f"Could not load BLIP from '{source}': {err}. For a hub id, check the internet connection "
             "(HF_HUB_OFFLINE must be unset) and the spelling, or download it once and pass the folder; "
@@ -559,20 +599,44 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     was_training = model.training
     model.eval()
     reports: list[str] = []
+    oom: OutOfMemory | None = None
     try:
         with tqdm(total=len(images), desc="Generating reports", unit="img", disable=not progress,
                   leave=False) as bar:
             for start in range(0, len(images), batch_size):
                 batch = [open_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
                 pixel_values = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-                output = model.generate(pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
-                                        num_beams=num_beams, do_sample=False)
+                try:
+                    output = model.generate(pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
+                                            num_beams=num_beams, do_sample=False)
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is translated
+                    if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
+                        raise
+                    oom = _generation_oom(err, len(batch), num_beams, max_new_tokens, len(reports), len(images))
+                    break
                 texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
                 reports.extend(" ".join(t.split()) for t in texts)
                 bar.update(len(batch))
     finally:
         model.train(was_training)
+    if oom is not None:  # raised here, outside the except block, so the failed batch's tensors are freed
+        release_memory()
+        raise oom
     return reports
+
+
+def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_new_tokens: int, done: int,
+                    total: int) -> OutOfMemory:
+    advice = []
+    if batch_size > 1:
+        advice.append(f"a smaller batch (eval_batch_size={max(1, batch_size // 2)})")
+    if num_beams > 1:
+        advice.append("greedy decoding (num_beams=1) or fewer beams")
+    advice += [f"shorter reports (max_new_tokens below {max_new_tokens})",
+               "compute_dtype='float16' on the GPU, or free other GPU memory"]
+    return out_of_memory("generating reports", error,
+                         {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens},
+                         advice, note=f"{done} of {total} reports were generated before it failed.")
 
 
 def count_parameters_meta(blip_config: BlipConfig) -> int:
@@ -585,10 +649,10 @@ def count_parameters_meta(blip_config: BlipConfig) -> int:
 
 
 __all__ = [
-    "ModelLoadError", "RowColumn", "attach_lora", "base_model_source", "device_map_for", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
+    "ModelLoadError", "OutOfMemory", "RowColumn", "attach_lora", "base_model_source", "device_map_for", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
     "compute_dtype", "count_parameters_meta", "create_tiny_model", "describe_trainable",
     "enable_gradient_checkpointing", "ensure_tiny_model", "generate_reports", "is_quantized",
-    "load_base_model", "load_model_and_processor", "load_plain_model", "lora_target_regex", "memory_snapshot", "open_rgb", "pick_device",
+    "load_base_model", "load_model_and_processor", "load_plain_model", "lora_target_regex", "memory_snapshot", "open_rgb", "out_of_memory", "pick_device",
     "quantization_config", "random_model", "remove_input_grad_hooks", "reset_peak_memory",
     "set_generation_defaults", "tiny_blip_config", "tiny_model_dir", "trainable_parameters", "unwrap_model",
 ]

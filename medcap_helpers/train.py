@@ -13,6 +13,8 @@ every epoch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import shutil
 import time
@@ -25,9 +27,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from medcap_helpers import runs
+from medcap_helpers.budget import is_out_of_memory, release_memory
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.model import (
     ModelLoadError,
+    OutOfMemory,
     _quiet_deprecations,
     RowColumn,
     attach_lora,
@@ -36,6 +40,7 @@ from medcap_helpers.model import (
     generate_reports,
     load_base_model,
     memory_snapshot,
+    out_of_memory,
     pick_device,
     remove_input_grad_hooks,
     reset_peak_memory,
@@ -88,17 +93,41 @@ def metric_log_key(score_name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", score_name.lower()).strip("_")
 
 
+def _is_complete_checkpoint(folder: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last (and not atomically): complete = it exists and parses."""
+    try:
+        return isinstance(json.loads((folder / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def last_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` in ``folder`` that holds ``trainer_state.json`` (a complete one)."""
+    """The highest-step ``checkpoint-N`` in ``folder`` whose ``trainer_state.json`` is complete (written last)."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
     found = []
     for child in folder.iterdir():
         match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
+        if match and child.is_dir() and _is_complete_checkpoint(child):
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
+
+
+def remove_incomplete_checkpoints(folder: str | Path) -> list[Path]:
+    """Delete the ``checkpoint-N`` folders a killed run left half-written; return them.
+
+    A rerun must neither resume from one nor let the Trainer's checkpoint rotation (which sorts by
+    modification time) count it as the newest checkpoint.
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for child in sorted(folder.iterdir()):
+            if _CHECKPOINT_RE.match(child.name) and child.is_dir() and not _is_complete_checkpoint(child):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
 
 
 def _split(dataset_dict: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
@@ -380,9 +409,20 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         callbacks=[memory_callback, *(callbacks_extra or [])],
         generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer)
 
+    remove_incomplete_checkpoints(checkpoints_dir)
     resume = last_complete_checkpoint(checkpoints_dir)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    oom: OutOfMemory | None = None
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is translated
+        if not is_out_of_memory(err):
+            raise
+        oom = _training_oom(err, config, checkpoints_dir)
+    if oom is not None:  # raised outside the except block so the failed step's tensors can be freed
+        del trainer
+        release_memory()
+        raise oom
     wall = time.perf_counter() - start
 
     history = epoch_history(trainer.state.log_history)
@@ -409,16 +449,47 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     return result
 
 
+def _training_oom(error: BaseException, config: MedcapConfig, checkpoints_dir: Path) -> OutOfMemory:
+    """The :class:`~medcap_helpers.model.OutOfMemory` for an OOM inside ``trainer.train``."""
+    last = last_complete_checkpoint(checkpoints_dir)
+    kept = (f"Checkpoints are kept: rerunning continues from {last}." if last is not None
+            else f"No checkpoint was saved yet (they go to {checkpoints_dir}, one per epoch).")
+    if isinstance(error, OutOfMemory):  # the per-epoch validation generation ran out: already explained
+        return OutOfMemory(f"{error}\n{kept}")
+    batch, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    advice = []
+    if batch > 1:
+        advice.append(f"a smaller batch with the same effective batch (per_device_train_batch_size={batch // 2}, "
+                      f"gradient_accumulation_steps={accumulation * 2})")
+    advice.append(f"shorter targets (max_target_tokens below {config.max_target_tokens})")
+    if not config.gradient_checkpointing:
+        advice.append("gradient_checkpointing=True")
+    advice.append("--vram-budget-gb <GB of your GPU> (vram_budget_gb) to pick batch size and checkpointing "
+                  "automatically")
+    settings = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,
+                "max_target_tokens": config.max_target_tokens,
+                "gradient_checkpointing": config.gradient_checkpointing, "load_in_4bit": config.load_in_4bit,
+                "lora_r": config.lora_r, "lora_vision": config.lora_vision}
+    return out_of_memory("training", error, settings, advice, note=kept)
+
+
 def save_adapter(model: Any, processor: BlipProcessor, adapter_dir: str | Path) -> Path:
-    """Save the LoRA adapter (safetensors) and the processor; the folder is replaced only when complete."""
+    """Save the LoRA adapter (safetensors) and the processor; the folder is replaced only when complete.
+
+    Saved to a staging folder; the old folder is moved aside and the new one renamed into place, so
+    a run killed at any point leaves either the old complete adapter or the new one (or none).
+    """
     adapter_dir = Path(adapter_dir)
     staging = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+    old = adapter_dir.with_name(f".{adapter_dir.name}.old")
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     processor.save_pretrained(staging)
     if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    staging.rename(adapter_dir)
+        os.replace(adapter_dir, old)
+    os.replace(staging, adapter_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return adapter_dir
 
 
@@ -440,7 +511,7 @@ def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path
 
 
 __all__ = ["MedcapTrainer", "PeakMemoryCallback", "TrainResult", "best_epoch_of", "epoch_history",
-           "last_complete_checkpoint", "load_adapter_model", "metric_log_key",
+           "last_complete_checkpoint", "load_adapter_model", "metric_log_key", "remove_incomplete_checkpoints",
            "save_adapter", "train", "training_arguments"]
 
 
