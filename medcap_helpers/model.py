@@ -633,7 +633,7 @@ def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_n
     if num_beams > 1:
         advice.append("greedy decoding (num_beams=1) or fewer beams")
     advice += [f"shorter reports (max_new_tokens below {max_new_tokens})",
-               "compute_dtype='float16' on the GPU, or free other GPU memory"]
+               "free GPU memory held by other models or processes"]
     return out_of_memory("generating reports", error,
                          {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens},
                          advice, note=f"{done} of {total} reports were generated before it failed.")

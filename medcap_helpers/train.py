@@ -464,6 +464,10 @@ def _training_oom(error: BaseException, config: MedcapConfig, checkpoints_dir: P
     advice.append(f"shorter targets (max_target_tokens below {config.max_target_tokens})")
     if not config.gradient_checkpointing:
         advice.append("gradient_checkpointing=True")
+    if not config.load_in_4bit:
+        advice.append("load_in_4bit=True (QLoRA)")
+    if config.lora_vision:
+        advice.append("lora_vision=False")
     advice.append("--vram-budget-gb <GB of your GPU> (vram_budget_gb) to pick batch size and checkpointing "
                   "automatically")
     settings = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation,

@@ -1,0 +1,128 @@
+"""Out of memory in training or generation: a short message with the settings and what to change.
+
+CUDA is simulated on the CPU: the training step or ``model.generate`` raises
+``torch.cuda.OutOfMemoryError`` as PyTorch's allocator does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medcap_helpers import budget
+from medcap_helpers.model import OutOfMemory, generate_reports
+from medcap_helpers.train import MedcapTrainer, last_complete_checkpoint, train
+from tests.test_train import qlora_model, smoke_config, synthetic_rows
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 3.81 GiB of which "
+            "1.02 GiB is free.\nIncluding non-PyTorch memory, this process has 2.70 GiB memory in use.")
+
+
+def oom_after_step(limit: int, error: BaseException | None = None):  # noqa: ANN201
+    """A ``training_step`` that runs normally until ``global_step`` reaches ``limit``, then fails."""
+    original = MedcapTrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN202
+        if self.state.global_step >= limit:
+            raise error if error is not None else torch.cuda.OutOfMemoryError(CUDA_OOM)
+        return original(self, model, inputs, num_items_in_batch)
+
+    return training_step
+
+
+def test_training_oom_names_the_settings_keeps_checkpoints_and_a_rerun_resumes(tmp_path, monkeypatch):
+    rows = synthetic_rows()
+    dataset = {"train": rows, "validation": rows[:2]}
+    config = smoke_config(tmp_path / "run", num_train_epochs=2.0, gradient_checkpointing=False,
+                          per_device_train_batch_size=4, gradient_accumulation_steps=1, max_target_tokens=32,
+                          max_new_tokens=4)
+    model, processor = qlora_model(config)
+    monkeypatch.setattr(MedcapTrainer, "training_step", oom_after_step(2))  # epoch 2's first step
+    with pytest.raises(OutOfMemory) as caught:
+        train(config, model, processor, dataset)
+    message = str(caught.value)
+    assert isinstance(caught.value, torch.cuda.OutOfMemoryError)  # callers catching torch's OOM still do
+    assert message.startswith("Out of memory while training: CUDA out of memory. Tried to allocate 2.00 GiB")
+    for fragment in ("per_device_train_batch_size=4", "gradient_accumulation_steps=1", "max_target_tokens=32",
+                     "gradient_checkpointing=False", "per_device_train_batch_size=2, gradient_accumulation_steps=2",
+                     "gradient_checkpointing=True", "--vram-budget-gb"):
+        assert fragment in message
+    checkpoint = config.run_path / "checkpoints" / "checkpoint-2"
+    assert f"rerunning continues from {checkpoint}" in message
+    assert len(message) < 1000 and "Traceback" not in message and "Including non-PyTorch" not in message
+    # Partial results stay; nothing claims the training finished.
+    assert last_complete_checkpoint(config.run_path / "checkpoints") == checkpoint
+    assert not (config.run_path / "metrics" / "train.json").exists()
+    assert not (config.run_path / "adapter").exists()
+
+    monkeypatch.undo()
+    model, processor = qlora_model(config)
+    result = train(config, model, processor, dataset)
+    assert result.resumed_from == str(checkpoint) and result.global_step == 4
+
+
+def test_oom_in_the_validation_reports_says_generation_and_keeps_checkpoints(tmp_path, monkeypatch):
+    rows = synthetic_rows()
+    config = smoke_config(tmp_path / "run", num_train_epochs=1.0, eval_batch_size=2, num_beams=2, max_new_tokens=16)
+    model, processor = qlora_model(config)
+
+    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(model, "generate", generate)
+    with pytest.raises(OutOfMemory) as caught:
+        train(config, model, processor, {"train": rows, "validation": rows[:4]})
+    message = str(caught.value)
+    assert message.startswith("Out of memory while generating reports: CUDA out of memory")
+    for fragment in ("batch_size=2", "num_beams=2", "max_new_tokens=16", "eval_batch_size=1", "num_beams=1",
+                     "0 of 4 reports were generated", "No checkpoint was saved yet"):
+        assert fragment in message
+
+
+def test_generation_oom_names_beams_batch_and_length(tmp_path, monkeypatch):
+    config = smoke_config(tmp_path / "run")
+    model, processor = qlora_model(config)
+    images = [row["image"] for row in synthetic_rows()[:4]]
+    calls = []
+    real_generate = model.generate
+
+    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(kwargs["pixel_values"].shape[0])
+        if len(calls) > 1:  # the first batch fits, the second does not
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    model.train()
+    with pytest.raises(OutOfMemory) as caught:
+        generate_reports(model, processor, images, max_new_tokens=4, num_beams=3, batch_size=2, progress=False)
+    message = str(caught.value)
+    for fragment in ("Out of memory while generating reports", "batch_size=2", "num_beams=3", "max_new_tokens=4",
+                     "eval_batch_size=1", "num_beams=1", "2 of 4 reports were generated"):
+        assert fragment in message
+    assert model.training, "generate_reports restores the model's train/eval mode after an OOM too"
+
+
+def test_other_errors_are_not_disguised_as_oom(tmp_path, monkeypatch):
+    rows = synthetic_rows()
+    config = smoke_config(tmp_path / "run", num_train_epochs=1.0, max_new_tokens=4)
+    model, processor = qlora_model(config)
+    monkeypatch.setattr(MedcapTrainer, "training_step", oom_after_step(0, RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="^shape mismatch$") as caught:
+        train(config, model, processor, {"train": rows, "validation": rows[:2]})
+    assert not isinstance(caught.value, OutOfMemory)
+
+
+def test_the_budget_probe_and_sweep_still_recognise_the_explained_oom():
+    explained = OutOfMemory("Out of memory while training: CUDA out of memory.")
+    assert budget.is_out_of_memory(explained)
+    candidates = budget.candidate_settings(2)
+
+    def probe(candidate):  # noqa: ANN001, ANN202
+        if candidate.per_device_train_batch_size == 2:
+            raise explained
+        return 1.0, 5.0
+
+    fit = budget.fit_to_budget(candidates, probe, budget_gb=4.0)
+    assert [o.status for o in fit.tried][:2] == ["out of memory", "out of memory"]
+    assert fit.chosen is not None and fit.chosen.per_device_train_batch_size == 1
