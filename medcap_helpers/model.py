@@ -300,11 +300,15 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
     try:
         model = BlipForConditionalGeneration.from_pretrained(source, **kwargs)
     except (OSError, ValueError, *_safetensors_error()) as err:
-        raise ModelLoadError(
-            f"Could not load BLIP from '{source}': {err}. For a hub id, check the internet connection "
-            "(HF_HUB_OFFLINE must be unset) and the spelling, or download it once and pass the folder; "
-            "only safetensors weights are accepted. model_name='tiny' needs no download."
-        ) from err
+        if Path(source).is_dir():
+            hint = ("The folder needs config.json and complete safetensors weights (model.safetensors): copy or "
+                    "download a damaged or cut-off file again (a run's tiny_model folder can be deleted: it is "
+                    "rebuilt); .bin/pickle weights are never loaded.")
+        else:
+            hint = ("For a hub id, check the internet connection (HF_HUB_OFFLINE must be unset) and the spelling, "
+                    "or download it once and pass the folder; only safetensors weights are accepted. "
+                    "model_name='tiny' needs no download.")
+        raise ModelLoadError(f"Could not load BLIP from '{source}': {err}. {hint}") from err
     if device.type == "cpu":
         keep_cpu_4bit_weights_trainable(model)
     set_generation_defaults(model, config)
