@@ -52,9 +52,16 @@ class BudgetFit:
         if self.chosen:
             lines.append(f"Chosen: {self.chosen.describe()} (the fastest candidate that fits).")
         else:
-            lines.append("Nothing fits: even batch 1 with checkpointing exceeds the budget. Use a larger budget, "
-                         "fewer max_target_tokens or a smaller model.")
+            lines.append(f"Nothing fits in {self.budget_gb:.2f} GB: even batch 1 with checkpointing exceeds the "
+                         "budget. Use a larger budget (--vram-budget-gb / vram_budget_gb), fewer "
+                         "max_target_tokens or a smaller model.")
         return "\n".join(lines)
+
+    def chosen_or_raise(self) -> TrainingCandidate:
+        """The chosen setting, or :class:`BudgetTooSmall` with :meth:`explain` as the message."""
+        if self.chosen is None:
+            raise BudgetTooSmall(self.explain())
+        return self.chosen
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget_gb": self.budget_gb, "margin": self.margin,
@@ -206,9 +213,7 @@ def fit_config_to_budget(config: Any, model: Any, processor: Any, train_rows: An
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),
                         lambda c: measure_training_step(model, collator, train_rows, c),
                         config.vram_budget_gb, margin)
-    if fit.chosen is None:
-        raise BudgetTooSmall(fit.explain())
-    chosen = fit.chosen
+    chosen = fit.chosen_or_raise()
     return config.replace(per_device_train_batch_size=chosen.per_device_train_batch_size,
                           gradient_accumulation_steps=chosen.gradient_accumulation_steps,
                           gradient_checkpointing=chosen.gradient_checkpointing), fit

@@ -219,10 +219,17 @@ def _r2gen_examples(config: MedcapConfig, report: DataReport, progress: bool) ->
         split = _R2GEN_SPLITS.get(split_name)
         if split is None:
             continue
-        for entry in entries:
+        if not isinstance(entries, list):
+            raise DataSourceError(f"{annotation}: '{split_name}' must be a list of entries, got "
+                                  f"{type(entries).__name__}.")
+        for number, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("image_path", []), list):
+                raise DataSourceError(f"{annotation}: entry {number} of '{split_name}' is not an R2Gen entry "
+                                      "({'id': ..., 'report': ..., 'image_path': [...]}); got "
+                                      f"{str(entry)[:120]!r}.")
             report.reports_total += 1
             study = str(entry["id"])
-            text = clean_text(entry.get("report", ""), config.lowercase)
+            text = clean_text(str(entry.get("report") or ""), config.lowercase)
             images = []
             for relative in entry.get("image_path", []):
                 path = images_dir / relative
@@ -424,7 +431,10 @@ def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetD
         return dd, report
     examples, report = load_examples(config, progress)
     if not examples:
-        raise DataSourceError(f"No usable examples in data_source={config.data_source!r}: "
+        where = ", ".join(f"{name}={value!r}" for name, value in
+                          (("data_path", config.data_path), ("images_dir", config.images_dir)) if value)
+        raise DataSourceError(f"No usable examples in data_source={config.data_source!r}"
+                              f"{' (' + where + ')' if where else ''}: "
                               f"{report.reports_total} reports, {report.dropped_empty_target} without "
                               f"{config.target}, {report.images_total} images found, {report.images_missing} "
                               f"missing, {len(report.skipped_images)} unreadable. Check data_path/images_dir.")
@@ -785,13 +795,16 @@ def _uid_or(identifier: str) -> str:
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataSourceError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}. Is this the "
-                                  "Kaggle IU X-Ray CSV?")
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataSourceError(f"{path} lacks column(s) {missing}; it has {reader.fieldnames}. Is this the "
+                                      "Kaggle IU X-Ray CSV?")
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataSourceError(f"{path} is not a readable UTF-8 CSV file ({type(err).__name__}: {err}).") from None
 
 
 __all__ = [

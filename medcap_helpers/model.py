@@ -308,7 +308,7 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
             hint = ("For a hub id, check the internet connection (HF_HUB_OFFLINE must be unset) and the spelling, "
                     "or download it once and pass the folder; only safetensors weights are accepted. "
                     "model_name='tiny' needs no download.")
-        raise ModelLoadError(f"Could not load BLIP from '{source}': {err}. {hint}") from err
+        raise ModelLoadError(f"Could not load BLIP from '{source}': {str(err).rstrip('. ')}. {hint}") from err
     if device.type == "cpu":
         keep_cpu_4bit_weights_trainable(model)
     set_generation_defaults(model, config)

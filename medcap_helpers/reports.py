@@ -25,6 +25,7 @@ import importlib.util
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -76,6 +77,8 @@ def parse_report_xml(data: bytes | str, source_name: str = "<report>") -> Report
         root = ET.fromstring(data)
     except ET.ParseError as err:
         raise ReportParseError(f"{source_name}: not valid XML ({err}).") from None
+    except (LookupError, UnicodeError, ValueError) as err:  # unknown encoding, unencodable text
+        raise ReportParseError(f"{source_name}: not valid XML ({type(err).__name__}: {err}).") from None
     sections = {
         (node.get("Label") or "").strip().upper(): " ".join((node.text or "").split())
         for node in root.iter("AbstractText")
@@ -137,12 +140,20 @@ def _iter_xml_blobs(path: Path) -> Iterator[tuple[str, bytes]]:
     elif path.suffix.lower() == ".xml":
         yield str(path), path.read_bytes()
     elif tarfile.is_tarfile(path):
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if member.isfile() and member.name.lower().endswith(".xml"):
-                    handle = archive.extractfile(member)
-                    if handle is not None:
-                        yield f"{path}:{member.name}", handle.read()
+        read = 0
+        try:
+            with tarfile.open(path) as archive:
+                for member in archive:
+                    if member.isfile() and member.name.lower().endswith(".xml"):
+                        handle = archive.extractfile(member)
+                        if handle is not None:
+                            data = handle.read()
+                            read += 1
+                            yield f"{path}:{member.name}", data
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise ReportParseError(f"{path}: the archive is damaged or cut short after {read} report(s) "
+                                   f"({type(err).__name__}: {err}); download it again "
+                                   "(python -m medcap_helpers.download data/).") from None
     else:
         raise ValueError(f"'{path}' is neither a folder, a .xml file nor a tar archive of report XMLs.")
 
