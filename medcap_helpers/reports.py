@@ -227,7 +227,10 @@ def clean_text(text: str | None, lowercase: bool = False) -> str:
     out = _CAPITALISE_AFTER_REMOVAL.sub(lambda m: m.group(1) + m.group(2).upper(), out)
     out = out.replace(_MARK, " ")
     out = re.sub(r"\s+", " ", out)
-    out = re.sub(r"\(\s*\)", "", out)                     # "()" left by "(XXXX)"
+    while True:  # "()" left by "(XXXX)", nested ones too; a space, so the words around stay apart
+        out, found = re.subn(r"\(\s*\)", " ", out)
+        if not found:
+            break
     out = re.sub(r"\(\s+", "(", out)
     out = re.sub(r"\s+([.,;:!?)])", r"\1", out)           # " ." -> "."
     out = re.sub(r"[,;:]+(?=[.,;:!?])", "", out)          # ", ." -> "."
