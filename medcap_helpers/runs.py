@@ -26,6 +26,10 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets",
                     "pillow", "medcap")
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class RunFolderError(OSError):
     """The run folder cannot be created or written; the message names the folder."""
 
@@ -52,6 +56,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a run's files get normal permissions
     try:
         yield tmp_path
         os.replace(tmp_path, target)
