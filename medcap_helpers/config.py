@@ -252,7 +252,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         smoke_num_reports=64, num_train_epochs=4.0, per_device_train_batch_size=4,
         gradient_accumulation_steps=1, learning_rate=5e-3, max_target_tokens=64, max_new_tokens=40,
         num_beams=1, logging_steps=2, bootstrap_samples=200, sweep_ranks=(4, 16), sweep_alphas=(16, 64),
-        sweep_epochs=1.0, lora_dropout=0.0,
+        sweep_epochs=3.0, lora_dropout=0.0,
     ),
     "full": dict(
         run_dir="runs/full", data_source="openi", data_path="data/NLMCXR_reports.tgz",

@@ -63,7 +63,10 @@ def merge_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 def _merge(base_model: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    from medcap_helpers.model import _quiet_deprecations
+
+    with _quiet_deprecations():
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     return peft_model.merge_and_unload()
 
 
@@ -122,24 +125,35 @@ def requantize_nf4(merged_dir: str | Path, out_dir: str | Path, processor: Any,
                    quantization_config: Any, device_map: Any) -> MergedCheckpoint:
     """Load a merged 16-bit checkpoint in NF4 and save the 4-bit weights with the processor.
 
-    Unquantized weights (embeddings, norms) are kept in the compute dtype.
+    The weights that stay unquantized (embeddings, norms, the patch conv) are stored in the merged
+    checkpoint's own 16-bit dtype (``dtype="auto"``), not in the compute dtype: on the CPU the compute
+    dtype is fp32, which would store them at twice the size and make the "small" NF4 checkpoint larger
+    than the 16-bit one. The 4-bit layers still compute in ``bnb_4bit_compute_dtype``.
     """
     from transformers import BlipForConditionalGeneration
 
     model = BlipForConditionalGeneration.from_pretrained(
         str(merged_dir), quantization_config=quantization_config, device_map=device_map, use_safetensors=True,
-        dtype=quantization_config.bnb_4bit_compute_dtype)
+        dtype="auto")
     return save_checkpoint(model, processor, out_dir, "merged-nf4")
 
 
 def load_captioner(folder: str | Path, device_map: Any = None) -> tuple[Any, Any]:
-    """Model and processor from a saved (merged or NF4) folder; 4-bit settings come from its config."""
+    """Model and processor from a saved (merged or NF4) folder; 4-bit settings come from its config.
+
+    Loaded as a user would load it (``from_pretrained(folder)``, the saved dtype): a 4-bit folder
+    computes its 4-bit layers in the saved compute dtype and keeps the other weights in 16-bit.
+    (Asking for another ``dtype`` when loading a pre-quantized checkpoint is not safe in
+    transformers 5.24: it casts the biases but not the weights of unquantized layers, and the patch
+    convolution then fails with "Input type (c10::Half) and bias type (float) should be the same".)
+    """
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"No model in '{folder}' (config.json is missing): run 05_merge_requant first.")
-    model = BlipForConditionalGeneration.from_pretrained(str(folder), device_map=device_map, use_safetensors=True)
+    model = BlipForConditionalGeneration.from_pretrained(str(folder), device_map=device_map, use_safetensors=True,
+                                                         dtype="auto")
     processor = BlipProcessor.from_pretrained(str(folder))
     return model.eval(), processor
 

@@ -91,6 +91,12 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        # No "Loading weights" / "Writing model shards" bars in every cell that loads or saves a model;
+        # the Trainer's bars and hub downloads (a real model's first run) keep theirs.
+        hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
 
@@ -138,7 +144,7 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
         pm.execute_notebook(
             str(stage_notebook(stage)), str(executed), parameters=parameters,
             kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
-            request_save_on_cell_execute=True,
+            request_save_on_cell_execute=True, **kernel_manager_options(),
         )
     except pm.PapermillExecutionError as err:
         raise StageFailed(f"Stage {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
@@ -147,6 +153,26 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
         raise StageFailed(f"Stage {stage} ran but wrote no metrics ({runs.metrics_path(run_dir, stage)}).")
     runs.mark_done(run_dir, stage)
     return StageOutcome(stage, "ran", time.perf_counter() - start, executed)
+
+
+def kernel_manager_options() -> dict[str, Any]:
+    """On POSIX, talk to the kernel over Unix domain sockets instead of TCP ports on localhost.
+
+    With TCP, jupyter_client picks free ports, releases them and lets the kernel bind them; another
+    process (a second run, a test session) can take one in between, and the kernel then fails with
+    "ZMQError: Address already in use". IPC sockets are files named after the kernel's unique
+    connection file, so there is nothing to race for (and no "running over TCP without encryption"
+    warning).
+    """
+    if os.name != "posix":
+        return {}
+    from jupyter_client import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class IpcKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return {"kernel_manager_class": IpcKernelManager}
 
 
 def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, force: bool = False,

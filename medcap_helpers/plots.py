@@ -95,10 +95,18 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], log_history: Sequ
     if ciders:
         ax_cider.plot(*zip(*ciders), "o-", color="#228833")
         best = max(ciders, key=lambda c: c[1])
-        ax_cider.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 8), ha="center")
+        ax_cider.plot(*best, "o", markersize=11, markerfacecolor="none", markeredgecolor="#cc3311")
+        low, high = ax_cider.get_ylim()
+        ax_cider.set_ylim(low, high + 0.18 * (high - low))  # room for the label under the title
+        ax_cider.annotate(f"best {best[1]:.3f} (epoch {best[0]:g})", best, textcoords="offset points",
+                          xytext=(0, 10), ha="center", va="bottom", fontsize=9)
     ax_cider.set(xlabel="epoch", ylabel="CIDEr", title="Validation CIDEr (generated reports)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+VALUE_LABELS = {"val_cider": "validation CIDEr", "peak_gpu_gb": "peak GPU memory (GB)",
+                "peak_rss_gb": "peak RSS (GB)", "wall_time_s": "time (s)"}
 
 
 def plot_sweep_heatmap(trials: Sequence[Mapping[str, Any]], value_key: str = "val_cider",
@@ -112,19 +120,30 @@ def plot_sweep_heatmap(trials: Sequence[Mapping[str, Any]], value_key: str = "va
             grid[ranks.index(t["lora_r"]), alphas.index(t["lora_alpha"])] = t[value_key]
     fig, ax = plt.subplots(figsize=(1.6 * len(alphas) + 2.5, 1.0 * len(ranks) + 1.8))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label=value_key)
+    label_text = VALUE_LABELS.get(value_key, value_key)
+    fig.colorbar(image, ax=ax, label=label_text)
     ax.set_xticks(range(len(alphas)), [str(a) for a in alphas])
     ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-    ax.set(xlabel="LoRA alpha", ylabel="LoRA rank r", title=f"Sweep: {value_key}")
+    ax.set(xlabel="LoRA alpha", ylabel="LoRA rank r", title=f"Sweep: {label_text}")
     for t in trials:
         i, j = ranks.index(t["lora_r"]), alphas.index(t["lora_alpha"])
-        label = "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
+        value = grid[i, j]
+        label = "–" if np.isnan(value) else _value_label(value)
+        # Dark text on the bright (yellow-green) end of viridis, white on the dark end.
+        colour = "black" if not np.isnan(value) and float(image.norm(value)) > 0.6 else "white"
         if t.get("feasible") is False:
             label += "\nover budget"
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="white"))
-        ax.text(j, i, label, ha="center", va="center", color="white", fontsize=8)
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor=colour))
+        ax.text(j, i, label, ha="center", va="center", color=colour, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _value_label(value: float) -> str:
+    """3 decimals, or 3 significant digits for small non-zero values (0.00014, not 0.000)."""
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:.3f}"
+    return np.format_float_positional(value, precision=2, fractional=False)
 
 
 def plot_metric_bars(table: Mapping[str, Mapping[str, Any]], metric: str = "CIDEr",
@@ -138,9 +157,13 @@ def plot_metric_bars(table: Mapping[str, Mapping[str, Any]], metric: str = "CIDE
     if all(lo is not None for lo in lows) and all(hi is not None for hi in highs):
         errors = np.array([[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]])
         errors = np.clip(errors, 0, None)
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.4))
-    ax.bar(names, values, yerr=errors, capsize=4, color="#4477aa")
-    ax.set(ylabel=metric, title=f"Test {metric}" + (" (95% bootstrap CI over studies)" if errors is not None else ""))
-    ax.tick_params(axis="x", rotation=20)
+    # Horizontal bars: system names are long and read best as row labels, in the table's order.
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.3))
+    positions = np.arange(len(names))
+    ax.barh(positions, values, xerr=errors, capsize=4, color="#4477aa", height=0.6)
+    ax.set_yticks(positions, [textwrap.fill(n, 32) for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(left=0)
+    ax.set(xlabel=metric, title=f"Test {metric}" + (" (95% bootstrap CI over studies)" if errors is not None else ""))
     fig.tight_layout()
     return _save(fig, path)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from medcap_helpers import runs
-from medcap_helpers.config import MedcapConfig
+from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.processing import tiny_model_dir
 
 TrialRunner = Callable[[MedcapConfig], dict[str, Any]]
 
@@ -38,8 +39,17 @@ def trial_dir(config: MedcapConfig, rank: int, alpha: int) -> Path:
 
 
 def trial_config(config: MedcapConfig, rank: int, alpha: int) -> MedcapConfig:
+    """The config one trial trains with: its own run folder, the grid point, ``sweep_epochs`` epochs.
+
+    With the tiny model every trial uses the main run's tiny model and processor (its folder becomes
+    ``model_name``): a trial must not build a new random model with a new vocabulary in its own folder,
+    or the trials would compare different base models, not LoRA settings.
+    """
+    model_name = config.model_name
+    if model_name == TINY_MODEL:
+        model_name = str(tiny_model_dir(config).resolve())
     return config.replace(run_dir=str(trial_dir(config, rank, alpha)), lora_r=rank, lora_alpha=alpha,
-                          num_train_epochs=config.sweep_epochs)
+                          num_train_epochs=config.sweep_epochs, model_name=model_name)
 
 
 def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
