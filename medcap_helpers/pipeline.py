@@ -53,7 +53,8 @@ def notebook_config(profile: str = "smoke", run_dir: str | None = None,
     """The config a notebook runs with: its parameters cell maps straight onto this.
 
     ``overrides`` may hold any :class:`MedcapConfig` field (the pipeline injects the whole
-    config). Also seeds Python, NumPy and torch and quietens chatty libraries.
+    config). Also seeds Python, NumPy and torch, sets torch's CPU threads
+    (``config.cpu_threads``) and quietens chatty libraries.
     """
     values = dict(overrides or {})
     values.pop("profile", None)
@@ -62,8 +63,21 @@ def notebook_config(profile: str = "smoke", run_dir: str | None = None,
     config = MedcapConfig.from_profile(profile, **values)
     runs.write_run_header(config)
     seed_everything(config.seed)
+    set_cpu_threads(config.cpu_threads)
     quiet_libraries()
     return config
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given (see ``MedcapConfig.cpu_threads``)."""
+    if threads is None:
+        return
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +149,8 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
     if runs.is_done(run_dir, stage) and not force:
         return StageOutcome(stage, "skipped", 0.0, executed)
     runs.clear_done(run_dir, stage)
+    # A stale metrics file must not make an unfinished rerun look finished.
+    runs.metrics_path(run_dir, stage).unlink(missing_ok=True)
     executed.parent.mkdir(parents=True, exist_ok=True)
     # Through JSON so tuples become lists: papermill writes literals of JSON-like types only.
     parameters = {"PROFILE": config.profile, "RUN_DIR": str(run_dir),
