@@ -44,6 +44,10 @@ class MedcapConfig:
     run_dir: str = "runs/smoke"
     seed: int = 42
     device: str = "auto"
+    cpu_threads: int | None = None
+    """torch's intra-op CPU threads; None keeps torch's default (one per core). The smoke profile uses 1:
+    the tiny model's ops are too small to gain from more, and with more threads than idle cores (another
+    process busy) every op waits for a descheduled thread, which made a 30 s stage take 2-9x longer."""
 
     # --- data -------------------------------------------------------------------------
     data_source: str = "smoke"
@@ -142,6 +146,8 @@ class MedcapConfig:
             raise ConfigError(f"split_ratios must sum to 1 with a non-zero train share, "
                               f"got {self.split_ratios!r}.")
         _positive_int("seed", self.seed, allow_zero=True)
+        if self.cpu_threads is not None:
+            _positive_int("cpu_threads", self.cpu_threads)
         _positive_int("smoke_num_reports", self.smoke_num_reports, minimum=6)
         _positive_int("smoke_image_size", self.smoke_image_size, minimum=32)
         _positive_int("max_image_pixels", self.max_image_pixels)
@@ -244,11 +250,11 @@ class MedcapConfig:
 
 
 _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
-             "vram_budget_gb"}
+             "vram_budget_gb", "cpu_threads"}
 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        run_dir="runs/smoke", data_source="smoke", model_name=TINY_MODEL, device="cpu",
+        run_dir="runs/smoke", data_source="smoke", model_name=TINY_MODEL, device="cpu", cpu_threads=1,
         smoke_num_reports=64, num_train_epochs=4.0, per_device_train_batch_size=4,
         gradient_accumulation_steps=1, learning_rate=5e-3, max_target_tokens=64, max_new_tokens=40,
         num_beams=1, logging_steps=2, bootstrap_samples=200, sweep_ranks=(4, 16), sweep_alphas=(16, 64),

@@ -252,7 +252,8 @@ def degradation_markdown(outcome: MergeOutcome) -> str:
     for name, delta in deltas.items():
         lines.append(f"| {name} | {delta.get('CIDEr', 0):+.4f} | {delta.get('BLEU-4', 0):+.4f} | "
                      f"{delta.get('ROUGE-L', 0):+.4f} |")
-    lines += ["", f"Final model: **{outcome.final_name}** (the smaller CIDEr drop)."]
+    lines += ["", f"Final model: **{outcome.final_name}** (the higher validation CIDEr after re-quantization, "
+                  "i.e. the smaller drop or the larger gain)."]
     return "\n".join(lines)
 
 
