@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from medcap_helpers.model import ModelLoadError
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
-class AdapterNotFound(FileNotFoundError):
+class AdapterNotFound(ModelLoadError, FileNotFoundError):
     """The adapter folder is missing or incomplete."""
 
 

@@ -30,7 +30,6 @@ from medcap_helpers import runs
 from medcap_helpers.budget import is_out_of_memory, release_memory
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.model import (
-    ModelLoadError,
     OutOfMemory,
     _quiet_deprecations,
     RowColumn,
@@ -502,13 +501,9 @@ def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path
     """The base model (4-bit per ``config``) with the LoRA adapter in ``adapter_dir`` applied."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelLoadError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json): run the "
-                             "train stage first, or pass the run's adapter folder (<run_dir>/adapter).")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise ModelLoadError(f"'{adapter_dir}' has no adapter_model.safetensors (only safetensors adapters "
-                             "are loaded); re-run the train stage.")
+    from medcap_helpers.merge import check_adapter_dir
+
+    adapter_dir = check_adapter_dir(adapter_dir)
     base = load_base_model(config, model_path=model_path)
     with _quiet_deprecations():
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
