@@ -46,6 +46,12 @@ class ImageLoadError(ValueError):
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB image (see module docstring for the conversions)."""
+    path = _non_empty_file(path)
+    with open(path, "rb") as handle:
+        return _decode(handle, str(path), max_pixels)
+
+
+def _non_empty_file(path: str | Path) -> Path:
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -53,8 +59,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageLoadError(f"{path}: cannot read the file ({err.strerror or err}).") from None
     if size == 0:
         raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
-    with open(path, "rb") as handle:
-        return _decode(handle, str(path), max_pixels)
+    return path
 
 
 def load_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -90,13 +95,7 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     Finds missing, empty, non-image and oversized files, and PNG/JPEG files cut short (no ``IEND`` /
     end-of-image marker at the end). Damage inside the data needs a full decode (:func:`load_image`).
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise ImageLoadError(f"{path}: cannot read the file ({err.strerror or err}).") from None
-    if size == 0:
-        raise ImageLoadError(f"{path}: the file is empty (0 bytes).")
+    path = _non_empty_file(path)
     with open(path, "rb") as handle, _open_image(handle, str(path)) as image:
         _check_pixels(image, str(path), max_pixels)
         info = ImageInfo(image.width, image.height, image.mode, image.format,
