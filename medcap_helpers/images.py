@@ -100,7 +100,7 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         _check_pixels(image, str(path), max_pixels)
         info = ImageInfo(image.width, image.height, image.mode, image.format,
                          "transparency" in image.info or image.mode in _ALPHA_MODES)
-        handle.seek(max(0, size - _TAIL_BYTES))
+        handle.seek(max(0, path.stat().st_size - _TAIL_BYTES))
         tail = handle.read()
     end_marker = _END_MARKERS.get(info.format or "")
     if end_marker is not None and end_marker not in tail:
