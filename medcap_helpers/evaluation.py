@@ -13,23 +13,23 @@ from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.metrics import bootstrap_ci, caption_scores
+from medcap_helpers.metrics import bootstrap_ci, caption_scores, table_row
 
 
-def split_images(split: Any) -> list[Any]:
-    """The split's images as RGB PIL images, in row order."""
-    return [image.convert("RGB") for image in split["image"]]
+def split_images(split: Any) -> Any:
+    """The split's images in row order, decoded lazily batch by batch (a full split of radiographs
+    would not fit in memory); generation and embedding convert each batch to RGB."""
+    return split["image"]
 
 
 def score_row(predictions: Sequence[str], split: Any, config: MedcapConfig) -> dict[str, Any]:
     """Metrics of ``predictions`` against the split's reports, CIDEr with a 95% bootstrap CI over studies."""
-    references = list(split["text"])
-    row: dict[str, Any] = dict(caption_scores(list(predictions), references))
-    interval = bootstrap_ci(list(predictions), references, groups=list(split["study_id"]), metric="CIDEr",
+    references, study_ids = list(split["text"]), list(split["study_id"])
+    interval = bootstrap_ci(list(predictions), references, groups=study_ids, metric="CIDEr",
                             n_samples=config.bootstrap_samples, seed=config.seed)
-    row["CIDEr_ci_low"], row["CIDEr_ci_high"] = interval["low"], interval["high"]
+    row: dict[str, Any] = table_row(caption_scores(list(predictions), references), interval)
     row["n_examples"] = len(references)
-    row["n_studies"] = len(set(split["study_id"]))
+    row["n_studies"] = len(set(study_ids))
     return row
 
 

@@ -176,7 +176,8 @@ class MergeOutcome:
     def deltas(self) -> dict[str, dict[str, float]]:
         """Each merged NF4 model's metrics minus the adapter-on-4-bit-base reference."""
         reference = self.validation["adapter on 4-bit base"]
-        return {name: {k: row[k] - reference[k] for k in row if k in reference and isinstance(row[k], float)}
+        return {name: {k: row[k] - reference[k] for k in row
+                       if k in reference and isinstance(row[k], float) and "_ci_" not in k}
                 for name, row in self.validation.items() if name != "adapter on 4-bit base"}
 
 
