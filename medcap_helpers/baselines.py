@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.generation import generate_for_split, split_images
+from medcap_helpers.images import open_rgb
 from medcap_helpers.metrics import normalize_report
 
 
@@ -69,10 +73,6 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     patches: it is the vision tower's own global summary. ``processor`` is a ``BlipProcessor`` or
     a ``BlipImageProcessor``; images are PIL images, paths or arrays.
     """
-    from tqdm.auto import tqdm
-
-    from medcap_helpers.model import open_rgb
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     vision = vision_model_of(model)
@@ -126,3 +126,18 @@ def nearest_neighbour_baseline(train_embeddings: np.ndarray | torch.Tensor, trai
     for start in range(0, query.shape[0], 1024):  # bounded memory for large query sets
         nearest.extend(torch.argmax(query[start:start + 1024] @ train.T, dim=1).tolist())
     return [train_texts[i] for i in nearest]
+
+
+def baseline_systems(base_model: Any, processor: Any, train_split: Any, test_split: Any,
+                     config: MedcapConfig) -> dict[str, list[str]]:
+    """Zero-shot base captions, the constant most-frequent report and nearest-neighbour retrieval."""
+    train_texts = list(train_split["text"])
+    zero_shot = generate_for_split(base_model, processor, test_split, config)
+    train_embeddings = image_embeddings(base_model, processor, split_images(train_split), config.eval_batch_size)
+    test_embeddings = image_embeddings(base_model, processor, split_images(test_split), config.eval_batch_size)
+    return {
+        "zero-shot base": zero_shot,
+        "constant (most frequent report)": constant_baseline(train_texts, len(test_split)),
+        "nearest neighbour (base vision embedding)": nearest_neighbour_baseline(
+            train_embeddings, train_texts, test_embeddings),
+    }

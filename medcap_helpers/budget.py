@@ -8,12 +8,18 @@ that runs out of memory is recorded and the next one is tried; the probe never c
 
 from __future__ import annotations
 
-import gc
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GIB = 1024**3
+import torch
+
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.devices import GB, is_out_of_memory, pick_device, release_memory
+from medcap_helpers.errors import BudgetTooSmall
+from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
+from medcap_helpers.processing import CaptionCollator
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,6 @@ class BudgetFit:
                            "samples_per_s": o.samples_per_s} for o in self.tried]}
 
 
-class BudgetTooSmall(RuntimeError):
-    """No training setting fits the memory budget."""
-
-
 def candidate_settings(effective_batch: int, max_micro_batch: int = 16) -> list[TrainingCandidate]:
     """Settings that keep ``effective_batch``, fastest first.
 
@@ -115,28 +117,6 @@ def fit_to_budget(candidates: Iterable[TrainingCandidate],
     return fit
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(err, (MemoryError, RuntimeError)) and "out of memory" in str(err).lower()
-
-
-def release_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def measure_training_step(model: Any, collator: Any, rows: Any, candidate: TrainingCandidate,
                           steps: int = 3) -> tuple[float, float]:
     """Peak reserved GPU memory (GB) and samples/s of ``steps`` optimizer steps at ``candidate``'s settings.
@@ -144,12 +124,6 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
     The first step is a warm-up and not timed. The trainable weights are restored afterwards, so the
     probe leaves the model as it found it.
     """
-    import time
-
-    import torch
-
-    from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
-
     device = next(p for p in model.parameters() if p.requires_grad).device
     if candidate.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -176,7 +150,7 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_reserved(device) / 1e9
+        peak = torch.cuda.max_memory_reserved(device) / GB
     finally:
         with torch.no_grad():
             for param, original in zip(trainable, saved):
@@ -187,19 +161,14 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
     return peak, size * max(steps - 1, 1) / elapsed
 
 
-def fit_config_to_budget(config: Any, model: Any, processor: Any, train_rows: Any,
-                         margin: float = 0.1) -> tuple[Any, BudgetFit | None]:
+def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train_rows: Any,
+                         margin: float = 0.1) -> tuple[MedcapConfig, BudgetFit | None]:
     """Apply ``config.vram_budget_gb``: probe settings on the GPU and return the updated config.
 
     The allocator is capped at the budget (``torch.cuda.set_per_process_memory_fraction``) for the
     probe and the training that follows, so a bigger card behaves like the budgeted one. Returns
     ``(config, None)`` when no budget is set or there is no GPU to measure.
     """
-    import torch
-
-    from medcap_helpers.model import pick_device
-    from medcap_helpers.processing import CaptionCollator
-
     if config.vram_budget_gb is None:
         return config, None
     device = pick_device(config)
@@ -207,7 +176,7 @@ def fit_config_to_budget(config: Any, model: Any, processor: Any, train_rows: An
         print(f"vram_budget_gb={config.vram_budget_gb} is ignored: there is no GPU to measure on this machine.")
         return config, None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    total_gb = torch.cuda.get_device_properties(index).total_memory / 1e9
+    total_gb = torch.cuda.get_device_properties(index).total_memory / GB
     torch.cuda.set_per_process_memory_fraction(min(1.0, config.vram_budget_gb / total_gb), index)
     collator = CaptionCollator(processor, config.max_target_tokens)
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),

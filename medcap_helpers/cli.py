@@ -12,12 +12,15 @@ import argparse
 import ast
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medcap_helpers.config import PROFILES, ConfigError, MedcapConfig, field_names
-from medcap_helpers.runs import RunFolderError
+from medcap_helpers.config import PROFILES, MedcapConfig, field_names
+from medcap_helpers.errors import ConfigError, MedcapError, StageFailed
+from medcap_helpers.pipeline import run_pipeline
+from medcap_helpers.summary import final_table_text
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -57,6 +60,7 @@ def build_config(args: argparse.Namespace) -> MedcapConfig:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcap", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the notebooks 01 → 06 into a run folder")
@@ -77,33 +81,33 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a stage failed (see its executed notebook), 2 a setting or file to fix, 130 interrupted."""
     args = make_parser().parse_args(argv)
     try:
         config = build_config(args)
         if args.command == "config":
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-        from medcap_helpers.pipeline import StageFailed, run_pipeline
-        from medcap_helpers.report import final_table_text
-
-        try:
-            run_pipeline(config, stages=args.stages, force=args.force, progress=not args.no_progress)
-        except StageFailed as err:
-            print(f"medcap: {err}", file=sys.stderr)
-            return 1
+        run_pipeline(config, stages=args.stages, force=args.force, progress=not args.no_progress)
         print(final_table_text(config.run_dir))
         print(f"\nRun folder: {Path(config.run_dir).resolve()} (summary.md)")
         return 0
-    except ConfigError as err:
-        print(f"medcap: configuration error: {err}", file=sys.stderr)
-        return 2
-    except RunFolderError as err:
-        print(f"medcap: {err}", file=sys.stderr)
+    except StageFailed as err:
+        _report(err, args.debug)
+        return 1
+    except MedcapError as err:
+        _report(err, args.debug, prefix="configuration error: " if isinstance(err, ConfigError) else "")
         return 2
     except KeyboardInterrupt:
         print("medcap: interrupted; finished stages are kept, rerun the same command to continue.",
               file=sys.stderr)
         return 130
+
+
+def _report(err: BaseException, debug: bool, prefix: str = "") -> None:
+    if debug:
+        traceback.print_exception(err)
+    print(f"medcap: {prefix}{err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medcap_helpers.errors import ConfigError
+
 BLIP_LARGE_ID = "Salesforce/blip-image-captioning-large"
 TINY_MODEL = "tiny"
 """Sentinel model name: a tiny randomly initialised BLIP built locally (no download)."""
 
 PROFILES = ("smoke", "full")
+STAGES: tuple[str, ...] = ("01_data", "02_baseline", "03_qlora_train", "04_sweep", "05_merge_requant",
+                           "06_eval_and_demo")
+"""The pipeline's stages, in order: each is a notebook ``notebooks/<stage>.ipynb`` and a metrics file."""
 DATA_SOURCES = ("smoke", "openi", "r2gen", "kaggle", "xrv_reports", "hub")
 TARGETS = ("findings", "impression", "both")
 SPLIT_MODES = ("random", "r2gen")
@@ -30,10 +35,6 @@ DEVICES = ("auto", "cpu", "cuda")
 TEXT_LORA_TARGETS = ("query", "key", "value", "dense")
 VISION_LORA_TARGETS = ("qkv", "projection", "fc1", "fc2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user set is not valid; the message says which and why."""
 
 
 @dataclass

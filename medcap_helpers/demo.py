@@ -24,12 +24,20 @@ import base64
 import html
 import io
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
 from PIL import Image
 
-from medcap_helpers.images import ImageLoadError, load_image_bytes
+from medcap_helpers.checkpoints import load_captioner, load_processor_from
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.devices import device_map_for, pick_device
+from medcap_helpers.errors import ImageLoadError
+from medcap_helpers.evaluation import final_model_dir
+from medcap_helpers.generation import generate_reports
+from medcap_helpers.images import load_image_bytes
+from medcap_helpers.model import load_base_model
 
 Captioner = Callable[[Image.Image], str]
 
@@ -207,3 +215,19 @@ class CaptionDemo:
         if self._clearing_upload:
             return
         self.handle_upload(change["new"])
+
+
+def demo_captioners(config: MedcapConfig) -> dict[str, Captioner]:
+    """Functions image -> report for the demo: the base model and the final fine-tuned NF4 model."""
+    run = Path(config.run_dir)
+    base = load_base_model(config)
+    base_processor = load_processor_from(run / "adapter")
+    tuned, tuned_processor = load_captioner(final_model_dir(run), device_map=device_map_for(pick_device(config)))
+
+    def captioner(model: Any, processor: Any) -> Captioner:
+        def caption(image: Any) -> str:
+            return generate_reports(model, processor, [image], max_new_tokens=config.max_new_tokens,
+                                    num_beams=config.num_beams, batch_size=1, progress=False)[0]
+        return caption
+
+    return {"base model": captioner(base, base_processor), "fine-tuned (NF4)": captioner(tuned, tuned_processor)}

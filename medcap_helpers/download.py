@@ -24,15 +24,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from medcap_helpers.errors import DownloadError
+
 OPENI_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections/"
 OPENI_IMAGES = "NLMCXR_png.tgz"
 OPENI_REPORTS = "NLMCXR_reports.tgz"
 EXTRACTED_MARKER = ".extracted"
 USER_AGENT = "medcap-downloader/0.1"
-
-
-class DownloadError(OSError):
-    """A download or extraction failed; the message names the URL (or archive) and what to do."""
 
 
 def download_file(url: str, dest: str | Path, expected_sha256: str | None = None,

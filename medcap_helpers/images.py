@@ -27,10 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medcap_helpers.errors import ImageLoadError
 
 DEFAULT_MAX_PIXELS = 50_000_000
 _GREY_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -38,10 +40,6 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _NATIVE_RGB_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
 _END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
 _TAIL_BYTES = 1024
-
-
-class ImageLoadError(ValueError):
-    """An image file cannot be used; the message names the file and the reason."""
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -201,3 +199,18 @@ def _reason(err: BaseException) -> str:
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "inspect_image", "load_image", "load_image_bytes",
            "to_rgb8"]
+
+
+def open_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path or an HxWxC/HxW array."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file '{path}' does not exist.")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    if hasattr(image, "__array__"):
+        return Image.fromarray(np.asarray(image)).convert("RGB")
+    raise TypeError(f"Expected a PIL image, a path or an array, got {type(image).__name__}.")

@@ -14,7 +14,7 @@ Either merged model is then loaded in NF4 and saved as a 4-bit checkpoint with i
 
 from __future__ import annotations
 
-import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,40 +22,21 @@ from typing import Any
 
 import torch
 
-from medcap_helpers.model import ModelLoadError
-
-SAFETENSORS_SUFFIXES = (".safetensors",)
-
-
-class AdapterNotFound(ModelLoadError, FileNotFoundError):
-    """The adapter folder is missing or incomplete."""
-
-
-@dataclass
-class MergedCheckpoint:
-    path: Path
-    kind: str  # "merged-16bit" | "merged-dequantized-16bit" | "merged-nf4"
-    size_bytes: int
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise AdapterNotFound(f"No LoRA adapter in '{adapter_dir}' (adapter_config.json is missing): "
-                              "run 03_qlora_train first, or point at the folder save_pretrained wrote.")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise AdapterNotFound(f"'{adapter_dir}' has no adapter_model.safetensors: only safetensors "
-                              "adapters are loaded (no pickle files).")
-    return adapter_dir
-
-
-def checkpoint_size(path: str | Path) -> int:
-    """Bytes of the weight files in a checkpoint folder (what a download or the disk holds)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in SAFETENSORS_SUFFIXES)
-
+from medcap_helpers.checkpoints import (
+    MergedCheckpoint,
+    check_adapter_dir,
+    load_adapter_model,
+    load_captioner,
+    load_processor_from,
+    save_checkpoint,
+    saved_checkpoint,
+)
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.data import VALIDATION, limit_rows
+from medcap_helpers.devices import compute_dtype, device_map_for, memory_snapshot, pick_device, reset_peak_memory
+from medcap_helpers.generation import generate_for_split, generate_reports
+from medcap_helpers.metrics import format_table, score_systems
+from medcap_helpers.model import base_model_source, load_base_model, load_plain_model, quantization_config, quiet_deprecations
 
 def merge_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """16-bit dtype to merge and save in: bf16 when training computed in bf16, else fp16."""
@@ -65,32 +46,9 @@ def merge_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 def _merge(base_model: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
-    from medcap_helpers.model import _quiet_deprecations
-
-    with _quiet_deprecations():
+    with quiet_deprecations():
         peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     return peft_model.merge_and_unload()
-
-
-def save_checkpoint(model: Any, processor: Any, out_dir: str | Path, kind: str) -> MergedCheckpoint:
-    """Save into a staging folder and rename it into place, so a crash never leaves a half checkpoint."""
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    if processor is not None:
-        processor.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-    return MergedCheckpoint(out_dir, kind, checkpoint_size(out_dir))
-
-
-def saved_checkpoint(out_dir: str | Path, kind: str) -> MergedCheckpoint | None:
-    """The checkpoint already in ``out_dir`` (from an earlier run), or None."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and checkpoint_size(out_dir) > 0:
-        return MergedCheckpoint(out_dir, kind, checkpoint_size(out_dir))
-    return None
 
 
 def merge_onto_16bit_base(base_path: str, adapter_dir: str | Path, out_dir: str | Path, processor: Any,
@@ -140,26 +98,6 @@ def requantize_nf4(merged_dir: str | Path, out_dir: str | Path, processor: Any,
     return save_checkpoint(model, processor, out_dir, "merged-nf4")
 
 
-def load_captioner(folder: str | Path, device_map: Any = None) -> tuple[Any, Any]:
-    """Model and processor from a saved (merged or NF4) folder; 4-bit settings come from its config.
-
-    Loaded as a user would load it (``from_pretrained(folder)``, the saved dtype): a 4-bit folder
-    computes its 4-bit layers in the saved compute dtype and keeps the other weights in 16-bit.
-    (Asking for another ``dtype`` when loading a pre-quantized checkpoint is not safe in
-    transformers 5.24: it casts the biases but not the weights of unquantized layers, and the patch
-    convolution then fails with "Input type (c10::Half) and bias type (float) should be the same".)
-    """
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"No model in '{folder}' (config.json is missing): run 05_merge_requant first.")
-    model = BlipForConditionalGeneration.from_pretrained(str(folder), device_map=device_map, use_safetensors=True,
-                                                         dtype="auto")
-    processor = BlipProcessor.from_pretrained(str(folder))
-    return model.eval(), processor
-
-
 # ----------------------------------------------------------------------------- the 05 stage
 FINAL_CANDIDATES = {"merged-nf4": "merged onto 16-bit base → NF4",
                     "merged-dequantized-nf4": "merged onto dequantized 4-bit base → NF4"}
@@ -181,61 +119,50 @@ class MergeOutcome:
                 for name, row in self.validation.items() if name != "adapter on 4-bit base"}
 
 
-def merge_and_requantize(config: Any, dataset: Any) -> MergeOutcome:
+def merge_and_requantize(config: MedcapConfig, dataset: Any) -> MergeOutcome:
     """Both merges, both NF4 re-quantizations, the degradation check; the less degraded one is final.
 
     Checkpoints already in the run folder are reused (a rerun redoes only what is missing).
     """
-    from medcap_helpers import data as data_lib
-    from medcap_helpers import evaluation
-    from medcap_helpers import model as model_lib
-    from medcap_helpers.train import load_adapter_model
-
     run = Path(config.run_dir)
     adapter_dir = check_adapter_dir(run / "adapter")
-    device = model_lib.pick_device(config)
-    compute = model_lib.compute_dtype(config, device)
+    device = pick_device(config)
+    compute = compute_dtype(config, device)
     dtype16 = merge_dtype(compute)
     processor = load_processor_from(adapter_dir)
-    base_source = model_lib.base_model_source(config)
-    val = data_lib.limit_rows(dataset[data_lib.VALIDATION], config.max_eval_examples)
-    device_map = model_lib.device_map_for(device)
+    base_source = base_model_source(config)
+    val = limit_rows(dataset[VALIDATION], config.max_eval_examples)
+    device_map = device_map_for(device)
 
     def build(name: str, make: Any) -> MergedCheckpoint:
         return saved_checkpoint(run / name, name) or make()
 
     checkpoints: dict[str, MergedCheckpoint] = {}
     checkpoints["base-16bit"] = build("base-16bit", lambda: save_checkpoint(
-        model_lib.load_plain_model(base_source, dtype16), processor, run / "base-16bit", "base-16bit"))
+        load_plain_model(base_source, dtype16), processor, run / "base-16bit", "base-16bit"))
     checkpoints["merged-16bit"] = build("merged-16bit", lambda: merge_onto_16bit_base(
         base_source, adapter_dir, run / "merged-16bit", processor, dtype16))
     checkpoints["merged-dequantized-16bit"] = build("merged-dequantized-16bit", lambda: merge_onto_dequantized_base(
-        model_lib.load_base_model(config), adapter_dir, run / "merged-dequantized-16bit", processor, dtype16))
+        load_base_model(config), adapter_dir, run / "merged-dequantized-16bit", processor, dtype16))
     for source, target in (("merged-16bit", "merged-nf4"), ("merged-dequantized-16bit", "merged-dequantized-nf4")):
         checkpoints[target] = build(target, lambda s=source, t=target: requantize_nf4(
-            checkpoints[s].path, run / t, processor, model_lib.quantization_config(compute), device_map))
+            checkpoints[s].path, run / t, processor, quantization_config(compute), device_map))
 
     predictions: dict[str, list[str]] = {}
     adapter_model = load_adapter_model(config, adapter_dir)
-    predictions["adapter on 4-bit base"] = evaluation.generate_for_split(adapter_model, processor, val, config)
+    predictions["adapter on 4-bit base"] = generate_for_split(adapter_model, processor, val, config)
     del adapter_model
     for name, label in FINAL_CANDIDATES.items():
         nf4_model, nf4_processor = load_captioner(checkpoints[name].path, device_map=device_map)
-        predictions[label] = evaluation.generate_for_split(nf4_model, nf4_processor, val, config)
+        predictions[label] = generate_for_split(nf4_model, nf4_processor, val, config)
         del nf4_model
-    validation = evaluation.score_systems(predictions, val, config)
+    validation = score_systems(predictions, val, config)
     # "Degrades less" = higher validation CIDEr after re-quantization; ties go to the dequantized merge,
     # which reproduces the trained weights before re-quantization.
     final_name = max(("merged-dequantized-nf4", "merged-nf4"),
                      key=lambda n: validation[FINAL_CANDIDATES[n]]["CIDEr"])
     return MergeOutcome(checkpoints=checkpoints, validation=validation, final_name=final_name,
                         final_dir=checkpoints[final_name].path)
-
-
-def load_processor_from(folder: str | Path) -> Any:
-    from transformers import BlipProcessor
-
-    return BlipProcessor.from_pretrained(str(folder))
 
 
 def sizes_markdown(outcome: MergeOutcome) -> str:
@@ -247,8 +174,6 @@ def sizes_markdown(outcome: MergeOutcome) -> str:
 
 
 def degradation_markdown(outcome: MergeOutcome) -> str:
-    from medcap_helpers.report import format_table
-
     deltas = outcome.deltas()
     lines = [format_table(outcome.validation), "", "Change against the adapter on its 4-bit base:", "",
              "| merged NF4 model | ΔCIDEr | ΔBLEU-4 | ΔROUGE-L |", "|---|---:|---:|---:|"]
@@ -260,28 +185,24 @@ def degradation_markdown(outcome: MergeOutcome) -> str:
     return "\n".join(lines)
 
 
-def measure_inference(config: Any, folder: str | Path, split: Any, n_images: int) -> dict[str, Any]:
+def measure_inference(config: MedcapConfig, folder: str | Path, split: Any, n_images: int) -> dict[str, Any]:
     """Load memory, peak memory while generating and latency per report (one image at a time)."""
-    import statistics
-
-    from medcap_helpers import model as model_lib
-
-    device = model_lib.pick_device(config)
-    model_lib.reset_peak_memory(device)
-    before = model_lib.memory_snapshot(device)
-    captioner, processor = load_captioner(folder, device_map=model_lib.device_map_for(device))
-    loaded = model_lib.memory_snapshot(device)
-    model_lib.reset_peak_memory(device)
+    device = pick_device(config)
+    reset_peak_memory(device)
+    before = memory_snapshot(device)
+    captioner, processor = load_captioner(folder, device_map=device_map_for(device))
+    loaded = memory_snapshot(device)
+    reset_peak_memory(device)
     images = [split[i]["image"] for i in range(min(n_images, len(split)))]
     latencies = []
     for image in images:
         start = time.perf_counter()
-        model_lib.generate_reports(captioner, processor, [image], max_new_tokens=config.max_new_tokens,
+        generate_reports(captioner, processor, [image], max_new_tokens=config.max_new_tokens,
                                    num_beams=config.num_beams, batch_size=1, progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         latencies.append(time.perf_counter() - start)
-    peak = model_lib.memory_snapshot(device)
+    peak = memory_snapshot(device)
     return {"device": str(device), "num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens,
             "images": len(images), "latency_s_median": statistics.median(latencies) if latencies else None,
             "latency_s_mean": statistics.fmean(latencies) if latencies else None,

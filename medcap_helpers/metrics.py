@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from medcap_helpers.config import MedcapConfig
+
 METRIC_MODULE_PATH = Path(__file__).resolve().parent / "metrics_module" / "caption_metrics.py"
-SCORE_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR")
 BOOTSTRAP_METRICS = ("CIDEr", "ROUGE-L")
 """Metrics that are a mean of per-example scores, so studies can be resampled without rescoring."""
 
@@ -292,7 +293,7 @@ def bootstrap_ci(predictions: Sequence[str], references: References, groups: Seq
 # Tables
 # --------------------------------------------------------------------------------------------
 def table_row(scores: Mapping[str, float], ci: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """One system's row for :func:`metrics_table` / the run report: scores plus ``<metric>_ci_low/high``."""
+    """One system's row for :func:`format_table` / the run summary: scores plus ``<metric>_ci_low/high``."""
     row = {k: float(v) for k, v in scores.items() if v is not None}
     if ci is not None:
         metric = ci.get("metric", "CIDEr")
@@ -301,11 +302,44 @@ def table_row(scores: Mapping[str, float], ci: Mapping[str, Any] | None = None) 
     return row
 
 
-def metrics_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table, one row per system (``{name: table_row(...)}``), CIs shown where present."""
-    from medcap_helpers.report import format_table
+TABLE_COLUMNS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR")
 
-    return format_table(dict(rows))
+
+def format_table(rows: Mapping[str, Mapping[str, Any]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """A markdown table: one row per system, CIDEr with its bootstrap interval when recorded."""
+    present = [c for c in columns if any(c in r for r in rows.values())]
+    lines = ["| system | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+    for name, row in rows.items():
+        cells = []
+        for column in present:
+            value = row.get(column)
+            if value is None:
+                cells.append("–")
+                continue
+            cell = f"{value:.3f}"
+            low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+            if low is not None and high is not None:
+                cell += f" [{low:.3f}, {high:.3f}]"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def score_row(predictions: Sequence[str], split: Any, config: MedcapConfig) -> dict[str, Any]:
+    """Metrics of ``predictions`` against the split's reports, CIDEr with a 95% bootstrap CI over studies."""
+    references, study_ids = list(split["text"]), list(split["study_id"])
+    interval = bootstrap_ci(list(predictions), references, groups=study_ids, metric="CIDEr",
+                            n_samples=config.bootstrap_samples, seed=config.seed)
+    row: dict[str, Any] = table_row(caption_scores(list(predictions), references), interval)
+    row["n_examples"] = len(references)
+    row["n_studies"] = len(set(study_ids))
+    return row
+
+
+def score_systems(systems: Mapping[str, Sequence[str]], split: Any,
+                  config: MedcapConfig) -> dict[str, dict[str, Any]]:
+    """:func:`score_row` for every system (name -> predictions in the split's row order)."""
+    return {name: score_row(predictions, split, config) for name, predictions in systems.items()}
 
 
 def load_caption_metric() -> Any:

@@ -1,4 +1,4 @@
-"""BLIP models: real (hub/folder), tiny random, 4-bit NF4 loading, LoRA, memory and generation.
+"""BLIP models: real (hub/folder), tiny random and random real-size; 4-bit NF4 loading; LoRA.
 
 The tiny model (``model_name="tiny"``) is a randomly initialised ``BlipForConditionalGeneration``
 with the same classes as BLIP-large. It is saved to ``<run_dir>/tiny_model`` (safetensors, with its
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -32,40 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medcap_helpers.budget import is_out_of_memory, release_memory
-from medcap_helpers.config import TEXT_LORA_TARGETS, TINY_MODEL, VISION_LORA_TARGETS, ConfigError, MedcapConfig
-from medcap_helpers.processing import tiny_model_dir
+from medcap_helpers.atomic import atomic_folder, folder_ready
+from medcap_helpers.config import TEXT_LORA_TARGETS, TINY_MODEL, VISION_LORA_TARGETS, MedcapConfig
+from medcap_helpers.devices import compute_dtype, device_map_for, pick_device
+from medcap_helpers.errors import ConfigError, ModelLoadError
+from medcap_helpers.processing import has_saved_processor, load_processor, tiny_model_dir
+from medcap_helpers.sources import tokenizer_training_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-GIB = 1024**3
 WEIGHTS_FILE = "model.safetensors"
-
-
-class ModelLoadError(OSError):
-    """A model or adapter cannot be loaded; the message says what to check."""
-
-
-class OutOfMemory(torch.cuda.OutOfMemoryError):
-    """Training or generation ran out of (GPU) memory; the message gives the settings in force and what to change.
-
-    A subclass of ``torch.cuda.OutOfMemoryError``, so code that catches that (the budget probe, the
-    sweep, the benchmarks) still sees an out-of-memory error.
-    """
-
-
-def out_of_memory(doing: str, error: BaseException, settings: dict[str, Any], advice: Sequence[str],
-                  note: str = "") -> OutOfMemory:
-    """An :class:`OutOfMemory` for ``error``: one line of what failed, the settings, then what to change."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    in_force = ", ".join(f"{key}={value!r}" for key, value in settings.items())
-    lines = [f"Out of memory while {doing}: {first_line[:200]}", f"Settings: {in_force}.",
-             "Try: " + "; ".join(advice) + "."]
-    if note:
-        lines.append(note)
-    return OutOfMemory("\n".join(lines))
 
 
 def _safetensors_error() -> tuple[type[BaseException], ...]:
@@ -135,55 +112,18 @@ def create_tiny_model(folder: str | Path, processor: BlipProcessor, init_range: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(blip_config)
-    # Saved to a staging folder, then moved in with the weights file last: a run killed while saving
-    # never leaves a model.safetensors (what marks the tiny model as built) that is half-written or
-    # lacks its processor.
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
-    (folder / WEIGHTS_FILE).unlink(missing_ok=True)
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == WEIGHTS_FILE):
-        os.replace(item, folder / item.name)
-    staging.rmdir()
-    return folder
+    with atomic_folder(folder) as staging:  # a killed run never leaves a half-saved tiny model
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+    return Path(folder)
 
 
 def ensure_tiny_model(config: MedcapConfig, processor: BlipProcessor) -> Path:
     """Create the run's tiny model (weights + processor) unless it is already saved; return its folder."""
     folder = tiny_model_dir(config)
-    if not (folder / WEIGHTS_FILE).is_file():
+    if not folder_ready(folder, WEIGHTS_FILE):
         create_tiny_model(folder, processor, init_range=config.tiny_init_range, seed=config.seed)
     return folder
-
-
-# --------------------------------------------------------------------------------------- devices
-def pick_device(config: MedcapConfig) -> torch.device:
-    """``config.device`` as a torch device; ``"auto"`` takes CUDA when present."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() "
-                          "is False): install a CUDA build of torch or use device='cpu' / profile 'smoke'.")
-    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def compute_dtype(config: MedcapConfig, device: torch.device) -> torch.dtype:
-    """Compute dtype: explicit ``config.compute_dtype`` honoured; "auto" = bf16 on CUDA that supports
-    it, else fp16 on CUDA, fp32 on CPU."""
-    if config.compute_dtype != "auto":
-        return getattr(torch, config.compute_dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def device_map_for(device: torch.device | str) -> dict[str, Any]:
-    """``from_pretrained`` device map putting the whole model on ``device`` (bitsandbytes needs one)."""
-    device = torch.device(device)
-    return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
 
 
 def quantization_config(dtype: torch.dtype) -> Any:
@@ -204,7 +144,7 @@ def _resolve_model_source(config: MedcapConfig, model_path: str | Path | None) -
         return str(source)
     if config.model_name == TINY_MODEL:
         folder = tiny_model_dir(config)
-        if not (folder / WEIGHTS_FILE).is_file():
+        if not folder_ready(folder, WEIGHTS_FILE):
             raise ModelLoadError(f"The tiny model is not built yet ({folder / WEIGHTS_FILE} is missing): call "
                                  "ensure_tiny_model(config, processor) first.")
         return str(folder)
@@ -243,13 +183,12 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
     """The base model (4-bit per config) and its processor, building the tiny model when needed.
 
     For ``model_name="tiny"`` the tokenizer learns from ``texts``, else from the bundled IU X-Ray
-    reports minus the dataset's validation/test reports; the tiny model and processor are saved to
-    ``<run_dir>/tiny_model`` once and reused afterwards (a resumed run keeps its vocabulary).
+    reports minus the dataset's validation/test reports (:func:`~medcap_helpers.sources.tokenizer_training_texts`);
+    the tiny model and processor are saved to ``<run_dir>/tiny_model`` once and reused afterwards (a
+    resumed run keeps its vocabulary).
     """
-    from medcap_helpers.processing import has_saved_processor, load_processor
-
-    if config.model_name == TINY_MODEL and not (
-            has_saved_processor(tiny_model_dir(config)) and (tiny_model_dir(config) / WEIGHTS_FILE).is_file()):
+    folder = tiny_model_dir(config)
+    if config.model_name == TINY_MODEL and not (folder_ready(folder, WEIGHTS_FILE) and has_saved_processor(folder)):
         corpus = list(texts) if texts is not None else _tokenizer_corpus(config, dataset)
         ensure_tiny_model(config, load_processor(config, corpus))
     processor = load_processor(config)
@@ -257,17 +196,11 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
 
 
 def _tokenizer_corpus(config: MedcapConfig, dataset: Any) -> list[str]:
-    """The tiny tokenizer's texts: :func:`medcap_helpers.data.tokenizer_training_texts` (bundled reports
-    minus held-out ones, what notebook 01 uses too), else the dataset's training texts."""
+    """The tiny tokenizer's texts: bundled reports minus held-out ones, else the dataset's training texts."""
     corpus: list[str] = []
     try:
-        from medcap_helpers import data as data_lib
-
-        if dataset is not None:
-            corpus = list(data_lib.tokenizer_training_texts(config, dataset) or [])
-        else:
-            corpus = list(data_lib.bundled_report_texts(config.target, config.lowercase))
-    except (ImportError, AttributeError, OSError) as err:  # bundled reports are a convenience
+        corpus = list(tokenizer_training_texts(config, dataset) or [])
+    except OSError as err:  # bundled reports (torchxrayvision's data file) are a convenience
         warnings.warn(f"Bundled report texts unavailable ({err}); the tiny tokenizer learns from the dataset only.",
                       RuntimeWarning, stacklevel=3)
     if not corpus and dataset is not None and "train" in dataset:
@@ -433,7 +366,7 @@ def lora_target_regex(config: MedcapConfig) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_deprecations() -> Iterator[None]:
+def quiet_deprecations() -> Iterator[None]:
     """peft still calls transformers' deprecated ``gradient_checkpointing_enable``/``is_gradient_checkpointing``."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*",
@@ -461,7 +394,7 @@ def enable_gradient_checkpointing(model: Any) -> None:
     """Non-reentrant activation checkpointing on BLIP (no input-grad hook needed; see module docstring)."""
     base = unwrap_model(model)
     kwargs = {"use_reentrant": False}
-    with _quiet_deprecations():
+    with quiet_deprecations():
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers < 5.x naming
@@ -481,7 +414,7 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     checkpointing = config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=lora_target_regex(config), bias="none")
-    with _quiet_deprecations(), torch.random.fork_rng(devices=[]):
+    with quiet_deprecations(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # reproducible LoRA A init without touching the global RNG
         if is_quantized(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -516,133 +449,6 @@ def describe_trainable(model: torch.nn.Module, echo: bool = True) -> str:
     return line
 
 
-# --------------------------------------------------------------------------------------- memory
-def memory_snapshot(device: torch.device | str) -> dict[str, float]:
-    """Memory now and at peak, in GiB: CUDA allocator (+ NVML device use when available) or CPU RSS."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        snap = {"allocated_gib": torch.cuda.memory_allocated(index) / GIB,
-                "reserved_gib": torch.cuda.memory_reserved(index) / GIB,
-                "max_allocated_gib": torch.cuda.max_memory_allocated(index) / GIB,
-                "max_reserved_gib": torch.cuda.max_memory_reserved(index) / GIB,
-                "total_gib": torch.cuda.get_device_properties(index).total_memory / GIB}
-        with contextlib.suppress(Exception):  # NVML may be missing (containers, non-NVIDIA builds)
-            snap["device_used_gib"] = torch.cuda.device_memory_used(index) / GIB
-        return {k: round(v, 4) for k, v in snap.items()}
-    import resource
-
-    snap = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        snap["rss_gib"] = pages * resource.getpagesize() / GIB
-    return {k: round(v, 4) for k, v in snap.items()}
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new CUDA peak measurement (CPU peak RSS cannot be reset)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-# --------------------------------------------------------------------------------------- generation
-def open_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or an HxWxC/HxW array."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"Image file '{path}' does not exist.")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    if hasattr(image, "__array__"):
-        import numpy as np
-
-        return Image.fromarray(np.asarray(image)).convert("RGB")
-    raise TypeError(f"Expected a PIL image, a path or an array, got {type(image).__name__}.")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class RowColumn(Sequence[Any]):
-    """``rows[i][key]`` as a lazy sequence (no decoding of a dataset's whole image column)."""
-
-    def __init__(self, rows: Any, key: str) -> None:
-        self.rows, self.key = rows, key
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: Any) -> Any:  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self.rows[i][self.key] for i in range(*index.indices(len(self)))]
-        return self.rows[index][self.key]
-
-
-@torch.no_grad()
-def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
-                     num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
-                     progress: bool = True) -> list[str]:
-    """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
-
-    ``images`` needs only ``len`` and integer indexing (PIL images, paths, arrays), so a
-    :class:`RowColumn` over a dataset decodes one batch at a time. Works for base, 4-bit and peft
-    models; restores the model's train/eval mode afterwards.
-    """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    reports: list[str] = []
-    oom: OutOfMemory | None = None
-    try:
-        with tqdm(total=len(images), desc="Generating reports", unit="img", disable=not progress,
-                  leave=False) as bar:
-            for start in range(0, len(images), batch_size):
-                batch = [open_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
-                pixel_values = processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-                try:
-                    output = model.generate(pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
-                                            num_beams=num_beams, do_sample=False)
-                except Exception as err:  # noqa: BLE001 - only out-of-memory is translated
-                    if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
-                        raise
-                    oom = _generation_oom(err, len(batch), num_beams, max_new_tokens, len(reports), len(images))
-                    break
-                texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-                reports.extend(" ".join(t.split()) for t in texts)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
-    if oom is not None:  # raised here, outside the except block, so the failed batch's tensors are freed
-        release_memory()
-        raise oom
-    return reports
-
-
-def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_new_tokens: int, done: int,
-                    total: int) -> OutOfMemory:
-    advice = []
-    if batch_size > 1:
-        advice.append(f"a smaller batch (eval_batch_size={max(1, batch_size // 2)})")
-    if num_beams > 1:
-        advice.append("greedy decoding (num_beams=1) or fewer beams")
-    advice += [f"shorter reports (max_new_tokens below {max_new_tokens})",
-               "free GPU memory held by other models or processes"]
-    return out_of_memory("generating reports", error,
-                         {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens},
-                         advice, note=f"{done} of {total} reports were generated before it failed.")
-
-
 def count_parameters_meta(blip_config: BlipConfig) -> int:
     """Parameters of ``BlipForConditionalGeneration(blip_config)`` counted on the meta device (no memory)."""
     from transformers import BlipForConditionalGeneration
@@ -652,11 +458,3 @@ def count_parameters_meta(blip_config: BlipConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = [
-    "ModelLoadError", "OutOfMemory", "RowColumn", "attach_lora", "base_model_source", "device_map_for", "blip_large_config", "blip_large_values", "check_tokenizer_matches",
-    "compute_dtype", "count_parameters_meta", "create_tiny_model", "describe_trainable",
-    "enable_gradient_checkpointing", "ensure_tiny_model", "generate_reports", "is_quantized",
-    "load_base_model", "load_model_and_processor", "load_plain_model", "lora_target_regex", "memory_snapshot", "open_rgb", "out_of_memory", "pick_device",
-    "quantization_config", "random_model", "remove_input_grad_hooks", "reset_peak_memory",
-    "set_generation_defaults", "tiny_blip_config", "tiny_model_dir", "trainable_parameters", "unwrap_model",
-]

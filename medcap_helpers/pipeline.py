@@ -19,25 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from medcap_helpers import runs
-from medcap_helpers.config import ConfigError, MedcapConfig
+from medcap_helpers.config import STAGES, MedcapConfig
+from medcap_helpers.errors import ConfigError, StageFailed
+from medcap_helpers.summary import write_summary
 
-STAGES: tuple[str, ...] = (
-    "01_data",
-    "02_baseline",
-    "03_qlora_train",
-    "04_sweep",
-    "05_merge_requant",
-    "06_eval_and_demo",
-)
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "python3"
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
-log = logging.getLogger(__name__)
 
-
-class StageFailed(RuntimeError):
-    """A notebook stopped with an error; the message points at the executed notebook."""
+def notebook_dir() -> Path:
+    """The stage notebooks: shipped inside the package (``pip install .``), else the source checkout's
+    ``notebooks/`` (``pip install -e .``)."""
+    for folder in (_PACKAGE_DIR / "notebooks", _PACKAGE_DIR.parent / "notebooks"):
+        if (folder / f"{STAGES[0]}.ipynb").is_file():
+            return folder
+    raise StageFailed(f"The stage notebooks are missing: neither {_PACKAGE_DIR / 'notebooks'} nor "
+                      f"{_PACKAGE_DIR.parent / 'notebooks'} holds {STAGES[0]}.ipynb. Reinstall medcap.")
 
 
 @dataclass
@@ -53,14 +54,16 @@ def notebook_config(profile: str = "smoke", run_dir: str | None = None,
     """The config a notebook runs with: its parameters cell maps straight onto this.
 
     ``overrides`` may hold any :class:`MedcapConfig` field (the pipeline injects the whole
-    config). Also seeds Python, NumPy and torch, sets torch's CPU threads
-    (``config.cpu_threads``) and quietens chatty libraries.
+    config). Locks the run folder for this kernel until the notebook's last cell records its metrics
+    (:func:`medcap_helpers.runs.write_stage_metrics`); seeds Python, NumPy and torch, sets torch's CPU
+    threads (``config.cpu_threads``) and quietens chatty libraries.
     """
     values = dict(overrides or {})
     values.pop("profile", None)
     if run_dir:
         values["run_dir"] = run_dir
     config = MedcapConfig.from_profile(profile, **values)
+    runs.lock_run(config.run_dir, holder="a notebook kernel (its lock ends when the notebook records its metrics)")
     runs.write_run_header(config)
     seed_everything(config.seed)
     set_cpu_threads(config.cpu_threads)
@@ -70,30 +73,14 @@ def notebook_config(profile: str = "smoke", run_dir: str | None = None,
 
 def set_cpu_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` when given (see ``MedcapConfig.cpu_threads``)."""
-    if threads is None:
-        return
-    try:
-        import torch
-
+    if threads is not None:
         torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a hard dependency
-        pass
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def quiet_libraries() -> None:
@@ -118,7 +105,7 @@ def quiet_libraries() -> None:
 def stage_notebook(stage: str) -> Path:
     if stage not in STAGES:
         raise ConfigError(f"Unknown stage {stage!r}; stages are {', '.join(STAGES)}.")
-    return NOTEBOOK_DIR / f"{stage}.ipynb"
+    return notebook_dir() / f"{stage}.ipynb"
 
 
 def parse_stages(spec: str | Sequence[str] | None) -> list[str]:
@@ -193,22 +180,35 @@ def kernel_manager_options() -> dict[str, Any]:
 
 def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, force: bool = False,
                  progress: bool = True) -> list[StageOutcome]:
-    """Run the stages in order into ``config.run_dir`` and write ``summary.md``."""
+    """Run the stages in order into ``config.run_dir`` and write ``summary.md``.
+
+    The run folder is locked for the whole run (a second run on it stops with
+    :class:`~medcap_helpers.errors.RunLocked`); the notebook kernels run under this lock.
+    """
     config = absolute_paths(config)
-    run_dir = runs.write_run_header(config)
-    saved = run_dir / "config.json"
-    outcomes: list[StageOutcome] = []
-    for stage in parse_stages(stages):
-        if not stage_notebook(stage).exists():
-            raise StageFailed(f"Notebook for stage {stage} is missing: {stage_notebook(stage)}")
-        print(f"[medcap] {stage} ...", flush=True)
-        outcome = run_stage(config, stage, force=force, progress=progress)
-        print(f"[medcap] {stage} {outcome.status}"
-              + (f" in {outcome.seconds:.0f} s" if outcome.status == "ran" else " (already finished)"),
-              flush=True)
-        outcomes.append(outcome)
-    runs.write_json(saved, config.to_dict())
-    write_summary(run_dir)
+    chosen = parse_stages(stages)
+    with runs.RunLock(config.run_dir, holder="medcap run"):
+        runs.wait_for_old_kernels(config.run_dir)
+        previous = os.environ.get(runs.LOCK_ENV)
+        os.environ[runs.LOCK_ENV] = str(Path(config.run_dir).resolve())  # inherited by the kernels
+        try:
+            run_dir = runs.write_run_header(config)
+            outcomes: list[StageOutcome] = []
+            for stage in chosen:
+                stage_notebook(stage)
+                print(f"[medcap] {stage} ...", flush=True)
+                outcome = run_stage(config, stage, force=force, progress=progress)
+                print(f"[medcap] {stage} {outcome.status}"
+                      + (f" in {outcome.seconds:.0f} s" if outcome.status == "ran" else " (already finished)"),
+                      flush=True)
+                outcomes.append(outcome)
+            runs.write_json(run_dir / "config.json", config.to_dict())
+            write_summary(run_dir)
+        finally:
+            if previous is None:
+                os.environ.pop(runs.LOCK_ENV, None)
+            else:
+                os.environ[runs.LOCK_ENV] = previous
     return outcomes
 
 
@@ -222,14 +222,3 @@ def absolute_paths(config: MedcapConfig) -> MedcapConfig:
     if Path(config.model_name).expanduser().exists():
         changes["model_name"] = str(Path(config.model_name).expanduser().resolve())
     return config.replace(**changes)
-
-
-def write_summary(run_dir: str | Path) -> Path:
-    """``summary.md``: the final table, plots, per-stage metrics files, versions and git commit."""
-    from medcap_helpers.report import summary_markdown
-
-    run_dir = Path(run_dir)
-    path = run_dir / "summary.md"
-    with runs.atomic_path(path) as tmp:
-        tmp.write_text(summary_markdown(run_dir))
-    return path

@@ -167,3 +167,12 @@ def plot_metric_bars(table: Mapping[str, Mapping[str, Any]], metric: str = "CIDE
     ax.set(xlabel=metric, title=f"Test {metric}" + (" (95% bootstrap CI over studies)" if errors is not None else ""))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def examples_side_by_side(split: Any, systems: dict[str, Sequence[str]], n: int) -> tuple[list[Any], dict[str, list[str]]]:
+    """The first ``n`` images with their reference and every system's prediction (for plots.show_predictions)."""
+    n = min(n, len(split))
+    images = [split[i]["image"].convert("RGB") for i in range(n)]
+    columns = {"reference": [split[i]["text"] for i in range(n)]}
+    columns.update({name: list(predictions[:n]) for name, predictions in systems.items()})
+    return images, columns

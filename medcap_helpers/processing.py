@@ -21,11 +21,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.errors import ProcessorLoadError
+from medcap_helpers.images import open_rgb
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import BlipProcessor
-
-    from medcap_helpers.config import MedcapConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,10 +38,6 @@ BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DECODER_BOS_TOKEN = "[DEC]"
 ENCODER_TOKEN = "[ENC]"
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json")
-
-
-class ProcessorLoadError(OSError):
-    """The processor cannot be loaded (offline, wrong id, missing folder); the message says what to do."""
 
 
 def blip_image_processor(image_size: int = BLIP_IMAGE_SIZE) -> Any:
@@ -146,8 +144,6 @@ def load_processor(config: MedcapConfig, texts: Iterable[str] | None = None) -> 
     """
     from transformers import BlipProcessor
 
-    from medcap_helpers.config import TINY_MODEL
-
     if config.model_name == TINY_MODEL:
         folder = tiny_model_dir(config)
         if has_saved_processor(folder):
@@ -205,8 +201,6 @@ class CaptionCollator:
         self.pad_token_id = processor.tokenizer.pad_token_id
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from medcap_helpers.model import open_rgb
-
         if not rows:
             raise ValueError("CaptionCollator got an empty batch.")
         missing = [key for key in ("image", "text") if key not in rows[0]]

@@ -33,13 +33,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from medcap_helpers.errors import ReportParseError
+
 TARGETS = ("findings", "impression", "both")
 UNKNOWN_VIEW = "unknown"
-VIEWS = ("frontal", "lateral", UNKNOWN_VIEW)
-
-
-class ReportParseError(ValueError):
-    """A report file is not valid Open-i XML; the message names the file."""
 
 
 @dataclass
@@ -329,7 +326,7 @@ def normalise_view(projection: str | None) -> str:
 
 
 __all__ = [
-    "ParsedReports", "Report", "ReportParseError", "TARGETS", "UNKNOWN_VIEW", "VIEWS", "bundled_report_xml",
+    "ParsedReports", "Report", "ReportParseError", "TARGETS", "UNKNOWN_VIEW", "bundled_report_xml",
     "bundled_reports", "clean_text",
     "image_id_from_filename", "is_image_id", "iter_reports", "kaggle_image_id", "load_reports",
     "normalise_view", "openi_image_id", "parse_report_xml", "r2gen_image_id", "r2gen_study_id",

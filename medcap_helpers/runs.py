@@ -1,37 +1,38 @@
-"""Run folders: config, metrics, package versions and stage markers written atomically.
+"""Run folders: config, metrics, predictions, package versions, stage markers and the run lock.
 
 Layout of ``runs/<run>/``::
 
-    config.json            the MedcapConfig of the run
-    environment.json       package versions, python, git commit, device
-    metrics/<stage>.json   what each stage measured
-    <stage>.done           written last, only once a stage's outputs are complete
+    config.json              the MedcapConfig of the run
+    environment.json         package versions, python, git commit, device
+    metrics/<stage>.json     what each stage measured
+    predictions/<split>.json every system's reports for a split, by image id
+    <stage>.done             written last, only once a stage's outputs are complete
+    .lock                    who is writing the run (see :class:`RunLock`)
+
+Every file is written through :mod:`medcap_helpers.atomic`.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
 import platform
+import socket
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from medcap_helpers.atomic import atomic_file
+from medcap_helpers.errors import RunFolderError, RunLocked, StageNotRun
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "evaluate",
                     "pycocoevalcap", "tokenizers", "accelerate", "papermill", "ipywidgets", "numpy",
                     "pillow", "medcap")
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-class RunFolderError(OSError):
-    """The run folder cannot be created or written; the message names the folder."""
 
 
 def ensure_run_dir(run_dir: str | Path) -> Path:
@@ -48,27 +49,10 @@ def ensure_run_dir(run_dir: str | Path) -> Path:
     return path
 
 
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a run's files get normal permissions
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON atomically (never a half-written file)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path
 
@@ -92,14 +76,17 @@ def metrics_path(run_dir: str | Path, stage: str) -> Path:
 
 
 def write_stage_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
-    return write_json(metrics_path(run_dir, stage), metrics)
+    """Record a stage's metrics (a notebook's last cell); a notebook's lock on the run ends here."""
+    path = write_json(metrics_path(run_dir, stage), metrics)
+    release_run(run_dir)
+    return path
 
 
 def read_stage_metrics(run_dir: str | Path, stage: str) -> dict[str, Any]:
     path = metrics_path(run_dir, stage)
     if not path.exists():
-        raise FileNotFoundError(f"Stage '{stage}' has no metrics in {run_dir}: run that stage first "
-                                f"(expected {path}).")
+        raise StageNotRun(f"Stage '{stage}' has no metrics in '{Path(run_dir).resolve()}': run that stage first "
+                          f"(expected {path.name} there).")
     return read_json(path)
 
 
@@ -158,3 +145,138 @@ def write_run_header(config: Any) -> Path:
     write_json(run_dir / "config.json", config.to_dict())
     write_json(run_dir / "environment.json", environment_info())
     return run_dir
+
+
+# --- predictions ----------------------------------------------------------------------------------
+def predictions_path(run_dir: str | Path, split_name: str) -> Path:
+    return Path(run_dir) / "predictions" / f"{split_name}.json"
+
+
+def save_predictions(run_dir: str | Path, split_name: str, systems: dict[str, Sequence[str]],
+                     image_ids: Sequence[str]) -> Path:
+    """Add ``systems``' predictions to ``predictions/<split>.json`` (keyed by image id, for reuse and audit)."""
+    path = predictions_path(run_dir, split_name)
+    stored = read_json(path) if path.exists() else {"image_id": list(image_ids), "systems": {}}
+    if stored["image_id"] != list(image_ids):
+        raise RunFolderError(f"{path} was written for other {split_name} images: delete it and rerun 02_baseline.")
+    stored["systems"].update({name: list(predictions) for name, predictions in systems.items()})
+    return write_json(path, stored)
+
+
+def load_predictions(run_dir: str | Path, split_name: str, image_ids: Sequence[str]) -> dict[str, list[str]]:
+    path = predictions_path(run_dir, split_name)
+    if not path.exists():
+        raise StageNotRun(f"No saved {split_name} predictions in '{path.resolve()}': run 02_baseline first.")
+    stored = read_json(path)
+    if stored["image_id"] != list(image_ids):
+        raise RunFolderError(f"{path} was written for other {split_name} images: rerun 02_baseline.")
+    return stored["systems"]
+
+
+# --- one writer per run folder --------------------------------------------------------------------
+LOCK_NAME = ".lock"
+KERNEL_LOCK_NAME = ".lock.kernel"
+"""Held by a notebook kernel the pipeline started, for its lifetime: a kernel outlives a killed
+``medcap run`` by a moment (until it notices its parent is gone), and the next run waits for it."""
+LOCK_ENV = "MEDCAP_LOCKED_RUN"
+"""Set by the pipeline for the notebook kernels it starts: they run under its lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while a run (CLI) or a notebook writes it.
+
+    ``fcntl.flock`` on ``<run>/.lock``: the kernel drops it when the holder exits, however it exits,
+    so a lock left by a killed process is free for the next run. The file records the holder (pid,
+    host, since) for the message a second writer gets.
+    """
+
+    def __init__(self, run_dir: str | Path, holder: str = "medcap run", name: str = LOCK_NAME) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.holder = holder
+        self.name = name
+        self._handle: IO[str] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.name
+
+    def acquire(self, wait_s: float = 0.0) -> RunLock:
+        """Take the lock (retrying for up to ``wait_s`` seconds) or raise :class:`RunLocked` saying who holds it."""
+        ensure_run_dir(self.run_dir)
+        handle = open(self.path, "a+")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                handle.seek(0)
+                raw = handle.read()
+                handle.close()
+                raise RunLocked(f"The run folder '{self.run_dir}' is in use by {_describe_holder(raw)}. Wait for "
+                                "it to finish, stop it, or choose another folder (--out / RUN_DIR).") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "holder": self.holder,
+                                 "since": datetime.datetime.now().isoformat(timespec="seconds")}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _describe_holder(raw: str) -> str:
+    try:
+        info = json.loads(raw)
+        return (f"{info.get('holder', 'another process')} (pid {info['pid']} on {info['host']}, "
+                f"since {info['since']})")
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+_HELD: dict[Path, RunLock] = {}
+_KERNEL_LOCKS: list[RunLock] = []
+
+
+def lock_run(run_dir: str | Path, holder: str) -> RunLock:
+    """Lock ``run_dir`` for this process (once). Under a pipeline that holds the run's lock (a kernel
+    it started), the kernel's own lock (:data:`KERNEL_LOCK_NAME`) is taken instead, for the kernel's life."""
+    key = Path(run_dir).resolve()
+    lock = _HELD.get(key)
+    if lock is None or not lock.held:
+        if os.environ.get(LOCK_ENV) == str(key):
+            lock = RunLock(key, "a notebook kernel of medcap run", KERNEL_LOCK_NAME).acquire(wait_s=60)
+            _KERNEL_LOCKS.append(lock)  # never released: it ends with the kernel
+            return lock
+        lock = _HELD[key] = RunLock(key, holder).acquire()
+    return lock
+
+
+def wait_for_old_kernels(run_dir: str | Path, wait_s: float = 60.0) -> None:
+    """Wait until no kernel of an earlier (killed) pipeline run still works in ``run_dir``."""
+    RunLock(run_dir, "medcap run", KERNEL_LOCK_NAME).acquire(wait_s=wait_s).release()
+
+
+def release_run(run_dir: str | Path) -> None:
+    """Release this process's lock on ``run_dir`` (if it holds one)."""
+    lock = _HELD.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.release()

@@ -16,7 +16,9 @@ from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import tiny_model_dir
+from medcap_helpers.train import train
 
 TrialRunner = Callable[[MedcapConfig], dict[str, Any]]
 
@@ -103,24 +105,17 @@ def trial_runner(dataset: Any) -> TrialRunner:
     """Train one trial's config with the pipeline's own model loading, LoRA and Trainer code."""
 
     def run_trial(config: MedcapConfig) -> dict[str, Any]:
-        from medcap_helpers import model as model_lib
-        from medcap_helpers.train import train
-
-        base, processor = model_lib.load_model_and_processor(config, dataset)
-        result = train(config, model_lib.attach_lora(base, config), processor, dataset, save_total_limit=1)
+        base, processor = load_model_and_processor(config, dataset)
+        result = train(config, attach_lora(base, config), processor, dataset, save_total_limit=1)
         peaks = result.peak_memory
-        gpu = [p["max_reserved_gib"] for p in peaks if "max_reserved_gib" in p]
-        rss = [p["peak_rss_gib"] for p in peaks if "peak_rss_gib" in p]
+        gpu = [p["max_reserved_gb"] for p in peaks if "max_reserved_gb" in p]
+        rss = [p["peak_rss_gb"] for p in peaks if "peak_rss_gb" in p]
         del base
         return {"val_cider": result.best_cider, "trainable_params": result.trainable_params,
-                "peak_gpu_gb": max(gpu) * GIB_TO_GB if gpu else None,
-                "peak_rss_gb": max(rss) * GIB_TO_GB if rss else None,
+                "peak_gpu_gb": max(gpu) if gpu else None, "peak_rss_gb": max(rss) if rss else None,
                 "train_runtime_s": result.train_runtime_s}
 
     return run_trial
-
-
-GIB_TO_GB = 1024**3 / 1e9
 
 
 def results_markdown(result: SweepResult) -> str:

@@ -13,10 +13,7 @@ every epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,24 +24,21 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from medcap_helpers import runs
-from medcap_helpers.budget import is_out_of_memory, release_memory
+from medcap_helpers.checkpoints import last_complete_checkpoint, remove_incomplete_checkpoints, save_adapter
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.model import (
+from medcap_helpers.devices import (
     OutOfMemory,
-    _quiet_deprecations,
-    RowColumn,
-    attach_lora,
-    check_tokenizer_matches,
     compute_dtype,
-    generate_reports,
-    load_base_model,
+    is_out_of_memory,
     memory_snapshot,
     out_of_memory,
     pick_device,
-    remove_input_grad_hooks,
+    release_memory,
     reset_peak_memory,
-    trainable_parameters,
 )
+from medcap_helpers.generation import RowColumn, generate_reports
+from medcap_helpers.metrics import caption_scores
+from medcap_helpers.model import attach_lora, check_tokenizer_matches, remove_input_grad_hooks, trainable_parameters
 from medcap_helpers.processing import CaptionCollator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,10 +49,9 @@ TRAIN_SPLITS = ("train",)
 VAL_SPLITS = ("validation", "val", "valid")
 SCORE_NAMES = {"cider": "CIDEr", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
                "rouge_l": "ROUGE-L", "meteor": "METEOR"}
-MEMORY_KEYS = ("max_allocated_gib", "max_reserved_gib", "device_used_gib", "peak_rss_gib")
+MEMORY_KEYS = ("max_allocated_gb", "max_reserved_gb", "device_used_gb", "peak_rss_gb")
 """Per-epoch peaks kept from :func:`~medcap_helpers.model.memory_snapshot` (CUDA allocator/NVML; CPU RSS)."""
 _ALL_MEMORY_KEYS = frozenset(MEMORY_KEYS) | {f"validation_{key}" for key in MEMORY_KEYS}
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -92,43 +85,6 @@ def metric_log_key(score_name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", score_name.lower()).strip("_")
 
 
-def _is_complete_checkpoint(folder: Path) -> bool:
-    """The Trainer writes ``trainer_state.json`` last (and not atomically): complete = it exists and parses."""
-    try:
-        return isinstance(json.loads((folder / "trainer_state.json").read_text()), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def last_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` in ``folder`` whose ``trainer_state.json`` is complete (written last)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and _is_complete_checkpoint(child):
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
-
-
-def remove_incomplete_checkpoints(folder: str | Path) -> list[Path]:
-    """Delete the ``checkpoint-N`` folders a killed run left half-written; return them.
-
-    A rerun must neither resume from one nor let the Trainer's checkpoint rotation (which sorts by
-    modification time) count it as the newest checkpoint.
-    """
-    folder = Path(folder)
-    removed = []
-    if folder.is_dir():
-        for child in sorted(folder.iterdir()):
-            if _CHECKPOINT_RE.match(child.name) and child.is_dir() and not _is_complete_checkpoint(child):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
-    return removed
-
-
 def _split(dataset_dict: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
     for name in names:
         if name in dataset_dict and dataset_dict[name] is not None:
@@ -145,8 +101,6 @@ def text_column(rows: Any) -> list[str]:
 
 def _default_scorer() -> Scorer:
     """:func:`medcap_helpers.metrics.caption_scores` without METEOR (a Java run per epoch; CIDEr selects)."""
-    from medcap_helpers.metrics import caption_scores
-
     def validation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
         return caption_scores(predictions, references, meteor=False)
 
@@ -157,8 +111,8 @@ def _default_scorer() -> Scorer:
 class PeakMemoryCallback(TrainerCallback):
     """Record each epoch's peak memory, training and validation apart, in the log history and :attr:`records`.
 
-    Training (epoch start to epoch end): ``max_allocated_gib``/``max_reserved_gib`` from the CUDA
-    allocator and ``device_used_gib`` (NVML, whole device) when available; on CPU ``peak_rss_gib``
+    Training (epoch start to epoch end): ``max_allocated_gb``/``max_reserved_gb`` from the CUDA
+    allocator and ``device_used_gb`` (NVML, whole device) when available; on CPU ``peak_rss_gb``
     (the process's lifetime peak, which cannot be reset). Validation (the evaluation after the
     epoch, report generation included): the same keys prefixed ``validation_``.
     """
@@ -476,42 +430,6 @@ def _training_oom(error: BaseException, config: MedcapConfig, checkpoints_dir: P
     return out_of_memory("training", error, settings, advice, note=kept)
 
 
-def save_adapter(model: Any, processor: BlipProcessor, adapter_dir: str | Path) -> Path:
-    """Save the LoRA adapter (safetensors) and the processor; the folder is replaced only when complete.
-
-    Saved to a staging folder; the old folder is moved aside and the new one renamed into place, so
-    a run killed at any point leaves either the old complete adapter or the new one (or none).
-    """
-    adapter_dir = Path(adapter_dir)
-    staging = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
-    old = adapter_dir.with_name(f".{adapter_dir.name}.old")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
-    if adapter_dir.exists():
-        os.replace(adapter_dir, old)
-    os.replace(staging, adapter_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return adapter_dir
-
-
-def load_adapter_model(config: MedcapConfig, adapter_dir: str | Path, model_path: str | Path | None = None,
-                       is_trainable: bool = False) -> Any:
-    """The base model (4-bit per ``config``) with the LoRA adapter in ``adapter_dir`` applied."""
-    from peft import PeftModel
-
-    from medcap_helpers.merge import check_adapter_dir
-
-    adapter_dir = check_adapter_dir(adapter_dir)
-    base = load_base_model(config, model_path=model_path)
-    with _quiet_deprecations():
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
-
-
-__all__ = ["MedcapTrainer", "PeakMemoryCallback", "TrainResult", "best_epoch_of", "epoch_history",
-           "last_complete_checkpoint", "load_adapter_model", "metric_log_key", "remove_incomplete_checkpoints",
-           "save_adapter", "train", "training_arguments"]
 
 
 # --------------------------------------------------------------------------------------- reporting (03)
@@ -529,7 +447,7 @@ def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
         peak = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if isinstance(v, (int, float)))
         lines.append(f"| {num(e.get('epoch'), 0)} | {num(e.get('train_loss'))} | {num(e.get('eval_loss'))} | "
                      f"{num(e.get('val_cider'))} | {num(scores.get('BLEU-4'))} | {num(scores.get('ROUGE-L'))} | "
-                     f"{peak or '–'} GiB |")
+                     f"{peak or '–'} GB |")
     return "\n".join(lines)
 
 

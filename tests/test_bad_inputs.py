@@ -5,7 +5,7 @@ Each row builds its input under ``tmp_path`` and names the expected outcome:
 * an exception type, whose message must contain every listed fragment (the offending file name or
   value, and what is wrong) and no traceback;
 * :func:`converted`: the file loads as 8-bit RGB (no error);
-* :func:`counted`: the data stage skips it, counts it in a :class:`~medcap_helpers.data.DataReport`
+* :func:`counted`: the data stage skips it, counts it in a :class:`~medcap_helpers.sources.DataReport`
   field and, where the report lists names, lists it.
 """
 
@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medcap_helpers import errors, checkpoints, sources
 from medcap_helpers import budget, data, images, merge, model, reports, runs, train
 from medcap_helpers.config import ConfigError, MedcapConfig
-from medcap_helpers.data import DataReport, DataSourceError
+from medcap_helpers.errors import DataSourceError
+from medcap_helpers.sources import DataReport
 from medcap_helpers.images import ImageLoadError
-from medcap_helpers.model import ModelLoadError
+from medcap_helpers.errors import ModelLoadError
 from medcap_helpers.reports import ReportParseError
 
 Action = Callable[[], Any]
@@ -77,7 +79,7 @@ def openi_folder(tmp: Path, entries: dict[str, str | None], extra_images: tuple[
 
 
 def load_report(config: MedcapConfig) -> DataReport:
-    return data.load_examples(config, progress=False)[1]
+    return sources.load_examples(config, progress=False)[1]
 
 
 def smoke_config(tmp: Path, **overrides: Any) -> MedcapConfig:
@@ -237,32 +239,32 @@ def kaggle(tmp: Path, reports_csv: str | bytes) -> MedcapConfig:
 
 def csv_missing_columns(tmp: Path) -> Case:
     config = kaggle(tmp, "uid,impression\n1,Normal.\n")
-    return lambda: data.load_examples(config, progress=False), ["indiana_reports.csv", "['findings']"]
+    return lambda: sources.load_examples(config, progress=False), ["indiana_reports.csv", "['findings']"]
 
 
 def csv_not_text(tmp: Path) -> Case:
     config = kaggle(tmp, b"uid,findings,impression\n1,\xff\xfe\x00\x81,Normal\n")
-    return lambda: data.load_examples(config, progress=False), ["indiana_reports.csv", "UTF-8"]
+    return lambda: sources.load_examples(config, progress=False), ["indiana_reports.csv", "UTF-8"]
 
 
 def r2gen_not_json(tmp: Path) -> Case:
     annotation = write(tmp / "annotation.json", '{"train": [')
     config = smoke_config(tmp, data_source="r2gen", data_path=str(annotation))
     write(tmp / "images" / "x.txt", "")
-    return lambda: data.load_examples(config, progress=False), ["annotation.json", "not valid JSON"]
+    return lambda: sources.load_examples(config, progress=False), ["annotation.json", "not valid JSON"]
 
 
 def r2gen_entry_without_id(tmp: Path) -> Case:
     annotation = write(tmp / "annotation.json", json.dumps({"train": [{"report": "Normal.", "image_path": []}]}))
     write(tmp / "images" / "x.txt", "")
     config = smoke_config(tmp, data_source="r2gen", data_path=str(annotation))
-    return lambda: data.load_examples(config, progress=False), ["annotation.json", "entry 0 of 'train'"]
+    return lambda: sources.load_examples(config, progress=False), ["annotation.json", "entry 0 of 'train'"]
 
 
 def missing_data_path(tmp: Path) -> Case:
     config = smoke_config(tmp, data_source="openi", data_path=str(tmp / "NLMCXR_reports.tgz"),
                           images_dir=str(tmp))
-    return lambda: data.load_examples(config, progress=False), ["NLMCXR_reports.tgz", "does not exist"]
+    return lambda: sources.load_examples(config, progress=False), ["NLMCXR_reports.tgz", "does not exist"]
 
 
 def empty_dataset_after_filtering(tmp: Path) -> Case:
@@ -313,12 +315,12 @@ def output_folder_under_a_file(tmp: Path) -> Case:
 
 def missing_adapter_folder(tmp: Path) -> Case:
     config = smoke_config(tmp)
-    return lambda: train.load_adapter_model(config, tmp / "run" / "adapter"), [
+    return lambda: checkpoints.load_adapter_model(config, tmp / "run" / "adapter"), [
         str(tmp / "run" / "adapter"), "adapter_config.json"]
 
 
 def missing_adapter_folder_merge(tmp: Path) -> Case:
-    return lambda: merge.check_adapter_dir(tmp / "run" / "adapter"), [str(tmp / "run" / "adapter"), "03_qlora_train"]
+    return lambda: checkpoints.check_adapter_dir(tmp / "run" / "adapter"), [str(tmp / "run" / "adapter"), "03_qlora_train"]
 
 
 def pickle_only_adapter(tmp: Path) -> Case:
@@ -326,7 +328,7 @@ def pickle_only_adapter(tmp: Path) -> Case:
     write(folder / "adapter_config.json", json.dumps({"peft_type": "LORA", "r": 8}))
     write(folder / "adapter_model.bin", b"\x80\x04pickle")
     config = smoke_config(tmp)
-    return lambda: train.load_adapter_model(config, folder), [str(folder), "adapter_model.safetensors"]
+    return lambda: checkpoints.load_adapter_model(config, folder), [str(folder), "adapter_model.safetensors"]
 
 
 def tiny_config_folder(tmp: Path) -> Path:
@@ -389,10 +391,10 @@ BAD_INPUTS = [
     pytest.param(unknown_target_module, ConfigError, id="unknown-lora-target-module"),
     pytest.param(unknown_setting, ConfigError, id="unknown-setting"),
     pytest.param(negative_vram_budget, ConfigError, id="negative-vram-budget"),
-    pytest.param(vram_budget_smaller_than_model, budget.BudgetTooSmall, id="vram-budget-smaller-than-model"),
-    pytest.param(output_folder_under_a_file, runs.RunFolderError, id="output-folder-not-writable"),
+    pytest.param(vram_budget_smaller_than_model, errors.BudgetTooSmall, id="vram-budget-smaller-than-model"),
+    pytest.param(output_folder_under_a_file, errors.RunFolderError, id="output-folder-not-writable"),
     pytest.param(missing_adapter_folder, ModelLoadError, id="missing-adapter-folder"),
-    pytest.param(missing_adapter_folder_merge, merge.AdapterNotFound, id="missing-adapter-folder-merge"),
+    pytest.param(missing_adapter_folder_merge, errors.AdapterNotFound, id="missing-adapter-folder-merge"),
     pytest.param(pickle_only_adapter, ModelLoadError, id="pickle-only-adapter"),
     pytest.param(corrupt_safetensors, ModelLoadError, id="corrupt-safetensors"),
     pytest.param(pickle_only_model_weights, ModelLoadError, id="pickle-only-model-weights"),

@@ -13,18 +13,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from medcap_helpers.config import MedcapConfig
+from medcap_helpers.errors import DataSourceError
+from medcap_helpers.sources import COLUMNS, DataReport, Example, bundled_report_texts, load_examples
 from medcap_helpers.data import (
-    COLUMNS,
     SPLITS,
-    DataReport,
-    DataSourceError,
-    Example,
     assign_splits,
     build_dataset,
-    bundled_report_texts,
     leakage_check,
     length_stats,
-    load_examples,
     load_saved_dataset,
     one_image_per_study,
     save_dataset,

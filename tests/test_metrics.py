@@ -17,7 +17,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from medcap_helpers import metrics
-from medcap_helpers.metrics import (bootstrap_ci, bootstrap_mean_ci, caption_scores, metrics_table,
+from medcap_helpers.metrics import (bootstrap_ci, bootstrap_mean_ci, caption_scores, format_table,
                                     normalize_report, per_example_cider, per_example_scores, table_row)
 
 # Report-like pairs in the style of IU X-Ray findings (de-identified "XXXX" included).
@@ -288,12 +288,12 @@ def test_bootstrap_rejects_bad_arguments(kwargs, message):
 
 
 # ------------------------------------------------------------------------------------ table
-def test_metrics_table_shows_scores_and_interval():
+def test_format_table_shows_scores_and_interval():
     scores = caption_scores(PREDICTIONS, REFERENCES, meteor=False)
     ci = bootstrap_ci(PREDICTIONS, REFERENCES, n_samples=200)
     row = table_row(scores, ci)
     assert row["CIDEr_ci_low"] == ci["low"] and row["CIDEr_ci_high"] == ci["high"]
-    table = metrics_table({"constant": row, "finetuned": table_row(scores)})
+    table = format_table({"constant": row, "finetuned": table_row(scores)})
     lines = table.splitlines()
     assert lines[0].startswith("| system | CIDEr") and len(lines) == 4
     assert f"{scores['CIDEr']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" in lines[2]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medcap_helpers import devices, generation, errors
 from medcap_helpers import model as M
 from medcap_helpers.config import ConfigError, MedcapConfig
 from medcap_helpers.processing import CaptionCollator, build_offline_processor
@@ -210,7 +211,7 @@ def test_generation_before_training_leaves_cpu_4bit_gradients_unchanged(tiny, tm
                 if "lora_B" in name:
                     param.copy_(0.1 * torch.randn(param.shape, generator=generator))
         if generate_first:
-            M.generate_reports(peft_model, processor, [_rows()[0]["image"]], max_new_tokens=3, progress=False)
+            generation.generate_reports(peft_model, processor, [_rows()[0]["image"]], max_new_tokens=3, progress=False)
         _backward(peft_model, processor)
         return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
@@ -225,21 +226,21 @@ def test_generation_before_training_leaves_cpu_4bit_gradients_unchanged(tiny, tm
 # ------------------------------------------------------------------------------------ devices, errors
 def test_device_and_dtype_choice(tmp_path):
     cpu_config = _config(tmp_path, device="cpu")
-    assert M.pick_device(cpu_config).type == "cpu"
-    assert M.compute_dtype(cpu_config, torch.device("cpu")) == torch.float32
-    assert M.compute_dtype(_config(tmp_path, compute_dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
+    assert devices.pick_device(cpu_config).type == "cpu"
+    assert devices.compute_dtype(cpu_config, torch.device("cpu")) == torch.float32
+    assert devices.compute_dtype(_config(tmp_path, compute_dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():
-        assert M.pick_device(_config(tmp_path, device="auto")).type == "cpu"
+        assert devices.pick_device(_config(tmp_path, device="auto")).type == "cpu"
         with pytest.raises(ConfigError, match="no CUDA GPU"):
-            M.pick_device(_config(tmp_path, device="cuda"))
+            devices.pick_device(_config(tmp_path, device="cuda"))
 
 
 def test_clear_errors_for_missing_models(tmp_path):
-    with pytest.raises(M.ModelLoadError, match="config.json"):
+    with pytest.raises(errors.ModelLoadError, match="config.json"):
         M.load_base_model(_config(tmp_path), model_path=tmp_path / "missing")
-    with pytest.raises(M.ModelLoadError, match="ensure_tiny_model"):
+    with pytest.raises(errors.ModelLoadError, match="ensure_tiny_model"):
         M.load_base_model(_config(tmp_path))  # tiny model of this run not built yet
-    with pytest.raises(M.ModelLoadError, match="internet connection"):
+    with pytest.raises(errors.ModelLoadError, match="internet connection"):
         M.load_base_model(_config(tmp_path, model_name="Salesforce/blip-image-captioning-large"))
 
 
@@ -254,9 +255,9 @@ def test_random_model_goes_through_four_bit_loading():
 
 
 def test_memory_snapshot_on_cpu():
-    snap = M.memory_snapshot("cpu")
-    assert snap["peak_rss_gib"] > 0 and snap["rss_gib"] > 0
-    assert snap["peak_rss_gib"] >= snap["rss_gib"] * 0.99
+    snap = devices.memory_snapshot("cpu")
+    assert snap["peak_rss_gb"] > 0 and snap["rss_gb"] > 0
+    assert snap["peak_rss_gb"] >= snap["rss_gb"] * 0.99
 
 
 def test_generate_reports_batches_and_respects_length(tiny, tmp_path):
@@ -265,10 +266,10 @@ def test_generate_reports_batches_and_respects_length(tiny, tmp_path):
     peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
     peft_model.train()
     images = [row["image"] for row in _rows()]
-    reports = M.generate_reports(peft_model, processor, images, max_new_tokens=3, num_beams=2, batch_size=3,
+    reports = generation.generate_reports(peft_model, processor, images, max_new_tokens=3, num_beams=2, batch_size=3,
                                  progress=False)
     assert len(reports) == 4 and all(isinstance(r, str) for r in reports)
     assert all(len(r.split()) <= 3 for r in reports)
     assert peft_model.training, "generate_reports restores the train mode"
     with pytest.raises(FileNotFoundError):
-        M.generate_reports(peft_model, processor, [str(tmp_path / "missing.png")], progress=False)
+        generation.generate_reports(peft_model, processor, [str(tmp_path / "missing.png")], progress=False)

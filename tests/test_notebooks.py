@@ -17,9 +17,10 @@ import pytest
 
 from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.pipeline import NOTEBOOK_DIR, STAGES, run_pipeline
+from medcap_helpers.config import STAGES
+from medcap_helpers.pipeline import notebook_dir, run_pipeline
 
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(notebook_dir().glob("*.ipynb"))
 
 
 def test_the_six_notebooks_are_the_pipeline_stages() -> None:

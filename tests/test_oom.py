@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medcap_helpers import devices
 from medcap_helpers import budget
-from medcap_helpers.model import OutOfMemory, generate_reports
-from medcap_helpers.train import MedcapTrainer, last_complete_checkpoint, train
+from medcap_helpers.devices import OutOfMemory
+from medcap_helpers.generation import generate_reports
+from medcap_helpers.checkpoints import last_complete_checkpoint
+from medcap_helpers.train import MedcapTrainer, train
 from tests.test_train import qlora_model, smoke_config, synthetic_rows
 
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 3.81 GiB of which "
@@ -115,7 +118,7 @@ def test_other_errors_are_not_disguised_as_oom(tmp_path, monkeypatch):
 
 def test_the_budget_probe_and_sweep_still_recognise_the_explained_oom():
     explained = OutOfMemory("Out of memory while training: CUDA out of memory.")
-    assert budget.is_out_of_memory(explained)
+    assert devices.is_out_of_memory(explained)
     candidates = budget.candidate_settings(2)
 
     def probe(candidate):  # noqa: ANN001, ANN202

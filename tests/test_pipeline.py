@@ -6,8 +6,10 @@ import pytest
 
 from medcap_helpers import runs
 from medcap_helpers.config import ConfigError, MedcapConfig
-from medcap_helpers.pipeline import STAGES, absolute_paths, parse_stages
-from medcap_helpers.report import format_table, summary_markdown
+from medcap_helpers.config import STAGES
+from medcap_helpers.pipeline import absolute_paths, parse_stages
+from medcap_helpers.metrics import format_table
+from medcap_helpers.summary import summary_markdown
 
 
 def test_stage_specs() -> None:

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from medcap_helpers import errors, checkpoints
 from medcap_helpers import merge, train
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.demo import CaptionDemo
-from medcap_helpers.model import ModelLoadError
+from medcap_helpers.errors import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "medcap_helpers"
@@ -41,7 +42,7 @@ UNSAFE = {
 }
 NON_WEIGHT_LOADERS = ("Processor", "ProcessorPil", "Tokenizer", "TokenizerFast", "Config", "GenerationConfig")
 """Receivers of ``from_pretrained`` that read JSON / tokenizer files, never weights."""
-PEFT_LOADS = {("train.py", "load_adapter_model"), ("merge.py", "_merge")}
+PEFT_LOADS = {("checkpoints.py", "load_adapter_model"), ("merge.py", "_merge")}
 """Where ``PeftModel.from_pretrained`` may be called (each guarded: see the tests below)."""
 
 
@@ -137,18 +138,18 @@ def test_every_caller_of_the_merge_helper_checks_the_adapter_first() -> None:
     assert callers, "merge.py has callers of _merge"
 
 
-@pytest.mark.parametrize("loader", ["train.load_adapter_model", "merge.check_adapter_dir"])
+@pytest.mark.parametrize("loader", ["checkpoints.load_adapter_model", "checkpoints.check_adapter_dir"])
 def test_adapter_loaders_refuse_pickle_only_adapters(loader: str, tmp_path: Path) -> None:
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (folder / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
-    if loader == "train.load_adapter_model":
+    if loader == "checkpoints.load_adapter_model":
         with pytest.raises(ModelLoadError, match="adapter_model.safetensors"):
-            train.load_adapter_model(MedcapConfig.from_profile("smoke", run_dir=str(tmp_path / "run")), folder)
+            checkpoints.load_adapter_model(MedcapConfig.from_profile("smoke", run_dir=str(tmp_path / "run")), folder)
     else:
-        with pytest.raises(merge.AdapterNotFound, match="adapter_model.safetensors"):
-            merge.check_adapter_dir(folder)
+        with pytest.raises(errors.AdapterNotFound, match="adapter_model.safetensors"):
+            checkpoints.check_adapter_dir(folder)
 
 
 def test_models_and_adapters_are_saved_as_safetensors() -> None:

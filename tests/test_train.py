@@ -8,17 +8,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from medcap_helpers import generation, errors
 from medcap_helpers import model as M
 from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.processing import CaptionCollator
-from medcap_helpers.train import (
-    MedcapTrainer,
-    last_complete_checkpoint,
-    load_adapter_model,
-    metric_log_key,
-    train,
-)
+from medcap_helpers.checkpoints import last_complete_checkpoint, load_adapter_model
+from medcap_helpers.train import MedcapTrainer, metric_log_key, train
 
 REPORTS = [
     "Heart size is normal. Lungs are clear.",
@@ -84,7 +80,7 @@ def test_qlora_tiny_model_overfits_eight_reports(overfit):
     assert len(losses) == 12 and all(loss is not None for loss in losses)
     assert losses[-1] < losses[0] / 2, f"training loss did not halve: {losses}"
 
-    reports = M.generate_reports(model, processor, [row["image"] for row in rows], max_new_tokens=24,
+    reports = generation.generate_reports(model, processor, [row["image"] for row in rows], max_new_tokens=24,
                                  num_beams=1, progress=False)
     exact = [normalise(p) == normalise(row["text"]) for p, row in zip(reports, rows)]
     assert exact[0], f"first training image: {reports[0]!r} vs {rows[0]['text']!r}"
@@ -120,22 +116,22 @@ def test_run_folder_holds_adapter_and_train_metrics(overfit):
     assert len(metrics["epochs"]) == 12
     for epoch in metrics["epochs"]:
         assert isinstance(epoch["val_cider"], float) and epoch["train_loss"] > 0 and epoch["eval_loss"] > 0
-        assert epoch["peak_memory"]["peak_rss_gib"] > 0  # training part of the epoch
-        assert epoch["peak_memory"]["validation_peak_rss_gib"] >= epoch["peak_memory"]["peak_rss_gib"]
+        assert epoch["peak_memory"]["peak_rss_gb"] > 0  # training part of the epoch
+        assert epoch["peak_memory"]["validation_peak_rss_gb"] >= epoch["peak_memory"]["peak_rss_gb"]
     assert metrics["best_epoch"] == result.best_epoch and metrics["best_val_cider"] == result.best_cider
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["wall_time_s"] > 0
-    assert result.peak_memory and all("peak_rss_gib" in p for p in result.peak_memory)
+    assert result.peak_memory and all("peak_rss_gb" in p for p in result.peak_memory)
 
 
 def test_saved_adapter_reloads_onto_a_fresh_four_bit_base(overfit):
     config, model, processor, rows, result = overfit
     images = [row["image"] for row in rows[:4]]
-    in_memory = M.generate_reports(model, processor, images, max_new_tokens=24, progress=False)
+    in_memory = generation.generate_reports(model, processor, images, max_new_tokens=24, progress=False)
     reloaded = load_adapter_model(config, result.adapter_dir)
     assert M.is_quantized(reloaded)
-    assert M.generate_reports(reloaded, processor, images, max_new_tokens=24, progress=False) == in_memory
-    with pytest.raises(M.ModelLoadError, match="adapter"):
+    assert generation.generate_reports(reloaded, processor, images, max_new_tokens=24, progress=False) == in_memory
+    with pytest.raises(errors.ModelLoadError, match="adapter"):
         load_adapter_model(config, config.run_path / "no_adapter_here")
 
 

@@ -1,4 +1,7 @@
-"""The run's ``summary.md``: final table, plots, stage metrics, versions and commit."""
+"""The run's ``summary.md``: final table, plots, stage metrics, versions and commit.
+
+Every link in it is relative and points at a file that exists in the run folder.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-TABLE_COLUMNS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR")
-
-
-def format_table(rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
-    """A markdown table: one row per system, CIDEr with its bootstrap interval when recorded."""
-    present = [c for c in columns if any(c in r for r in rows.values())]
-    lines = ["| system | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
-    for name, row in rows.items():
-        cells = []
-        for column in present:
-            value = row.get(column)
-            if value is None:
-                cells.append("–")
-                continue
-            cell = f"{value:.3f}"
-            low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
-            if low is not None and high is not None:
-                cell += f" [{low:.3f}, {high:.3f}]"
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
+from medcap_helpers.atomic import write_text
+from medcap_helpers.config import STAGES
+from medcap_helpers.metrics import format_table
 
 def summary_markdown(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
@@ -48,10 +32,17 @@ def summary_markdown(run_dir: str | Path) -> str:
     figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []
     if figures:
         parts += ["## Plots", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures] + [""]
-    metric_files = sorted((run_dir / "metrics").glob("*.json")) if (run_dir / "metrics").is_dir() else []
-    if metric_files:
-        parts += ["## Stages", ""] + [f"- `{f.stem}`: [metrics/{f.name}](metrics/{f.name}), "
-                                      f"[notebook](notebooks/{f.stem}.ipynb)" for f in metric_files] + [""]
+    stage_lines = []
+    for stage in STAGES:
+        links = [f"[{path}]({path})" for path in (f"metrics/{stage}.json", f"notebooks/{stage}.ipynb")
+                 if (run_dir / path).is_file()]
+        if links:
+            stage_lines.append(f"- `{stage}`: " + ", ".join(links))
+    extra = sorted(p for p in (run_dir / "metrics").glob("*.json") if p.stem not in STAGES) \
+        if (run_dir / "metrics").is_dir() else []
+    stage_lines += [f"- [metrics/{p.name}](metrics/{p.name})" for p in extra]
+    if stage_lines:
+        parts += ["## Stages", ""] + stage_lines + [""]
     packages = env.get("packages", {})
     if packages:
         parts += ["## Package versions", "", "| package | version |", "|---|---|"]
@@ -71,3 +62,8 @@ def final_table_text(run_dir: str | Path) -> str:
         return "Test set\n" + format_table(final["test_table"])
     done = sorted(p.stem for p in (run_dir / "metrics").glob("*.json")) if (run_dir / "metrics").is_dir() else []
     return "Stages with metrics: " + (", ".join(done) or "none")
+
+
+def write_summary(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/summary.md`` (atomically)."""
+    return write_text(Path(run_dir) / "summary.md", summary_markdown(run_dir))

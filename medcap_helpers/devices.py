@@ -1,0 +1,119 @@
+"""Where models run: device and dtype choice, memory snapshots, out-of-memory detection and errors.
+
+Memory is reported in **GB = 10^9 bytes** everywhere in medcap (keys end in ``_gb``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.errors import ConfigError, MedcapError
+
+GB = 1e9
+
+
+class OutOfMemory(MedcapError, torch.cuda.OutOfMemoryError):
+    """Training or generation ran out of (GPU) memory; the message gives the settings in force and what to change.
+
+    A subclass of ``torch.cuda.OutOfMemoryError``, so code that catches that (the budget probe, the
+    sweep, the benchmarks) still sees an out-of-memory error.
+    """
+
+
+def out_of_memory(doing: str, error: BaseException, settings: dict[str, Any], advice: Sequence[str],
+                  note: str = "") -> OutOfMemory:
+    """An :class:`OutOfMemory` for ``error``: one line of what failed, the settings, then what to change."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    in_force = ", ".join(f"{key}={value!r}" for key, value in settings.items())
+    lines = [f"Out of memory while {doing}: {first_line[:200]}", f"Settings: {in_force}.",
+             "Try: " + "; ".join(advice) + "."]
+    if note:
+        lines.append(note)
+    return OutOfMemory("\n".join(lines))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA's OOM error and for CPU/other allocators' "out of memory" errors."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, (MemoryError, RuntimeError)) and "out of memory" in str(err).lower()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand cached CUDA blocks back (after an OOM, between models)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pick_device(config: MedcapConfig) -> torch.device:
+    """``config.device`` as a torch device; ``"auto"`` takes CUDA when present."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() "
+                          "is False): install a CUDA build of torch or use device='cpu' / profile 'smoke'.")
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def compute_dtype(config: MedcapConfig, device: torch.device) -> torch.dtype:
+    """Compute dtype: explicit ``config.compute_dtype`` honoured; "auto" = bf16 on CUDA that supports
+    it, else fp16 on CUDA, fp32 on CPU."""
+    if config.compute_dtype != "auto":
+        return getattr(torch, config.compute_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def device_map_for(device: torch.device | str) -> dict[str, Any]:
+    """``from_pretrained`` device map putting the whole model on ``device`` (bitsandbytes needs one)."""
+    device = torch.device(device)
+    return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def memory_snapshot(device: torch.device | str) -> dict[str, float]:
+    """Memory now and at peak, in GB: CUDA allocator (+ NVML device use when available) or CPU RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        snap = {"allocated_gb": torch.cuda.memory_allocated(index) / GB,
+                "reserved_gb": torch.cuda.memory_reserved(index) / GB,
+                "max_allocated_gb": torch.cuda.max_memory_allocated(index) / GB,
+                "max_reserved_gb": torch.cuda.max_memory_reserved(index) / GB,
+                "total_gb": torch.cuda.get_device_properties(index).total_memory / GB}
+        with contextlib.suppress(Exception):  # NVML may be missing (containers, non-NVIDIA builds)
+            snap["device_used_gb"] = torch.cuda.device_memory_used(index) / GB
+        return {k: round(v, 4) for k, v in snap.items()}
+    snap = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        snap["rss_gb"] = pages * resource.getpagesize() / GB
+    return {k: round(v, 4) for k, v in snap.items()}
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new CUDA peak measurement (CPU peak RSS cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_line(snapshot: dict[str, float]) -> str:
+    """A snapshot as one readable line, e.g. ``peak RSS 1.23 GB, RSS 1.10 GB``."""
+    labels = {"allocated_gb": "allocated", "reserved_gb": "reserved", "max_allocated_gb": "peak allocated",
+              "max_reserved_gb": "peak reserved", "device_used_gb": "whole device", "total_gb": "card",
+              "peak_rss_gb": "peak RSS", "rss_gb": "RSS"}
+    return ", ".join(f"{labels.get(k, k)} {v:.2f} GB" for k, v in snapshot.items())
