@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from medcap_helpers import runs
-from medcap_helpers.checkpoints import load_adapter_model, load_captioner, load_processor_from
+from medcap_helpers.checkpoints import (
+    load_adapter_model,
+    load_captioner,
+    load_processor_from,
+)
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.generation import generate_for_split

@@ -9,7 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.devices import OutOfMemory, is_out_of_memory, model_device, out_of_memory, release_memory
+from medcap_helpers.devices import (
+    OutOfMemory,
+    is_out_of_memory,
+    model_device,
+    out_of_memory,
+    release_memory,
+)
 from medcap_helpers.images import open_rgb
 
 if TYPE_CHECKING:  # pragma: no cover

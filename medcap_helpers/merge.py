@@ -33,10 +33,23 @@ from medcap_helpers.checkpoints import (
 )
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.data import VALIDATION, limit_rows
-from medcap_helpers.devices import compute_dtype, device_map_for, memory_snapshot, pick_device, reset_peak_memory
+from medcap_helpers.devices import (
+    compute_dtype,
+    device_map_for,
+    memory_snapshot,
+    pick_device,
+    reset_peak_memory,
+)
 from medcap_helpers.generation import generate_for_split, generate_reports
 from medcap_helpers.metrics import format_table, score_systems
-from medcap_helpers.model import base_model_source, load_base_model, load_plain_model, quantization_config, quiet_deprecations
+from medcap_helpers.model import (
+    base_model_source,
+    load_base_model,
+    load_plain_model,
+    quantization_config,
+    quiet_deprecations,
+)
+
 
 def merge_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """16-bit dtype to merge and save in: bf16 when training computed in bf16, else fp16."""

@@ -32,14 +32,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from medcap_helpers.atomic import atomic_folder, folder_ready
-from medcap_helpers.config import TEXT_LORA_TARGETS, TINY_MODEL, VISION_LORA_TARGETS, MedcapConfig
+from medcap_helpers.config import (
+    TEXT_LORA_TARGETS,
+    TINY_MODEL,
+    VISION_LORA_TARGETS,
+    MedcapConfig,
+)
 from medcap_helpers.devices import compute_dtype, device_map_for, pick_device
 from medcap_helpers.errors import ConfigError, ModelLoadError
-from medcap_helpers.processing import has_saved_processor, load_processor, tiny_model_dir
+from medcap_helpers.processing import (
+    has_saved_processor,
+    load_processor,
+    tiny_model_dir,
+)
 from medcap_helpers.sources import tokenizer_training_texts
 
 if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
 WEIGHTS_FILE = "model.safetensors"

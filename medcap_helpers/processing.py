@@ -99,7 +99,14 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> A
     Vocabulary from :func:`wordpiece_vocabulary`; ``[DEC]`` (the bos token) and ``[ENC]`` are added
     last, the order BLIP's tokenizer has them in. Encodes as ``[CLS] text [SEP]`` like BERT.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import BertTokenizerFast
 
     vocab = wordpiece_vocabulary(texts, vocab_size)

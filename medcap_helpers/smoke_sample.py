@@ -26,7 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from medcap_helpers.reports import Report, bundled_report_xml, bundled_reports, clean_text
+from medcap_helpers.reports import (
+    Report,
+    bundled_report_xml,
+    bundled_reports,
+    clean_text,
+)
 
 SMOKE_SAMPLE_NOTE = "placeholder images generated from report text; says nothing about model quality"
 IMAGES_FOLDER = "smoke_images"

@@ -13,6 +13,7 @@ from medcap_helpers.atomic import write_text
 from medcap_helpers.config import STAGES
 from medcap_helpers.metrics import format_table
 
+
 def summary_markdown(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     config = _read(run_dir / "config.json")

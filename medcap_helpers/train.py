@@ -24,7 +24,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from medcap_helpers import runs
-from medcap_helpers.checkpoints import last_complete_checkpoint, remove_incomplete_checkpoints, save_adapter
+from medcap_helpers.checkpoints import (
+    last_complete_checkpoint,
+    remove_incomplete_checkpoints,
+    save_adapter,
+)
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import (
     OutOfMemory,
@@ -38,7 +42,12 @@ from medcap_helpers.devices import (
 )
 from medcap_helpers.generation import RowColumn, generate_reports
 from medcap_helpers.metrics import caption_scores
-from medcap_helpers.model import attach_lora, check_tokenizer_matches, remove_input_grad_hooks, trainable_parameters
+from medcap_helpers.model import (
+    attach_lora,
+    check_tokenizer_matches,
+    remove_input_grad_hooks,
+    trainable_parameters,
+)
 from medcap_helpers.processing import CaptionCollator
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+
+from medcap_helpers import runs
+from medcap_helpers.config import STAGES, MedcapConfig
+from medcap_helpers.pipeline import run_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("MEDCAP_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -31,3 +36,16 @@ def blip_large_reference() -> Path:
     if not BLIP_LARGE_REFERENCE.is_file():
         pytest.skip(f"{BLIP_LARGE_REFERENCE} is absent")
     return BLIP_LARGE_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The whole smoke pipeline, once per session: CI's end-to-end run and the reference of other tests."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    config = MedcapConfig.from_profile("smoke", run_dir=str(run_dir))
+    start = time.perf_counter()
+    outcomes = run_pipeline(config, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"smoke pipeline 01 → 06: {seconds:.0f} s")
+    metrics = {stage: runs.read_stage_metrics(run_dir, stage) for stage in STAGES}
+    return {"dir": run_dir, "outcomes": outcomes, "metrics": metrics, "seconds": seconds, "config": config}

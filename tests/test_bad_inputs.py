@@ -22,14 +22,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medcap_helpers import errors, checkpoints, sources
-from medcap_helpers import budget, data, images, merge, model, reports, runs, train
+from medcap_helpers import (
+    budget,
+    checkpoints,
+    data,
+    errors,
+    images,
+    model,
+    reports,
+    runs,
+    sources,
+)
 from medcap_helpers.config import ConfigError, MedcapConfig
-from medcap_helpers.errors import DataSourceError
-from medcap_helpers.sources import DataReport
+from medcap_helpers.errors import DataSourceError, ModelLoadError
 from medcap_helpers.images import ImageLoadError
-from medcap_helpers.errors import ModelLoadError
 from medcap_helpers.reports import ReportParseError
+from medcap_helpers.sources import DataReport
 
 Action = Callable[[], Any]
 Case = tuple[Action, list[str]]  # what to run, fragments the message (or listing) must contain

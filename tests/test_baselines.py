@@ -9,8 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from medcap_helpers.baselines import (constant_baseline, image_embeddings, most_frequent_report,
-                                      nearest_neighbour_baseline, vision_model_of)
+from medcap_helpers.baselines import (
+    constant_baseline,
+    image_embeddings,
+    most_frequent_report,
+    nearest_neighbour_baseline,
+    vision_model_of,
+)
 
 # ------------------------------------------------------------------------------------ constant
 TRAIN_TEXTS = [
@@ -79,7 +84,11 @@ def test_nearest_neighbour_rejects_mismatched_shapes(train, texts, query):
 # ------------------------------------------------------------------------------------ tiny BLIP
 @pytest.fixture(scope="module")
 def tiny_blip():
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+    )
 
     torch.manual_seed(0)
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.errors import DataSourceError
-from medcap_helpers.sources import COLUMNS, DataReport, Example, bundled_report_texts, load_examples
 from medcap_helpers.data import (
     SPLITS,
     assign_splits,
@@ -29,6 +27,7 @@ from medcap_helpers.data import (
     standardise_hub_dataset,
     top_sentences,
 )
+from medcap_helpers.errors import DataSourceError
 from medcap_helpers.images import load_image
 from medcap_helpers.reports import (
     bundled_reports,
@@ -38,7 +37,18 @@ from medcap_helpers.reports import (
     target_text,
     xrv_reports_archive,
 )
-from medcap_helpers.smoke_sample import SMOKE_SAMPLE_NOTE, findings_labels, generate_smoke_sample
+from medcap_helpers.smoke_sample import (
+    SMOKE_SAMPLE_NOTE,
+    findings_labels,
+    generate_smoke_sample,
+)
+from medcap_helpers.sources import (
+    COLUMNS,
+    DataReport,
+    Example,
+    bundled_report_texts,
+    load_examples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +279,8 @@ def test_unreadable_images_are_skipped_and_listed_16bit_converted(tmp_path: Path
 
 
 def test_dataset_rows_decode_like_load_image(tmp_path: Path) -> None:
-    from datasets import Dataset, Features, Image as ImageFeature
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
 
     paths = []
     grey = np.random.default_rng(0).integers(0, 255, (20, 30), dtype=np.uint8)

@@ -16,7 +16,12 @@ from xml.sax.saxutils import escape, quoteattr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from medcap_helpers.reports import Report, ReportParseError, clean_text, parse_report_xml
+from medcap_helpers.reports import (
+    Report,
+    ReportParseError,
+    clean_text,
+    parse_report_xml,
+)
 
 FAST = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from medcap_helpers.images import ImageLoadError, inspect_image, load_image, load_image_bytes, to_rgb8
+from medcap_helpers.images import (
+    ImageLoadError,
+    inspect_image,
+    load_image,
+    load_image_bytes,
+    to_rgb8,
+)
 
 
 def _save(image: Image.Image, path: Path, **kwargs: object) -> Path:

@@ -17,8 +17,16 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from medcap_helpers import metrics
-from medcap_helpers.metrics import (bootstrap_ci, bootstrap_mean_ci, caption_scores, format_table,
-                                    normalize_report, per_example_cider, per_example_scores, table_row)
+from medcap_helpers.metrics import (
+    bootstrap_ci,
+    bootstrap_mean_ci,
+    caption_scores,
+    format_table,
+    normalize_report,
+    per_example_cider,
+    per_example_scores,
+    table_row,
+)
 
 # Report-like pairs in the style of IU X-Ray findings (de-identified "XXXX" included).
 REFERENCES = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medcap_helpers import devices, generation, errors
+from medcap_helpers import devices, errors, generation
 from medcap_helpers import model as M
 from medcap_helpers.config import ConfigError, MedcapConfig
 from medcap_helpers.processing import CaptionCollator, build_offline_processor

@@ -16,7 +16,6 @@ import nbformat
 import pytest
 
 from medcap_helpers import runs
-from medcap_helpers.config import MedcapConfig
 from medcap_helpers.config import STAGES
 from medcap_helpers.pipeline import notebook_dir, run_pipeline
 
@@ -44,18 +43,6 @@ def test_notebook_is_committed_clean_and_thin(path: Path) -> None:
         assert f"{name} =" in parameters[0].source
     assert any(c.cell_type == "markdown" for c in book.cells[:1]), "a notebook opens with its explanation"
     assert "write_stage_metrics" in code[-1].source, "the last cell records the stage's metrics"
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    config = MedcapConfig.from_profile("smoke", run_dir=str(run_dir))
-    start = time.perf_counter()
-    outcomes = run_pipeline(config, progress=False)
-    seconds = time.perf_counter() - start
-    print(f"smoke pipeline 01 → 06: {seconds:.0f} s")
-    metrics = {stage: runs.read_stage_metrics(run_dir, stage) for stage in STAGES}
-    return {"dir": run_dir, "outcomes": outcomes, "metrics": metrics, "seconds": seconds, "config": config}
 
 
 @pytest.mark.slow

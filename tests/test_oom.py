@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcap_helpers import devices
-from medcap_helpers import budget
+from medcap_helpers import budget, devices
+from medcap_helpers.checkpoints import last_complete_checkpoint
 from medcap_helpers.devices import OutOfMemory
 from medcap_helpers.generation import generate_reports
-from medcap_helpers.checkpoints import last_complete_checkpoint
 from medcap_helpers.train import MedcapTrainer, train
 from tests.test_train import qlora_model, smoke_config, synthetic_rows
 

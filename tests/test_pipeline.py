@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from medcap_helpers import runs
-from medcap_helpers.config import ConfigError, MedcapConfig
-from medcap_helpers.config import STAGES
-from medcap_helpers.pipeline import absolute_paths, parse_stages
+from medcap_helpers.config import STAGES, ConfigError, MedcapConfig
 from medcap_helpers.metrics import format_table
+from medcap_helpers.pipeline import absolute_paths, parse_stages
 from medcap_helpers.summary import summary_markdown
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from medcap_helpers import checkpoints
 from medcap_helpers.checkpoints import last_complete_checkpoint
 
 WORKER = Path(__file__).with_name("train_worker.py")

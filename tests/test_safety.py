@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medcap_helpers import errors, checkpoints
-from medcap_helpers import merge, train
+from medcap_helpers import checkpoints, errors
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.demo import CaptionDemo
 from medcap_helpers.errors import ModelLoadError

@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from medcap_helpers import generation, errors
+from medcap_helpers import errors, generation, runs
 from medcap_helpers import model as M
-from medcap_helpers import runs
+from medcap_helpers.checkpoints import last_complete_checkpoint, load_adapter_model
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.processing import CaptionCollator
-from medcap_helpers.checkpoints import last_complete_checkpoint, load_adapter_model
 from medcap_helpers.train import MedcapTrainer, metric_log_key, train
 
 REPORTS = [
