@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     durations = stage_durations(args.reference)
-    targets = sorted(rng.choices(range(len(STAGES)), k=args.kills))
+    # With six kills or more every stage gets at least one; the rest land at random.
+    every = list(range(len(STAGES))) if args.kills >= len(STAGES) else []
+    targets = sorted(every + rng.choices(range(len(STAGES)), k=args.kills - len(every)))
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out.parent / f"{args.out.name}.chaos.log"
     kills = []
