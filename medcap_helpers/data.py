@@ -16,6 +16,8 @@ import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ from medcap_helpers.sources import (
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
+R2GEN_SPLIT_FILE = "r2gen_split.json"
 SPLITS = ("train", "validation", "test")
 VALIDATION = "validation"
 DATASET_FOLDER = "dataset"
@@ -142,7 +145,7 @@ def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetD
     if config.example_unit == "study":
         examples = one_image_per_study(examples)
     if config.split_mode == "r2gen":
-        splits = {split: [e for e in examples if e.split == split] for split in SPLITS}
+        splits = r2gen_splits(examples, report)
     else:
         splits = split_by_study(examples, config.split_ratios, config.seed)
     splits = _trim(splits, config.max_train_examples, config.max_eval_examples)
@@ -152,6 +155,36 @@ def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetD
             split.info.description = f"SMOKE SAMPLE: {SMOKE_SAMPLE_NOTE}"
     _record_splits(report, splits)
     return dd, report
+
+
+@lru_cache(maxsize=1)
+def r2gen_split() -> dict[str, str]:
+    """The standard R2Gen split of IU X-Ray (2,069 / 296 / 590 studies): study id -> split.
+
+    Package data derived from R2Gen's ``annotation.json`` (ids only; ``scripts/make_r2gen_split.py``).
+    Study ids are Open-i's ``CXR<uid>_IM-<series>``, which every source here produces.
+    """
+    values = json.loads(resources.files("medcap_helpers").joinpath(R2GEN_SPLIT_FILE).read_text())
+    return {study: split for split in SPLITS for study in values[split]}
+
+
+def r2gen_splits(examples: Sequence[Example], report: DataReport) -> dict[str, list[Example]]:
+    """Examples placed by the R2Gen split; studies outside it are dropped and counted in ``report``.
+
+    An R2Gen ``annotation.json`` source keeps the split it carries (the standard file's equals this one).
+    """
+    assignment = r2gen_split()
+    splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
+    outside: set[str] = set()
+    for example in examples:
+        split = example.split or assignment.get(example.study_id)
+        if split is None:
+            outside.add(example.study_id)
+            report.examples_outside_split += 1
+        else:
+            splits[split].append(example)
+    report.studies_outside_split = len(outside)
+    return splits
 
 
 def one_image_per_study(examples: Sequence[Example]) -> list[Example]:
@@ -335,7 +368,11 @@ def data_report_markdown(report: DataReport) -> str:
             ("reports without a usable image", report.reports_without_images),
             ("images found", report.images_total), ("images named but missing", report.images_missing),
             ("images without a report", report.images_without_report),
-            ("unreadable images skipped", len(report.skipped_images)), ("examples", report.examples)]
+            ("unreadable images skipped", len(report.skipped_images))]
+    if report.split_mode == "r2gen":
+        rows += [("studies outside the R2Gen split (dropped)", report.studies_outside_split),
+                 ("images of those studies", report.examples_outside_split)]
+    rows.append(("examples", report.examples))
     lines = ["| | |", "|---|---:|"] + [f"| {name} | {value:,} |" if isinstance(value, int) else
                                         f"| {name} | {value} |" for name, value in rows]
     lines += ["", "| split | studies | reports | examples |", "|---|---:|---:|---:|"]

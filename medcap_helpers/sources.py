@@ -101,6 +101,9 @@ class DataReport:
     skipped_images: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every unreadable image."""
     examples: int = 0
+    studies_outside_split: int = 0
+    """Studies ``split_mode="r2gen"`` dropped because the R2Gen split does not list them."""
+    examples_outside_split: int = 0
     split_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_profiles_differ_where_they_should() -> None:
         ({"split_ratios": (0.5, 0.5, 0.5)}, "split_ratios must sum to 1"),
         ({"target": "summary"}, "target='summary' is not one of"),
         ({"data_source": "openi", "data_path": None}, "needs data_path"),
-        ({"split_mode": "r2gen"}, "needs data_source='r2gen'"),
+        ({"split_mode": "r2gen", "data_source": "xrv_reports"}, "has no such ids"),
         ({"vram_budget_gb": 0}, "vram_budget_gb must be a positive number"),
         ({"num_beams": 1.5}, "num_beams must be a whole number"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
