@@ -137,9 +137,10 @@ class MedcapConfig:
             )
         if self.data_source == "hub" and not self.hub_dataset_id:
             raise ConfigError("data_source='hub' needs hub_dataset_id, e.g. 'org/iu_xray'.")
-        if self.split_mode == "r2gen" and self.data_source != "r2gen":
-            raise ConfigError("split_mode='r2gen' keeps the split of an R2Gen annotation.json: "
-                              "it needs data_source='r2gen'.")
+        if self.split_mode == "r2gen" and self.data_source in ("hub", "xrv_reports"):
+            raise ConfigError(f"split_mode='r2gen' assigns IU X-Ray studies by their Open-i study id; "
+                              f"data_source={self.data_source!r} has no such ids: use 'openi', 'kaggle', "
+                              "'r2gen' or 'smoke'.")
         if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
             raise ConfigError(f"split_ratios must be three non-negative numbers (train, val, test), "
                               f"got {self.split_ratios!r}.")
@@ -263,7 +264,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "full": dict(
         run_dir="runs/full", data_source="openi", data_path="data/NLMCXR_reports.tgz",
-        images_dir="data/NLMCXR_png", model_name=BLIP_LARGE_ID, device="cuda",
+        images_dir="data/NLMCXR_png", split_mode="r2gen", model_name=BLIP_LARGE_ID, device="cuda",
         num_train_epochs=5.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
         learning_rate=2e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3,
     ),
