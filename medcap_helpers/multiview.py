@@ -1,0 +1,55 @@
+"""Both views of a study as one input (``views="both"``), as published IU X-Ray systems read them.
+
+Each image of a study goes through BLIP's frozen vision tower on its own; the image tokens of the
+views are concatenated into one cross-attention memory for the text decoder (2 x 577 = 1,154 tokens
+at BLIP-large's 384 px), with an attention mask that hides the tokens of a missing view, so a study
+with one image works in a batch of studies with two. R2Gen (Chen et al., 2020) concatenates the two
+views' visual features the same way. With one view and a full mask this is exactly BLIP's own
+``forward``/``generate`` (a test checks it).
+
+Batches carry ``pixel_values`` of shape (batch, views, 3, H, W) and ``view_mask`` (batch, views).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from medcap_helpers.model import unwrap_model
+
+
+def view_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The decoder's memory: every view's image tokens side by side, (batch, views x tokens, hidden)."""
+    base = unwrap_model(model)
+    batch, views = pixel_values.shape[:2]
+    embeds = base.vision_model(pixel_values=pixel_values.reshape(batch * views, *pixel_values.shape[2:]))[0]
+    return embeds.reshape(batch, views * embeds.shape[1], embeds.shape[-1])
+
+
+def multiview_forward(model: Any, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Any:
+    """BLIP's captioning forward (mean loss over the batch) with the views' tokens as memory."""
+    return unwrap_model(model).text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                            encoder_hidden_states=view_tokens(model, pixel_values),
+                                            labels=labels, reduction="mean")
+
+
+@torch.no_grad()
+def multiview_generate(model: Any, pixel_values: torch.Tensor, **generate_kwargs: Any) -> torch.Tensor:
+    """BLIP's ``generate`` (start from ``[DEC]``, stop on ``[SEP]``) on the views' tokens; token ids out."""
+    base = unwrap_model(model)
+    memory = view_tokens(base, pixel_values)
+    text = base.config.text_config
+    start = torch.full((memory.shape[0], 1), text.bos_token_id, dtype=torch.long, device=memory.device)
+    return base.text_decoder.generate(input_ids=start, eos_token_id=text.sep_token_id,
+                                      pad_token_id=text.pad_token_id, encoder_hidden_states=memory,
+                                      **generate_kwargs)
+
+
+def stack_views(pixel_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-study tensors (views_i, 3, H, W) -> (batch, most views, 3, H, W), short studies padded by
+    repeating their own views; and each study's number of real views."""
+    most = max(p.shape[0] for p in pixel_values)
+    batch = torch.stack([views[torch.arange(most) % views.shape[0]] for views in pixel_values])
+    return batch, torch.tensor([p.shape[0] for p in pixel_values])

@@ -1,0 +1,101 @@
+"""Both views as one input: the concatenated memory reproduces BLIP exactly for one view, and a study
+with fewer views reads the same alone as padded in a batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcap_helpers import multiview
+from medcap_helpers.processing import CaptionCollator
+from tests.test_train import qlora_model, smoke_config, synthetic_rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    config = smoke_config(tmp_path_factory.mktemp("multiview"), load_in_4bit=False, gradient_checkpointing=False)
+    model, processor = qlora_model(config)
+    with torch.no_grad():  # non-zero LoRA B, so the adapters take part in every comparison
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.eval(), processor, config
+
+
+def pixels(processor, rows) -> torch.Tensor:
+    return processor.image_processor(images=[r["image"] for r in rows], return_tensors="pt")["pixel_values"]
+
+
+def test_one_view_is_exactly_blips_own_forward_and_generate(tiny) -> None:
+    model, processor, config = tiny
+    rows = synthetic_rows()[:3]
+    batch = CaptionCollator(processor, config.max_target_tokens)(rows)
+    with torch.no_grad():
+        reference = model(**batch)
+        ours = multiview.multiview_forward(model, batch["pixel_values"][:, None],
+                                           batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(ours.loss, reference.loss)
+    torch.testing.assert_close(ours.logits, reference.logits)
+    expected = model.generate(pixel_values=batch["pixel_values"], max_new_tokens=12, num_beams=2)
+    generated = multiview.multiview_generate(model, batch["pixel_values"][:, None],
+                                             max_new_tokens=12, num_beams=2)
+    assert generated.tolist() == expected.tolist()
+
+
+def test_two_views_make_twice_the_memory_and_both_are_read(tiny) -> None:
+    model, processor, _ = tiny
+    rows = synthetic_rows()
+    both = torch.stack([pixels(processor, rows[:2]), pixels(processor, rows[2:4])])  # 2 studies x 2 views
+    with torch.no_grad():
+        memory = multiview.view_tokens(model, both)
+        single = multiview.view_tokens(model, both[:, :1])
+        assert memory.shape[1] == 2 * single.shape[1]
+        torch.testing.assert_close(memory[:, :single.shape[1]], single)
+        loss_a = multiview.multiview_forward(model, both, *_ids(processor))
+        loss_b = multiview.multiview_forward(model, both[:, [0, 0]], *_ids(processor))
+    assert not torch.allclose(loss_a.loss, loss_b.loss), "the second view changes nothing: it is not read"
+
+
+def _ids(processor):
+    encoded = processor.tokenizer(["Heart size is normal.", "Small left pleural effusion."], padding=True,
+                                  return_tensors="pt")
+    ids = encoded["input_ids"].clone()
+    ids[:, 0] = processor.tokenizer.bos_token_id
+    return ids, encoded["attention_mask"], ids.masked_fill(encoded["attention_mask"] == 0, -100)
+
+
+def test_a_one_view_study_reads_the_same_alone_and_padded_in_a_batch(tiny) -> None:
+    model, processor, _ = tiny
+    rows = synthetic_rows()
+    alone = pixels(processor, rows[:1])[None]                              # 1 study x 1 view
+    padded, counts = multiview.stack_views([pixels(processor, rows[:1]), pixels(processor, rows[1:3])])
+    assert counts.tolist() == [1, 2] and padded.shape[:2] == (2, 2)
+    torch.testing.assert_close(padded[0, 1], padded[0, 0])                 # padded with its own view
+    ids, attention, labels = _ids(processor)
+    with torch.no_grad():
+        one = multiview.multiview_forward(model, alone, ids[:1], attention[:1], labels[:1])
+        two = multiview.multiview_forward(model, padded, ids, attention, labels)
+    torch.testing.assert_close(two.logits[:1], one.logits, rtol=1e-4, atol=1e-4)
+    generated_alone = multiview.multiview_generate(model, alone, max_new_tokens=10)
+    generated_padded = multiview.multiview_generate(model, padded, max_new_tokens=10)
+    assert generated_alone.tolist()[0] == generated_padded.tolist()[0][:len(generated_alone.tolist()[0])]
+
+
+def test_blips_decoder_still_ignores_a_cross_attention_mask(tiny) -> None:
+    """Why short studies are padded by repetition: transformers' BLIP drops ``encoder_attention_mask``.
+    If this starts failing, transformers fixed it and a mask could be used instead."""
+    model, processor, _ = tiny
+    rows = synthetic_rows()
+    both = torch.stack([pixels(processor, rows[:2])])
+    memory = multiview.view_tokens(model, both)
+    half = torch.ones(memory.shape[:2], dtype=torch.long)
+    half[:, memory.shape[1] // 2:] = 0
+    ids, attention, _ = _ids(processor)
+    decoder = model.get_base_model().text_decoder
+    with torch.no_grad():
+        masked = decoder(input_ids=ids[:1], attention_mask=attention[:1], encoder_hidden_states=memory,
+                         encoder_attention_mask=half).logits
+        unmasked = decoder(input_ids=ids[:1], attention_mask=attention[:1], encoder_hidden_states=memory).logits
+    torch.testing.assert_close(masked, unmasked)
