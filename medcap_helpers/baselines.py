@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.generation import generate_for_split, split_images
+from medcap_helpers.generation import generate_for_split, study_inputs
 from medcap_helpers.images import open_rgb
 from medcap_helpers.metrics import normalize_report
 
@@ -71,7 +71,8 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     decoder cross-attends to along with the patch tokens), passed once more through
     ``post_layernorm`` as transformers' ``BlipVisionModel`` does. [CLS] rather than a mean over
     patches: it is the vision tower's own global summary. ``processor`` is a ``BlipProcessor`` or
-    a ``BlipImageProcessor``; images are PIL images, paths or arrays.
+    a ``BlipImageProcessor``; images are PIL images, paths or arrays, or lists of a study's views,
+    whose normalised embeddings are averaged into the study's.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -88,10 +89,13 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="Image embeddings", unit="batch",
                           disable=not progress, leave=False):
-            batch = [open_rgb(image) for image in images[start:start + batch_size]]
+            items = [item if isinstance(item, (list, tuple)) else [item] for item in images[start:start + batch_size]]
+            batch = [open_rgb(view) for views in items for view in views]
             pixel_values = image_processor(images=batch, return_tensors="pt")["pixel_values"]
             output = vision(pixel_values=pixel_values.to(device=device, dtype=dtype))
-            rows.append(output.pooler_output.float().cpu())
+            pooled = torch.nn.functional.normalize(output.pooler_output.float().cpu(), dim=-1)
+            # a study's views: the mean of their normalised embeddings
+            rows += [views.mean(dim=0, keepdim=True) for views in torch.split(pooled, [len(v) for v in items])]
     finally:
         vision.train(was_training)
     if not rows:
@@ -133,8 +137,8 @@ def baseline_systems(base_model: Any, processor: Any, train_split: Any, test_spl
     """Zero-shot base captions, the constant most-frequent report and nearest-neighbour retrieval."""
     train_texts = list(train_split["text"])
     zero_shot = generate_for_split(base_model, processor, test_split, config)
-    train_embeddings = image_embeddings(base_model, processor, split_images(train_split), config.eval_batch_size)
-    test_embeddings = image_embeddings(base_model, processor, split_images(test_split), config.eval_batch_size)
+    train_embeddings = image_embeddings(base_model, processor, study_inputs(train_split), config.eval_batch_size)
+    test_embeddings = image_embeddings(base_model, processor, study_inputs(test_split), config.eval_batch_size)
     return {
         "zero-shot base": zero_shot,
         "constant (most frequent report)": constant_baseline(train_texts, len(test_split)),

@@ -30,6 +30,7 @@ DATA_SOURCES = ("smoke", "openi", "r2gen", "kaggle", "xrv_reports", "hub")
 TARGETS = ("findings", "impression", "both")
 SPLIT_MODES = ("random", "r2gen")
 EXAMPLE_UNITS = ("image", "study")
+VIEWS = ("single", "both")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_LORA_TARGETS = ("query", "key", "value", "dense")
@@ -59,6 +60,11 @@ class MedcapConfig:
     target: str = "findings"
     lowercase: bool = False
     example_unit: str = "image"
+    """Training examples with ``views="single"``: every image ("image") or one per study ("study").
+    Validation and test always hold one row per study: every score is per study."""
+    views: str = "single"
+    """"single": a study is read through one image (the frontal where the source says which);
+    "both": its first two views together as one input (see :mod:`medcap_helpers.multiview`)."""
     split_mode: str = "random"
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     smoke_num_reports: int = 64
@@ -126,6 +132,7 @@ class MedcapConfig:
         _choice("target", self.target, TARGETS)
         _choice("split_mode", self.split_mode, SPLIT_MODES)
         _choice("example_unit", self.example_unit, EXAMPLE_UNITS)
+        _choice("views", self.views, VIEWS)
         _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         if not str(self.run_dir).strip():
@@ -264,7 +271,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "full": dict(
         run_dir="runs/full", data_source="openi", data_path="data/NLMCXR_reports.tgz",
-        images_dir="data/NLMCXR_png", split_mode="r2gen", model_name=BLIP_LARGE_ID, device="cuda",
+        images_dir="data/NLMCXR_png", split_mode="r2gen", views="both", model_name=BLIP_LARGE_ID, device="cuda",
         num_train_epochs=5.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
         learning_rate=2e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3,
     ),

@@ -16,6 +16,7 @@ import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -142,12 +143,11 @@ def build_dataset(config: MedcapConfig, progress: bool = True) -> tuple[DatasetD
                               f"{report.reports_total} reports, {report.dropped_empty_target} without "
                               f"{config.target}, {report.images_total} images found, {report.images_missing} "
                               f"missing, {len(report.skipped_images)} unreadable. Check data_path/images_dir.")
-    if config.example_unit == "study":
-        examples = one_image_per_study(examples)
     if config.split_mode == "r2gen":
         splits = r2gen_splits(examples, report)
     else:
         splits = split_by_study(examples, config.split_ratios, config.seed)
+    splits = {name: study_examples(items, config, name) for name, items in splits.items()}
     splits = _trim(splits, config.max_train_examples, config.max_eval_examples)
     dd = _to_dataset_dict(splits)
     if report.is_smoke_sample:
@@ -187,12 +187,39 @@ def r2gen_splits(examples: Sequence[Example], report: DataReport) -> dict[str, l
     return splits
 
 
+def _view_order(example: Example) -> tuple[int, str]:
+    return ({"frontal": 0, "lateral": 1}.get(example.view, 2), example.image_id)
+
+
 def one_image_per_study(examples: Sequence[Example]) -> list[Example]:
     """One example per report (a study, in IU X-Ray's sense): its frontal image, else the first by id."""
     by_report: dict[str, list[Example]] = defaultdict(list)
     for example in examples:
         by_report[example.report_uid].append(example)
-    return [min(group, key=lambda e: (e.view != "frontal", e.image_id)) for group in by_report.values()]
+    return [min(group, key=_view_order) for group in by_report.values()]
+
+
+def two_view_studies(examples: Sequence[Example]) -> list[Example]:
+    """One example per report with its first two views (frontal, lateral, then by id); ``image_path_2``
+    is None for a one-image study. A third image, rare in IU X-Ray, is left out."""
+    by_report: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_report[example.report_uid].append(example)
+    studies = []
+    for group in by_report.values():
+        first, *rest = sorted(group, key=_view_order)
+        studies.append(replace(first, image_path_2=rest[0].image_path if rest else None))
+    return studies
+
+
+def study_examples(examples: Sequence[Example], config: MedcapConfig, split: str) -> list[Example]:
+    """A split's rows: one per study (validation, test, and training with ``views="both"``), or one per
+    image (training with ``views="single"`` and ``example_unit="image"``). Order is kept."""
+    if config.views == "both":
+        return two_view_studies(examples)
+    if split == "train" and config.example_unit == "image":
+        return list(examples)
+    return one_image_per_study(examples)
 
 
 def _trim(splits: dict[str, list[Example]], max_train: int | None, max_eval: int | None) -> dict[str, list[Example]]:
@@ -210,7 +237,8 @@ def _record_splits(report: DataReport, splits: dict[str, Sequence[Example]]) -> 
 def _features() -> Any:
     from datasets import Features, Image, Value
 
-    return Features({"image": Image(mode="RGB"), **{c: Value("string") for c in COLUMNS[1:]}})
+    images = {"image": Image(mode="RGB"), "image_2": Image(mode="RGB")}
+    return Features({c: images.get(c, Value("string")) for c in COLUMNS})
 
 
 def _to_dataset_dict(splits: dict[str, Sequence[Example]]) -> DatasetDict:
@@ -219,7 +247,8 @@ def _to_dataset_dict(splits: dict[str, Sequence[Example]]) -> DatasetDict:
     features = _features()
     return DatasetDict({
         split: Dataset.from_dict({
-            "image": [e.image_path for e in items], "text": [e.text for e in items],
+            "image": [e.image_path for e in items], "image_2": [e.image_path_2 for e in items],
+            "text": [e.text for e in items],
             "study_id": [e.study_id for e in items], "image_id": [e.image_id for e in items],
             "view": [e.view for e in items], "report_uid": [e.report_uid for e in items],
         }, features=features)

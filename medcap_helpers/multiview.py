@@ -45,11 +45,3 @@ def multiview_generate(model: Any, pixel_values: torch.Tensor, **generate_kwargs
     return base.text_decoder.generate(input_ids=start, eos_token_id=text.sep_token_id,
                                       pad_token_id=text.pad_token_id, encoder_hidden_states=memory,
                                       **generate_kwargs)
-
-
-def stack_views(pixel_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-study tensors (views_i, 3, H, W) -> (batch, most views, 3, H, W), short studies padded by
-    repeating their own views; and each study's number of real views."""
-    most = max(p.shape[0] for p in pixel_values)
-    batch = torch.stack([views[torch.arange(most) % views.shape[0]] for views in pixel_values])
-    return batch, torch.tensor([p.shape[0] for p in pixel_values])

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from medcap_helpers.config import TINY_MODEL, MedcapConfig
 from medcap_helpers.errors import ProcessorLoadError
 from medcap_helpers.images import open_rgb
@@ -191,10 +193,32 @@ def caption_start_token_id(processor: BlipProcessor) -> int:
     return int(bos)
 
 
+def stack_views(pixel_values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-study tensors (views_i, 3, H, W) -> (batch, most views, 3, H, W), short studies padded by
+    repeating their own views; and each study's number of real views."""
+    most = max(p.shape[0] for p in pixel_values)
+    batch = torch.stack([views[torch.arange(most) % views.shape[0]] for views in pixel_values])
+    return batch, torch.tensor([p.shape[0] for p in pixel_values])
+
+
+def pixel_batch(processor: Any, items: Sequence[Any]) -> torch.Tensor:
+    """Pixel values of a batch: (batch, 3, H, W) for single images, (batch, views, 3, H, W) when any item
+    is a list of views (short studies padded by repeating their views: see :mod:`medcap_helpers.multiview`)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    if not any(isinstance(item, (list, tuple)) for item in items):
+        return image_processor(images=[open_rgb(item) for item in items], return_tensors="pt")["pixel_values"]
+    studies = [list(item) if isinstance(item, (list, tuple)) else [item] for item in items]
+    flat = image_processor(images=[open_rgb(view) for views in studies for view in views],
+                           return_tensors="pt")["pixel_values"]
+    per_study = list(torch.split(flat, [len(views) for views in studies]))
+    return stack_views(per_study)[0]
+
+
 class CaptionCollator:
     """Batch ``{"image": PIL image or path, "text": str}`` rows into BLIP training inputs.
 
-    Returns ``pixel_values``, ``input_ids`` (first token replaced by ``[DEC]``), ``attention_mask`` and
+    Returns ``pixel_values`` (batch, views, 3, H, W when any row has an ``image_2``: see
+    :mod:`medcap_helpers.multiview`), ``input_ids`` (first token replaced by ``[DEC]``), ``attention_mask`` and
     ``labels`` (= ``input_ids`` with padding set to -100; BLIP shifts them inside the model). Texts
     longer than ``max_length`` tokens are truncated, keeping the final ``[SEP]`` (the stop token).
     """
@@ -213,9 +237,9 @@ class CaptionCollator:
         missing = [key for key in ("image", "text") if key not in rows[0]]
         if missing:
             raise KeyError(f"Rows need 'image' and 'text'; missing {missing} (row keys: {sorted(rows[0])}).")
-        images = [open_rgb(row["image"]) for row in rows]
+        images = [[row["image"], row["image_2"]] if row.get("image_2") is not None else row["image"] for row in rows]
         texts = [str(row["text"]) for row in rows]
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = pixel_batch(self.processor, images)
         encoded = self.processor.tokenizer(texts, padding="longest", truncation=True,
                                            max_length=self.max_length, return_tensors="pt")
         input_ids = encoded["input_ids"].clone()

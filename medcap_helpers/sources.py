@@ -55,7 +55,8 @@ from medcap_helpers.smoke_sample import SMOKE_SAMPLE_NOTE, generate_smoke_sample
 
 CONVERTED_FOLDER = "converted_images"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-COLUMNS = ("image", "text", "study_id", "image_id", "view", "report_uid")
+COLUMNS = ("image", "image_2", "text", "study_id", "image_id", "view", "report_uid")
+"""``image_2`` is a study's second view (``views="both"``), else None; ``image_id``/``view`` are the first's."""
 _R2GEN_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
 
@@ -71,6 +72,8 @@ class Example:
     view: str = UNKNOWN_VIEW
     split: str | None = None
     """Set only by a source that carries its own split (R2Gen)."""
+    image_path_2: str | None = None
+    """The study's second view, when an example is a two-view study (``views="both"``)."""
 
 
 @dataclass
@@ -356,7 +359,7 @@ def hub_rows(raw: Any, config: MedcapConfig, report: DataReport) -> list[dict[st
             report.reports_with_target += 1
             study = str(row[study_col]) if study_col else f"{split_name}-{index}"
             image_id = str(row.get("image_id") or f"{study}/{index}")
-            rows.append({"image": row[image_col], "text": text, "study_id": study, "image_id": image_id,
+            rows.append({"image": row[image_col], "image_2": None, "text": text, "study_id": study, "image_id": image_id,
                          "view": normalise_view(row.get("view") or row.get("projection")),
                          "report_uid": study, "_split": _HUB_SPLIT_NAMES.get(split_name)})
     report.reports_with_target_and_images = report.reports_with_target

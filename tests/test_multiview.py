@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medcap_helpers import multiview
-from medcap_helpers.processing import CaptionCollator
+from medcap_helpers.processing import CaptionCollator, stack_views
 from tests.test_train import qlora_model, smoke_config, synthetic_rows
 
 
@@ -70,7 +70,7 @@ def test_a_one_view_study_reads_the_same_alone_and_padded_in_a_batch(tiny) -> No
     model, processor, _ = tiny
     rows = synthetic_rows()
     alone = pixels(processor, rows[:1])[None]                              # 1 study x 1 view
-    padded, counts = multiview.stack_views([pixels(processor, rows[:1]), pixels(processor, rows[1:3])])
+    padded, counts = stack_views([pixels(processor, rows[:1]), pixels(processor, rows[1:3])])
     assert counts.tolist() == [1, 2] and padded.shape[:2] == (2, 2)
     torch.testing.assert_close(padded[0, 1], padded[0, 0])                 # padded with its own view
     ids, attention, labels = _ids(processor)
@@ -99,3 +99,34 @@ def test_blips_decoder_still_ignores_a_cross_attention_mask(tiny) -> None:
                          encoder_attention_mask=half).logits
         unmasked = decoder(input_ids=ids[:1], attention_mask=attention[:1], encoder_hidden_states=memory).logits
     torch.testing.assert_close(masked, unmasked)
+
+
+def two_view_rows() -> list[dict]:
+    """Synthetic studies: the second view is another rendering of the same study (None for two of them)."""
+    rows = synthetic_rows()
+    for i, row in enumerate(rows):
+        row["image_2"] = None if i in (2, 5) else row["image"].rotate(90)
+    return rows
+
+
+def test_the_collator_stacks_both_views(tiny) -> None:
+    _, processor, config = tiny
+    rows = two_view_rows()[:4]
+    batch = CaptionCollator(processor, config.max_target_tokens)(rows)
+    assert batch["pixel_values"].shape[:2] == (4, 2)
+    torch.testing.assert_close(batch["pixel_values"][2, 1], batch["pixel_values"][2, 0])  # one-view study
+    single = CaptionCollator(processor, config.max_target_tokens)([{**r, "image_2": None} for r in rows])
+    assert single["pixel_values"].ndim == 4
+
+
+def test_qlora_trains_and_generates_on_two_view_studies(tmp_path: Path) -> None:
+    from medcap_helpers.train import train
+
+    config = smoke_config(tmp_path, views="both", num_train_epochs=6.0)
+    model, processor = qlora_model(config)
+    rows = two_view_rows()
+    result = train(config, model, processor, {"train": rows, "validation": rows})
+    losses = [e["train_loss"] for e in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(e["val_cider"] is not None for e in result.history)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
