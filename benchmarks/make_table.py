@@ -77,6 +77,20 @@ def tables() -> str:
                        f"{_f(r['single_beam3']['latency_s_median'])} | {_f(r['single_beam3']['peak_allocated_gb'])} | "
                        f"{_f(r['batch16_greedy']['reports_per_s'], 1)} |")
         out.append("")
+    views = _load("views")
+    if views:
+        r = views["results"]
+        out += ["**One view or both views per study** (`views`; NF4 + LoRA, under the 4 GB cap; both views = "
+                "1,154 image tokens as the decoder's memory; generation: beam 3, 100 new tokens forced, fp16 "
+                f"compute; commit `{(views['environment'].get('git_commit') or '?')[:12]}`)", "",
+                "| views | training: studies/s (batch 8, checkpointing) | training: peak allocated (GB) | "
+                "generation: reports/s (batch 8) | generation: peak allocated (GB) |", "|---|---:|---:|---:|---:|"]
+        for mode in ("single", "both"):
+            train = r.get(f"training, views={mode}, batch 8, checkpointing", {})
+            gen = r.get(f"generation, views={mode}, beam 3, batch 8", {})
+            out.append(f"| {mode} | {_f(train.get('samples_per_s'), 1)} | {_f(train.get('max_allocated_gb'))} | "
+                       f"{_f(gen.get('reports_per_s'), 1)} | {_f(gen.get('peak_allocated_gb'))} |")
+        out.append("")
     disk = _load("disk")
     if disk and "gb" in disk["results"]:
         sizes = disk["results"]["gb"]

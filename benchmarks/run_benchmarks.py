@@ -1,7 +1,7 @@
 """Memory, speed and size of BLIP-large (random weights, real architecture) through medcap's own code.
 
     python benchmarks/run_benchmarks.py                      # everything (CUDA required, no download)
-    python benchmarks/run_benchmarks.py --only training      # or inference, disk, cap4gb
+    python benchmarks/run_benchmarks.py --only training      # or inference, disk, cap4gb, views
     python benchmarks/make_table.py                          # README table from benchmarks/results/*.json
 
 Every measurement runs in a fresh subprocess, so peaks and the CUDA context are measured cleanly.
@@ -55,7 +55,7 @@ def prepare_model_folder(folder: Path) -> None:
     """A random-weight BLIP-large (fp32 safetensors) and an offline processor at 384 px, saved once."""
     import torch
 
-    from medcap_helpers.data import bundled_report_texts
+    from medcap_helpers.sources import bundled_report_texts
     from medcap_helpers.model import blip_large_config
     from medcap_helpers.processing import build_offline_processor
     from transformers import BlipForConditionalGeneration
@@ -86,12 +86,13 @@ def medcap_config(folder: Path, run_dir: Path, **overrides: Any) -> Any:
     return MedcapConfig.from_profile("full", **values)
 
 
-def synthetic_rows(n: int, tokens: int, size: int = 384) -> list[dict[str, Any]]:
-    """``n`` rows with noise images and real report text long enough to fill ``tokens`` tokens."""
+def synthetic_rows(n: int, tokens: int, size: int = 384, two_views: bool = False) -> list[dict[str, Any]]:
+    """``n`` rows with noise images (two per row when ``two_views``) and real report text long enough to
+    fill ``tokens`` tokens."""
     import numpy as np
     from PIL import Image
 
-    from medcap_helpers.data import bundled_report_texts
+    from medcap_helpers.sources import bundled_report_texts
 
     texts = bundled_report_texts()
     rng = np.random.default_rng(0)
@@ -103,7 +104,9 @@ def synthetic_rows(n: int, tokens: int, size: int = 384) -> list[dict[str, Any]]
             words += texts[j % len(texts)].split()
             j += 7
         image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-        rows.append({"image": image, "text": " ".join(words), "study_id": str(i), "image_id": str(i)})
+        second = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) if two_views else None
+        rows.append({"image": image, "image_2": second, "text": " ".join(words), "study_id": str(i),
+                     "image_id": str(i)})
     return rows
 
 
@@ -158,7 +161,8 @@ def worker_train(folder: Path, settings: dict[str, Any], cap_gb: float | None) -
         model = attach_lora(model, config)
     trainable, total_params, share = trainable_parameters(model)
     steps = WARMUP_STEPS + MEASURED_STEPS
-    rows = synthetic_rows(steps * config.effective_batch_size, config.max_target_tokens)
+    rows = synthetic_rows(steps * config.effective_batch_size, config.max_target_tokens,
+                          two_views=config.views == "both")
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -246,7 +250,7 @@ def worker_inference(folder: Path, quantize: bool, dtype_name: str) -> dict[str,
 def worker_disk(folder: Path) -> dict[str, Any]:
     import torch
 
-    from medcap_helpers.merge import checkpoint_size
+    from medcap_helpers.checkpoints import checkpoint_size
     from medcap_helpers.model import load_base_model, load_plain_model
 
     sizes = {"fp32": checkpoint_size(folder)}
@@ -279,6 +283,51 @@ def worker_budget_fit(folder: Path, budget_gb: float) -> dict[str, Any]:
     config, fit = fit_config_to_budget(config, model, processor, rows)
     return {"budget_gb_total": budget_gb, "cuda_context_gb": context_gb, "allocator_budget_gb": budget_gb - context_gb,
             "probe_s": time.perf_counter() - start, **fit.to_dict(), "explain": fit.explain()}
+
+
+def worker_views_generation(folder: Path, views: str, batch: int, cap_gb: float) -> dict[str, Any]:
+    """Beam-3 generation of 100 new tokens (forced) for a batch of studies, one or two views each, NF4 fp16."""
+    import torch
+
+    from medcap_helpers.model import load_base_model
+    from medcap_helpers.multiview import multiview_generate
+    from medcap_helpers.processing import load_processor, pixel_batch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    context_gb = gpu_process_memory_gb()
+    total = torch.cuda.get_device_properties(0).total_memory / GB
+    torch.cuda.set_per_process_memory_fraction((cap_gb - (context_gb or 0.0)) / total)
+    config = medcap_config(folder, Path(tempfile.mkdtemp()), compute_dtype="float16", views=views)
+    processor = load_processor(config)
+    model = load_base_model(config).eval()
+    rows = synthetic_rows(batch, 4, two_views=views == "both")
+    items = [[r["image"], r["image_2"]] if views == "both" else r["image"] for r in rows]
+    pixels = pixel_batch(processor, items).to("cuda", torch.float16)
+    settings = dict(max_new_tokens=100, min_new_tokens=100, num_beams=3, do_sample=False)
+
+    def run() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = multiview_generate(model, pixels, **settings) if views == "both" else \
+                model.generate(pixel_values=pixels, **settings)
+        torch.cuda.synchronize()
+        assert out.shape[-1] >= 100
+        return time.perf_counter() - start
+
+    error = None
+    try:
+        run()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = statistics.median([run() for _ in range(3)])
+    except torch.cuda.OutOfMemoryError as err:
+        error, seconds = f"out of memory: {str(err).splitlines()[0]}", None
+    return {"views": views, "batch_studies": batch, "cap_gb": cap_gb, "error": error,
+            "reports_per_s": batch / seconds if seconds else None,
+            "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB,
+            "process_gpu_gb": gpu_process_memory_gb(), "cuda_context_gb": context_gb}
 
 
 def worker_tiny(dtype_name: str) -> dict[str, Any]:
@@ -345,6 +394,8 @@ def main() -> None:
         result = {"train": lambda: worker_train(folder, payload["settings"], payload.get("cap_gb")),
                   "inference": lambda: worker_inference(folder, payload["quantize"], payload["dtype"]),
                   "tiny": lambda: worker_tiny(payload["dtype"]),
+                  "views_generation": lambda: worker_views_generation(folder, payload["views"], payload["batch"],
+                                                                      payload["cap_gb"]),
                   "disk": lambda: worker_disk(folder),
                   "budget": lambda: worker_budget_fit(folder, payload["budget_gb"])}[args.worker]()
         print("RESULT " + json.dumps(result, default=str), flush=True)
@@ -375,6 +426,16 @@ def main() -> None:
         write("disk", run_worker("disk", folder, {}))
     if "tiny" in parts:
         write("tiny", {dtype: run_worker("tiny", folder, {"dtype": dtype}) for dtype in ("float16", "bfloat16")})
+    if "views" in parts:  # one image per study vs both views as one input, under a 4 GB cap
+        results = {}
+        for views in ("single", "both"):
+            results[f"training, views={views}, batch 8, checkpointing"] = run_worker("train", folder, {
+                "settings": {"views": views, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1},
+                "cap_gb": 4.0})
+            results[f"generation, views={views}, beam 3, batch 8"] = run_worker(
+                "views_generation", folder, {"views": views, "batch": 8, "cap_gb": 4.0})
+            write("views", results)
+        print(json.dumps(results, default=str)[:3000], flush=True)
     if "cap4gb" in parts:
         results = {"seed settings": run_worker("train", folder, {"settings": {}, "cap_gb": 4.0})}
         for name, settings in CAP_CANDIDATES.items():

@@ -113,7 +113,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit(repo: str | Path | None = None) -> str | None:
-    """The checked-out commit (with ``-dirty`` when there are local changes), or None outside git."""
+    """The checked-out commit (with ``-dirty`` when there are local changes), or None outside git.
+
+    ``MEDCAP_GIT_COMMIT`` wins when set: a copy of the tree on another machine (the GPU machine) may
+    carry a stale ``.git`` or none.
+    """
+    if os.environ.get("MEDCAP_GIT_COMMIT"):
+        return os.environ["MEDCAP_GIT_COMMIT"]
     cwd = Path(repo) if repo else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
