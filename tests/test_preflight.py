@@ -1,0 +1,61 @@
+"""The preflight says, in seconds, what would break a long run and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medcap_helpers import preflight
+from medcap_helpers.config import MedcapConfig
+
+
+def by_name(checks: list[preflight.Check]) -> dict[str, preflight.Check]:
+    return {c.name: c for c in checks}
+
+
+def refuse(address, timeout):  # noqa: ANN001, ANN201
+    raise OSError("network is unreachable")
+
+
+def test_the_smoke_profile_passes_on_a_cpu_machine(tmp_path: Path) -> None:
+    checks = preflight.run_checks(MedcapConfig.from_profile("smoke", run_dir=str(tmp_path)), connect=refuse)
+    assert preflight.passed(checks), preflight.report(checks)
+    assert by_name(checks)["model"].detail == "'tiny' needs no download"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a machine without a GPU reports")
+def test_the_full_profile_names_every_missing_piece(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = MedcapConfig.from_profile("full", run_dir=str(tmp_path / "run"), data_path=str(tmp_path / "nope.tgz"),
+                                       images_dir=str(tmp_path / "png"))
+    checks = by_name(preflight.run_checks(config, connect=refuse))
+    assert checks["CUDA GPU"].status == preflight.FAIL and "CUDA" in checks["CUDA GPU"].fix
+    assert checks["data_path"].status == preflight.FAIL and "medcap_helpers.download" in checks["data_path"].fix
+    assert checks["model"].status == preflight.FAIL and "unreachable" in checks["model"].detail
+    text = preflight.report(list(checks.values()))
+    assert "To fix:" in text and "the run would break" in text and len(text.splitlines()) < 25
+
+
+def test_a_reachable_hub_and_offline_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = MedcapConfig.from_profile("full", run_dir=str(tmp_path), device="auto")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert preflight._hub(config, lambda address, timeout: object()).status == preflight.OK
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in preflight._hub(config, refuse).fix
+    (tmp_path / "hf" / "hub" / "models--Salesforce--blip-image-captioning-large").mkdir(parents=True)
+    assert preflight._hub(config, refuse).status == preflight.OK
+
+
+def test_too_little_disk_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: type("U", (), {"free": 1e9})())
+    check = preflight._disk(MedcapConfig.from_profile("full", run_dir=str(tmp_path), images_dir=str(tmp_path / "x")))
+    assert check.status == preflight.FAIL and "needs about 7.0 GB" in check.detail
+
+
+def test_missing_java_is_a_warning_not_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    check = preflight._java()
+    assert check.status == preflight.WARN and "default-jre" in check.fix
