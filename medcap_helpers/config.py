@@ -21,8 +21,14 @@ from medcap_helpers.errors import ConfigError
 BLIP_LARGE_ID = "Salesforce/blip-image-captioning-large"
 TINY_MODEL = "tiny"
 """Sentinel model name: a tiny randomly initialised BLIP built locally (no download)."""
+RANDOM_BLIP_LARGE = "random-blip-large"
+"""Sentinel model name: BLIP-large's architecture with random weights, built locally (the rehearsal:
+true memory, speed and size with no download; its reports mean nothing)."""
+LOCAL_MODELS = (TINY_MODEL, RANDOM_BLIP_LARGE)
+REHEARSAL_DATA = "data/rehearsal"
+"""Where ``python -m medcap_helpers.rehearsal`` writes the rehearsal's Open-i-layout data."""
 
-PROFILES = ("smoke", "full")
+PROFILES = ("smoke", "full", "rehearsal")
 STAGES: tuple[str, ...] = ("01_data", "02_baseline", "03_qlora_train", "04_sweep", "05_merge_requant",
                            "06_eval_and_demo")
 """The pipeline's stages, in order: each is a notebook ``notebooks/<stage>.ipynb`` and a metrics file."""
@@ -103,6 +109,9 @@ class MedcapConfig:
 
     # --- generation / evaluation ---------------------------------------------------------
     max_new_tokens: int = 100
+    min_new_tokens: int | None = None
+    """Force every generated report to at least this many tokens. Only the rehearsal sets it: a random
+    model stops after a word or two, which would make generation look fast."""
     num_beams: int = 3
     eval_batch_size: int = 8
     bootstrap_samples: int = 1000
@@ -199,6 +208,10 @@ class MedcapConfig:
             raise ConfigError(f"vram_budget_gb must be a positive number of GB or None, got {self.vram_budget_gb!r}.")
 
         _positive_int("max_new_tokens", self.max_new_tokens)
+        if self.min_new_tokens is not None:
+            _positive_int("min_new_tokens", self.min_new_tokens)
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}.")
         _positive_int("num_beams", self.num_beams)
         _positive_int("eval_batch_size", self.eval_batch_size)
         _positive_int("bootstrap_samples", self.bootstrap_samples, minimum=10)
@@ -259,7 +272,7 @@ class MedcapConfig:
 
 
 _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
-             "vram_budget_gb", "cpu_threads"}
+             "vram_budget_gb", "cpu_threads", "min_new_tokens"}
 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -275,6 +288,15 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         num_train_epochs=5.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
         learning_rate=2e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3,
     ),
+}
+# The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with
+# random weights, the 3,955 real report XMLs and one placeholder radiograph per image id (Open-i's size),
+# written once by `python -m medcap_helpers.rehearsal`. Reports are forced to 75 new tokens: the real
+# findings' 95th percentile is 57 words (bundled reports), about 75 word-piece tokens with punctuation.
+PROFILE_DEFAULTS["rehearsal"] = {
+    **PROFILE_DEFAULTS["full"], "run_dir": "runs/rehearsal", "model_name": RANDOM_BLIP_LARGE,
+    "data_path": f"{REHEARSAL_DATA}/NLMCXR_reports.tgz", "images_dir": f"{REHEARSAL_DATA}/NLMCXR_png",
+    "max_new_tokens": 75, "min_new_tokens": 75,
 }
 
 

@@ -70,7 +70,7 @@ def study_inputs(rows: Any) -> Sequence[Any]:
 @torch.no_grad()
 def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
                      num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
-                     progress: bool = True) -> list[str]:
+                     progress: bool = True, min_new_tokens: int | None = None) -> list[str]:
     """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
 
     ``images`` needs only ``len`` and integer indexing (PIL images, paths, arrays, or a list of a study's
@@ -91,6 +91,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
                 pixel_values = pixel_batch(processor, batch).to(device)
                 settings = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+                if min_new_tokens:  # the rehearsal's fixed report length
+                    settings["min_new_tokens"] = min_new_tokens
                 try:
                     if pixel_values.ndim == 5:
                         output = multiview_generate(model, pixel_values, **settings)
@@ -129,4 +131,5 @@ def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_n
 def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapConfig) -> list[str]:
     """A report for every row (study or image) of ``split`` with the config's generation settings."""
     return generate_reports(model, processor, study_inputs(split), max_new_tokens=config.max_new_tokens,
-                            num_beams=config.num_beams, batch_size=config.eval_batch_size)
+                            num_beams=config.num_beams, batch_size=config.eval_batch_size,
+                            min_new_tokens=config.min_new_tokens)

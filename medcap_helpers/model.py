@@ -33,6 +33,7 @@ import torch
 
 from medcap_helpers.atomic import atomic_folder, folder_ready
 from medcap_helpers.config import (
+    LOCAL_MODELS,
     TEXT_LORA_TARGETS,
     TINY_MODEL,
     VISION_LORA_TARGETS,
@@ -43,7 +44,7 @@ from medcap_helpers.errors import ConfigError, ModelLoadError
 from medcap_helpers.processing import (
     has_saved_processor,
     load_processor,
-    tiny_model_dir,
+    local_model_dir,
 )
 from medcap_helpers.sources import tokenizer_training_texts
 
@@ -126,11 +127,36 @@ def create_tiny_model(folder: str | Path, processor: BlipProcessor, init_range: 
     return Path(folder)
 
 
-def ensure_tiny_model(config: MedcapConfig, processor: BlipProcessor) -> Path:
-    """Create the run's tiny model (weights + processor) unless it is already saved; return its folder."""
-    folder = tiny_model_dir(config)
+def create_random_blip_large(folder: str | Path, processor: BlipProcessor, seed: int = 0) -> Path:
+    """BLIP-large's architecture (the packaged config) with random weights, saved with ``processor``.
+
+    The real tokenizer can't be downloaded, so the model's special ids point at the offline processor's
+    (same vocabulary size, hence the same memory and compute as the real model).
+    """
+    from transformers import BlipForConditionalGeneration
+
+    blip_config = blip_large_config()
+    tokenizer = processor.tokenizer
+    for name, value in (("bos_token_id", tokenizer.bos_token_id), ("pad_token_id", tokenizer.pad_token_id),
+                        ("sep_token_id", tokenizer.sep_token_id), ("eos_token_id", tokenizer.sep_token_id)):
+        setattr(blip_config.text_config, name, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(blip_config)
+    with atomic_folder(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+    return Path(folder)
+
+
+def ensure_local_model(config: MedcapConfig, processor: BlipProcessor) -> Path:
+    """Build the run's own model (tiny, or random BLIP-large) unless it is already saved; return its folder."""
+    folder = local_model_dir(config)
     if not folder_ready(folder, WEIGHTS_FILE):
-        create_tiny_model(folder, processor, init_range=config.tiny_init_range, seed=config.seed)
+        if config.model_name == TINY_MODEL:
+            create_tiny_model(folder, processor, init_range=config.tiny_init_range, seed=config.seed)
+        else:
+            create_random_blip_large(folder, processor, seed=config.seed)
     return folder
 
 
@@ -150,11 +176,11 @@ def _resolve_model_source(config: MedcapConfig, model_path: str | Path | None) -
             raise ModelLoadError(f"Model folder '{source}' has no config.json: give a folder written by "
                                  "save_pretrained (or create_tiny_model), or a hub id.")
         return str(source)
-    if config.model_name == TINY_MODEL:
-        folder = tiny_model_dir(config)
+    if config.model_name in LOCAL_MODELS:
+        folder = local_model_dir(config)
         if not folder_ready(folder, WEIGHTS_FILE):
-            raise ModelLoadError(f"The tiny model is not built yet ({folder / WEIGHTS_FILE} is missing): call "
-                                 "ensure_tiny_model(config, processor) first.")
+            raise ModelLoadError(f"The run's {config.model_name} model is not built yet ({folder / WEIGHTS_FILE} "
+                                 "is missing): call ensure_local_model(config, processor) first.")
         return str(folder)
     name = config.model_name
     local = Path(name).expanduser()
@@ -195,10 +221,10 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
     the tiny model and processor are saved to ``<run_dir>/tiny_model`` once and reused afterwards (a
     resumed run keeps its vocabulary).
     """
-    folder = tiny_model_dir(config)
-    if config.model_name == TINY_MODEL and not (folder_ready(folder, WEIGHTS_FILE) and has_saved_processor(folder)):
+    folder = local_model_dir(config)
+    if config.model_name in LOCAL_MODELS and not (folder_ready(folder, WEIGHTS_FILE) and has_saved_processor(folder)):
         corpus = list(texts) if texts is not None else _tokenizer_corpus(config, dataset)
-        ensure_tiny_model(config, load_processor(config, corpus))
+        ensure_local_model(config, load_processor(config, corpus))
     processor = load_processor(config)
     return load_base_model(config), processor
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.config import LOCAL_MODELS, TINY_MODEL, MedcapConfig
 from medcap_helpers.errors import ProcessorLoadError
 from medcap_helpers.images import open_rgb
 
@@ -135,9 +135,10 @@ def build_offline_processor(texts: Iterable[str], vocab_size: int = 4000,
                          tokenizer=train_wordpiece_tokenizer(texts, vocab_size))
 
 
-def tiny_model_dir(config: MedcapConfig) -> Path:
-    """Where the tiny random BLIP (weights + processor) of a run lives."""
-    return Path(config.run_dir) / "tiny_model"
+def local_model_dir(config: MedcapConfig) -> Path:
+    """Where a run keeps the model it builds itself (weights + processor): ``tiny_model`` for the tiny
+    BLIP, ``random_blip_large`` for the rehearsal's random BLIP-large."""
+    return Path(config.run_dir) / ("tiny_model" if config.model_name == TINY_MODEL else "random_blip_large")
 
 
 def has_saved_processor(folder: str | Path) -> bool:
@@ -147,20 +148,22 @@ def has_saved_processor(folder: str | Path) -> bool:
 def load_processor(config: MedcapConfig, texts: Iterable[str] | None = None) -> BlipProcessor:
     """The processor for ``config.model_name``.
 
-    ``"tiny"``: the processor saved beside the run's tiny model when there is one (so a resumed run
-    keeps its vocabulary), else a new offline processor trained on ``texts``. Otherwise
+    A model the run builds itself (``"tiny"``, ``"random-blip-large"``): the processor saved beside it
+    when there is one (so a resumed run keeps its vocabulary), else a new offline processor trained on
+    ``texts`` (64 px for the tiny model, BLIP-large's 384 px for the random one). Otherwise
     ``BlipProcessor.from_pretrained(model_name)`` (a hub id or a local folder).
     """
     from transformers import BlipProcessor
 
-    if config.model_name == TINY_MODEL:
-        folder = tiny_model_dir(config)
+    if config.model_name in LOCAL_MODELS:
+        folder = local_model_dir(config)
         if has_saved_processor(folder):
             return BlipProcessor.from_pretrained(str(folder))
         if texts is None:
-            raise ValueError("The tiny model's tokenizer is trained on the report texts: pass texts= "
+            raise ValueError("A locally built model's tokenizer is trained on the report texts: pass texts= "
                              "(e.g. the training reports).")
-        return build_offline_processor(texts, image_size=TINY_IMAGE_SIZE)
+        size = TINY_IMAGE_SIZE if config.model_name == TINY_MODEL else BLIP_IMAGE_SIZE
+        return build_offline_processor(texts, image_size=size)
     return load_pretrained_processor(config.model_name)
 
 

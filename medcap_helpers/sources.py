@@ -33,7 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medcap_helpers.atomic import atomic_file
-from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
 from medcap_helpers.errors import DataSourceError, ImageLoadError
 from medcap_helpers.images import inspect_image, load_image
 from medcap_helpers.reports import (
@@ -408,7 +408,7 @@ def tokenizer_training_texts(config: MedcapConfig, dataset: Any) -> list[str] | 
     Held-out reports are left out so not even the vocabulary sees them. None for real BLIP, whose
     tokenizer comes with the model.
     """
-    if config.model_name != TINY_MODEL:
+    if config.model_name not in LOCAL_MODELS:
         return None
     held_out = {uid for name in ("validation", "test") if name in dataset for uid in column_values(dataset[name], "report_uid")}
     texts = (target_text(r, config.target, config.lowercase) for r in bundled_reports().reports if r.uid not in held_out)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from medcap_helpers import runs
-from medcap_helpers.config import TINY_MODEL, MedcapConfig
+from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
 from medcap_helpers.model import attach_lora, load_model_and_processor
-from medcap_helpers.processing import tiny_model_dir
-from medcap_helpers.train import train
+from medcap_helpers.processing import local_model_dir
+from medcap_helpers.train import train, value_at_epoch
 
 TrialRunner = Callable[[MedcapConfig], dict[str, Any]]
 
@@ -31,8 +31,8 @@ class SweepResult:
     budget_note: str = ""
 
     def table_rows(self) -> list[dict[str, Any]]:
-        keys = ("lora_r", "lora_alpha", "val_cider", "peak_gpu_gb", "peak_rss_gb", "trainable_params",
-                "wall_time_s", "feasible")
+        keys = ("lora_r", "lora_alpha", "val_cider", "val_ce_micro_f1", "peak_gpu_gb", "peak_rss_gb",
+                "trainable_params", "wall_time_s", "feasible")
         return [{k: t.get(k) for k in keys} for t in self.trials]
 
 
@@ -48,8 +48,8 @@ def trial_config(config: MedcapConfig, rank: int, alpha: int) -> MedcapConfig:
     or the trials would compare different base models, not LoRA settings.
     """
     model_name = config.model_name
-    if model_name == TINY_MODEL:
-        model_name = str(tiny_model_dir(config).resolve())
+    if model_name in LOCAL_MODELS:
+        model_name = str(local_model_dir(config).resolve())
     return config.replace(run_dir=str(trial_dir(config, rank, alpha)), lora_r=rank, lora_alpha=alpha,
                           num_train_epochs=config.sweep_epochs, model_name=model_name)
 
@@ -62,7 +62,8 @@ def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
 def run_sweep(config: MedcapConfig, run_trial: TrialRunner, force: bool = False) -> SweepResult:
     """Run (or reuse) every trial of the grid; ``run_trial`` trains one config and returns its record.
 
-    The record must hold ``val_cider``, ``trainable_params`` and ``peak_gpu_gb`` (None on CPU);
+    The record must hold ``val_cider``, ``trainable_params`` and ``peak_gpu_gb`` (None on CPU), and may hold
+    ``val_ce_micro_f1`` (CE micro-F1 at the epoch of the best CIDEr);
     ``wall_time_s`` and the feasibility verdict are added here.
     """
     trials: list[dict[str, Any]] = []
@@ -112,6 +113,7 @@ def trial_runner(dataset: Any) -> TrialRunner:
         rss = [p["peak_rss_gb"] for p in peaks if "peak_rss_gb" in p]
         del base
         return {"val_cider": result.best_cider, "trainable_params": result.trainable_params,
+                "val_ce_micro_f1": value_at_epoch(result.history, result.best_epoch, "val_ce_micro_f1"),
                 "peak_gpu_gb": max(gpu) if gpu else None, "peak_rss_gb": max(rss) if rss else None,
                 "train_runtime_s": result.train_runtime_s}
 
@@ -119,16 +121,19 @@ def trial_runner(dataset: Any) -> TrialRunner:
 
 
 def results_markdown(result: SweepResult) -> str:
-    lines = ["| r | alpha | val CIDEr | trainable params | peak GPU (GB) | peak RSS (GB) | time (s) | fits budget |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| r | alpha | val CIDEr | val CE micro-F1 | trainable params | peak GPU (GB) | peak RSS (GB) | "
+             "time (s) | fits budget |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in result.trials:
         fits = {True: "yes", False: "**no**", None: "n/a (CPU)"}[t.get("feasible")]
         lines.append(f"| {t['lora_r']} | {t['lora_alpha']} | {_num(t.get('val_cider'), 3)} | "
+                     f"{_num(t.get('val_ce_micro_f1'), 3)} | "
                      f"{t.get('trainable_params', 0):,} | {_num(t.get('peak_gpu_gb'), 2)} | "
                      f"{_num(t.get('peak_rss_gb'), 2)} | {_num(t.get('wall_time_s'), 1)} | {fits} |")
     if result.chosen:
+        ce = result.chosen.get("val_ce_micro_f1")
         lines += ["", f"Chosen: r={result.chosen['lora_r']}, alpha={result.chosen['lora_alpha']} "
-                      f"(validation CIDEr {result.chosen['val_cider']:.3f})."]
+                      f"(validation CIDEr {result.chosen['val_cider']:.3f}"
+                      + (f", CE micro-F1 {ce:.3f}" if ce is not None else "") + ")."]
     return "\n".join(lines)
 
 

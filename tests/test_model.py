@@ -238,7 +238,7 @@ def test_device_and_dtype_choice(tmp_path):
 def test_clear_errors_for_missing_models(tmp_path):
     with pytest.raises(errors.ModelLoadError, match="config.json"):
         M.load_base_model(_config(tmp_path), model_path=tmp_path / "missing")
-    with pytest.raises(errors.ModelLoadError, match="ensure_tiny_model"):
+    with pytest.raises(errors.ModelLoadError, match="ensure_local_model"):
         M.load_base_model(_config(tmp_path))  # tiny model of this run not built yet
     with pytest.raises(errors.ModelLoadError, match="internet connection"):
         M.load_base_model(_config(tmp_path, model_name="Salesforce/blip-image-captioning-large"))

@@ -56,7 +56,7 @@ def test_choose_trial_prefers_smaller_rank_on_ties() -> None:
 
 
 def test_tiny_model_trials_reuse_the_main_runs_model(tmp_path) -> None:
-    from medcap_helpers.processing import tiny_model_dir
+    from medcap_helpers.processing import local_model_dir
     from medcap_helpers.sweep import trial_config
 
     config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path))
@@ -64,6 +64,6 @@ def test_tiny_model_trials_reuse_the_main_runs_model(tmp_path) -> None:
     assert (trial.lora_r, trial.lora_alpha, trial.num_train_epochs) == (16, 64, config.sweep_epochs)
     assert trial.run_dir.endswith("r16_alpha64")
     # The trial loads the parent run's tiny model and processor, not a new random one of its own.
-    assert trial.model_name == str(tiny_model_dir(config).resolve())
+    assert trial.model_name == str(local_model_dir(config).resolve())
     hub = config.replace(model_name="Salesforce/blip-image-captioning-large")
     assert trial_config(hub, 4, 16).model_name == hub.model_name
