@@ -91,6 +91,20 @@ def tables() -> str:
             out.append(f"| {mode} | {_f(train.get('samples_per_s'), 1)} | {_f(train.get('max_allocated_gb'))} | "
                        f"{_f(gen.get('reports_per_s'), 1)} | {_f(gen.get('peak_allocated_gb'))} |")
         out.append("")
+    profile = _load("full_profile")
+    if profile:
+        today = profile["today"]
+        out += [f"**The full profile at real scale, today** (the rehearsal: random BLIP-large, 2,069 / 296 / 590 "
+                f"studies, both views, 75-token reports, allocator capped at {profile['cap_gb']:g} GB; "
+                f"`benchmarks/full_profile.py`)", "",
+                "| stage | wall time | peak process GPU (GB) | how |", "|---|---:|---:|---|"]
+        for stage, r in today["stages"].items():
+            peaks = [m.get("process_gpu_gb") for key, m in r.items() if key.startswith("memory") and isinstance(m, dict)]
+            peak = max((p for p in peaks if p is not None), default=None)
+            seconds = r.get("seconds")
+            shown = "–" if seconds is None else (f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s")
+            out.append(f"| {stage} | {shown} | {_f(peak)} | {r.get('how', '')} |")
+        out += [f"| **01 → 06** | **{today['total_seconds'] / 3600:.1f} h** | | |", ""]
     disk = _load("disk")
     if disk and "gb" in disk["results"]:
         sizes = disk["results"]["gb"]

@@ -1,0 +1,275 @@
+"""Today's full profile at real scale, stage by stage, on the rehearsal (random BLIP-large, 4 GB cap).
+
+    python -m medcap_helpers.rehearsal                 # set-up: the rehearsal data (not timed)
+    python benchmarks/full_profile.py                  # CUDA required; writes benchmarks/results/full_profile.json
+
+Each stage runs in a fresh process with the allocator capped at 4 GB minus the CUDA context, through
+the pipeline's own functions at the rehearsal profile's settings (the full profile's, with reports
+forced to 75 new tokens). What finishes in minutes is measured whole; what would take hours (training,
+the sweep, generating every report) is timed on a slice and projected from the measured rate: every
+figure says ``measured`` or ``projected`` and how. Peak GPU memory: the allocator's peak and the
+process's use per NVML (what nvidia-smi shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+GB = 1e9
+CAP_GB = 4.0
+
+
+def process_gpu_gb() -> float | None:
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return proc.usedGpuMemory / GB
+    except Exception:  # noqa: BLE001 - NVML is optional
+        pass
+    try:
+        return torch.cuda.device_memory_used() / GB
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def cap_memory() -> float | None:
+    import torch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    context = process_gpu_gb() or 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / GB
+    torch.cuda.set_per_process_memory_fraction((CAP_GB - context) / total)
+    return context
+
+
+def memory() -> dict[str, float | None]:
+    import torch
+
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB, "process_gpu_gb": process_gpu_gb()}
+
+
+def config_for(run_dir: str, data_dir: str) -> Any:
+    from medcap_helpers.config import MedcapConfig
+
+    return MedcapConfig.from_profile("rehearsal", run_dir=run_dir, data_path=f"{data_dir}/NLMCXR_reports.tgz",
+                                     images_dir=f"{data_dir}/NLMCXR_png")
+
+
+def timed(function: Any) -> tuple[Any, float]:
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = function()
+    torch.cuda.synchronize()
+    return value, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------- stages
+def stage_data(run_dir: str, data_dir: str) -> dict[str, Any]:
+    from medcap_helpers import data
+
+    config = config_for(run_dir, data_dir)
+    (dd, report), seconds = timed(lambda: data.build_dataset(config, progress=False))
+    _, save_s = timed(lambda: data.save_dataset(dd, report, run_dir))
+    return {"seconds": seconds + save_s, "how": "measured", "split_sizes": report.split_sizes,
+            "studies_outside_split": report.studies_outside_split}
+
+
+def generation_rate(model: Any, processor: Any, split: Any, config: Any, n: int) -> tuple[float, dict[str, Any]]:
+    """Studies per second generating ``n`` studies of ``split`` (after one warm-up batch)."""
+    import torch
+
+    from medcap_helpers.generation import generate_for_split
+
+    sample = split.select(range(min(n, len(split))))
+    generate_for_split(model, processor, sample.select(range(min(config.eval_batch_size, len(sample)))), config)
+    torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: generate_for_split(model, processor, sample, config))
+    return len(sample) / seconds, memory()
+
+
+def stage_baselines(run_dir: str, data_dir: str, n: int) -> dict[str, Any]:
+    from medcap_helpers import baselines, data, model
+    from medcap_helpers.generation import study_inputs
+
+    context = cap_memory()
+    config = config_for(run_dir, data_dir)
+    dd, _ = data.load_saved_dataset(run_dir)
+    (base, processor), load_s = timed(lambda: model.load_model_and_processor(config, dd))
+    rate, gen_memory = generation_rate(base, processor, dd["test"], config, n)
+    train = dd["train"].select(range(min(4 * n, len(dd["train"]))))
+    _, embed_s = timed(lambda: baselines.image_embeddings(base, processor, study_inputs(train), config.eval_batch_size,
+                                                          progress=False))
+    embed_rate = len(train) / embed_s
+    studies = len(dd["train"]) + len(dd["test"])
+    seconds = load_s + len(dd["test"]) / rate + studies / embed_rate
+    return {"seconds": seconds, "how": f"projected: zero-shot generation timed on {n} test studies "
+            f"({rate:.2f} studies/s), embeddings on {len(train)} training studies ({embed_rate:.1f}/s)",
+            "generation_studies_per_s": rate, "embedding_studies_per_s": embed_rate, "load_s": load_s,
+            "memory": gen_memory, "cuda_context_gb": context}
+
+
+def stage_train(run_dir: str, data_dir: str, steps: int, n_val: int) -> dict[str, Any]:
+    import torch
+    from transformers import TrainerCallback
+
+    from medcap_helpers import data, model
+    from medcap_helpers.train import train
+
+    context = cap_memory()
+    config = config_for(run_dir, data_dir)
+    dd, _ = data.load_saved_dataset(run_dir)
+    base, processor = model.load_model_and_processor(config, dd)
+    peft_model = model.attach_lora(base, config)
+    rows = dd["train"].select(range(min(steps * config.effective_batch_size, len(dd["train"]))))
+
+    class StepTimer(TrainerCallback):
+        times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    torch.cuda.reset_peak_memory_stats()
+    slice_config = config.replace(num_train_epochs=1.0, run_dir=str(Path(run_dir) / "train_slice"))
+    train(slice_config, peft_model, processor, {"train": rows, "validation": dd["validation"].select(range(2))},
+          callbacks_extra=[timer], max_generation_examples=2)
+    train_memory = memory()
+    step_s = statistics.median(timer.times[3:] or timer.times)
+    samples_per_s = config.effective_batch_size / step_s
+    val_rate, val_memory = generation_rate(peft_model, processor, dd["validation"], config, n_val)
+    peft_model.save_pretrained(Path(run_dir) / "adapter")
+    processor.save_pretrained(Path(run_dir) / "adapter")
+    n_train, n_val_all = len(dd["train"]), len(dd["validation"])
+    epoch_s = n_train / samples_per_s + n_val_all / val_rate
+    return {"seconds": config.num_train_epochs * epoch_s,
+            "how": f"projected: {len(timer.times)} optimizer steps timed (batch {config.per_device_train_batch_size} x "
+                   f"{config.gradient_accumulation_steps}, median after warm-up), validation generation timed on "
+                   f"{n_val} studies; {config.num_train_epochs:g} epochs of {n_train} studies + {n_val_all} "
+                   "validation reports each",
+            "samples_per_s": samples_per_s, "validation_studies_per_s": val_rate, "epoch_s": epoch_s,
+            "memory_training": train_memory, "memory_validation": val_memory, "cuda_context_gb": context,
+            "sweep_seconds": len(config.sweep_ranks) * len(config.sweep_alphas) * config.sweep_epochs * epoch_s,
+            "sweep_how": f"projected: {len(config.sweep_ranks) * len(config.sweep_alphas)} trials x "
+                         f"{config.sweep_epochs:g} epoch at the measured epoch time"}
+
+
+def stage_merge(run_dir: str, data_dir: str, n_val: int) -> dict[str, Any]:
+    from medcap_helpers import checkpoints, data, devices, merge, model
+
+    context = cap_memory()
+    config = config_for(run_dir, data_dir)
+    dd, _ = data.load_saved_dataset(run_dir)
+    adapter = Path(run_dir) / "adapter"
+    processor = checkpoints.load_processor_from(adapter)
+    run = Path(run_dir)
+    device = devices.pick_device(config)
+    dtype16 = merge.merge_dtype(devices.compute_dtype(config, device))
+    source = model.base_model_source(config)
+    start = time.perf_counter()
+    merge.merge_onto_16bit_base(source, adapter, run / "merged-16bit", processor, dtype16)
+    merge.merge_onto_dequantized_base(model.load_base_model(config), adapter, run / "merged-dequantized-16bit",
+                                      processor, dtype16)
+    for name in ("merged-16bit", "merged-dequantized-16bit"):
+        merge.requantize_nf4(run / name, run / f"{name}-nf4", processor,
+                             model.quantization_config(devices.compute_dtype(config, device)),
+                             devices.device_map_for(device))
+    merges_s = time.perf_counter() - start
+    captioner, captioner_processor = checkpoints.load_captioner(run / "merged-16bit-nf4",
+                                                                device_map=devices.device_map_for(device))
+    rate, gen_memory = generation_rate(captioner, captioner_processor, dd["validation"], config, n_val)
+    n_val_all, n_test = len(dd["validation"]), len(dd["test"])
+    return {"seconds": merges_s + 3 * n_val_all / rate,
+            "how": f"merges and re-quantizations measured ({merges_s:.0f} s); validation generation of the "
+                   f"adapter and both NF4 models projected from {n_val} studies ({rate:.2f}/s)",
+            "merges_s": merges_s, "nf4_generation_studies_per_s": rate, "memory": gen_memory,
+            "cuda_context_gb": context,
+            "test_seconds": 2 * n_test / rate,
+            "test_how": f"projected: {n_test} test studies generated twice (adapter, final NF4) at {rate:.2f}/s"}
+
+
+# ----------------------------------------------------------------------------------------- driver
+def run_stage(name: str, payload: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--stage", name, "--payload", json.dumps(payload)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"stage failed (rc {done.returncode}): {done.stderr[-2000:]}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/rehearsal")
+    parser.add_argument("--run", default=str(Path(tempfile.gettempdir()) / "medcap_rehearsal_today"))
+    parser.add_argument("--generate", type=int, default=48, help="studies timed per generation rate")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps timed in training")
+    parser.add_argument("--stage")
+    parser.add_argument("--payload", default="{}")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.stage:
+        p = json.loads(args.payload)
+        stages = {"data": lambda: stage_data(p["run"], p["data"]),
+                  "baselines": lambda: stage_baselines(p["run"], p["data"], p["n"]),
+                  "train": lambda: stage_train(p["run"], p["data"], p["steps"], p["n"]),
+                  "merge": lambda: stage_merge(p["run"], p["data"], p["n"])}
+        print("RESULT " + json.dumps(stages[args.stage](), default=str), flush=True)
+        return
+    payload = {"run": args.run, "data": args.data, "n": args.generate, "steps": args.steps}
+    results: dict[str, Any] = {}
+    for stage in ("data", "baselines", "train", "merge"):
+        results[stage] = run_stage(stage, payload)
+        print(stage, json.dumps(results[stage], default=str)[:600], flush=True)
+        write(results)  # after each stage: a cut-off run keeps what it measured
+
+
+def write(results: dict[str, Any]) -> None:
+    import torch
+
+    from medcap_helpers.runs import environment_info, write_json
+
+    train, merge = results.get("train", {}), results.get("merge", {})
+    stages = {"01_data": results.get("data", {}), "02_baseline": results.get("baselines", {}),
+              "03_qlora_train": train,
+              "04_sweep": {"seconds": train.get("sweep_seconds"), "how": train.get("sweep_how")},
+              "05_merge_requant": merge,
+              "06_eval_and_demo": {"seconds": merge.get("test_seconds"), "how": merge.get("test_how")}}
+    total = sum(s.get("seconds") or 0.0 for s in stages.values())
+    env = environment_info()
+    env["gpu"] = torch.cuda.get_device_name(0)
+    write_json(RESULTS / "full_profile.json", {
+        "part": "full_profile", "environment": env, "cap_gb": CAP_GB,
+        "profile": "rehearsal (= full with random BLIP-large, placeholder images, 75-token reports)",
+        "today": {"stages": stages, "total_seconds": total}})
+    print(f"today: {total / 3600:.1f} h in all -> {RESULTS / 'full_profile.json'}")
+
+
+if __name__ == "__main__":
+    main()
