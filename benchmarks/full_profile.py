@@ -31,27 +31,10 @@ GB = 1e9
 CAP_GB = 4.0
 
 
-def process_gpu_gb() -> float | None:
-    import torch
-
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory:
-                return proc.usedGpuMemory / GB
-    except Exception:  # noqa: BLE001 - NVML is optional
-        pass
-    try:
-        return torch.cuda.device_memory_used() / GB
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def cap_memory() -> float | None:
     import torch
+
+    from medcap_helpers.devices import process_gpu_gb
 
     torch.cuda.init()
     torch.empty(1, device="cuda")
@@ -63,6 +46,8 @@ def cap_memory() -> float | None:
 
 def memory() -> dict[str, float | None]:
     import torch
+
+    from medcap_helpers.devices import process_gpu_gb
 
     return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB, "process_gpu_gb": process_gpu_gb()}

@@ -111,23 +111,9 @@ def synthetic_rows(n: int, tokens: int, size: int = 384, two_views: bool = False
 
 
 def gpu_process_memory_gb() -> float | None:
-    """This process's GPU memory as NVML reports it (what nvidia-smi shows), or the device total in use."""
-    import torch
+    from medcap_helpers.devices import process_gpu_gb
 
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory:
-                return proc.usedGpuMemory / GB
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used / GB
-    except Exception:  # noqa: BLE001 - NVML is optional
-        try:
-            return torch.cuda.device_memory_used() / GB
-        except Exception:  # noqa: BLE001
-            return None
+    return process_gpu_gb()
 
 
 # ----------------------------------------------------------------------------------- workers

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import resource
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,25 @@ def reset_peak_memory(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def process_gpu_gb() -> float | None:
+    """This process's GPU memory as NVML reports it (what nvidia-smi shows: CUDA context, allocator cache,
+    library workspaces), else the whole device's use; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return proc.usedGpuMemory / GB
+    except Exception:  # noqa: BLE001 - NVML is optional
+        pass
+    try:
+        return torch.cuda.device_memory_used() / GB
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def memory_line(snapshot: dict[str, float]) -> str:
