@@ -49,3 +49,11 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     print(f"smoke pipeline 01 → 06: {seconds:.0f} s")
     metrics = {stage: runs.read_stage_metrics(run_dir, stage) for stage in STAGES}
     return {"dir": run_dir, "outcomes": outcomes, "metrics": metrics, "seconds": seconds, "config": config}
+
+
+@pytest.fixture
+def synthetic_iu(tmp_path: Path):  # -> tests.fixtures.SyntheticIU
+    """A tiny synthetic IU X-Ray in the Open-i, Kaggle and R2Gen layouts (no shared files needed)."""
+    from tests.fixtures import write_synthetic_iu
+
+    return write_synthetic_iu(tmp_path / "synthetic_iu")

@@ -49,6 +49,7 @@ from medcap_helpers.sources import (
     bundled_report_texts,
     load_examples,
 )
+from tests.fixtures import IMAGE_SIZE, SyntheticIU
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +89,14 @@ def test_smoke_dataset_is_labelled_split_and_decodes_to_rgb(smoke_build: tuple[o
     assert report.is_smoke_sample and report.note == SMOKE_SAMPLE_NOTE and report.source == "smoke"
     assert all(SMOKE_SAMPLE_NOTE in split.info.description for split in dd.values())
     assert report.reports_total == report.reports_with_target_and_images == 12
-    assert report.examples == report.images_total == 24 and report.skipped_images == []
+    assert report.images_total == 24 and report.skipped_images == []
     assert list(dd) == list(SPLITS)
     assert {split: sizes["studies"] for split, sizes in report.split_sizes.items()} == {
         "train": 8, "validation": 1, "test": 3}
-    assert sum(len(dd[s]) for s in SPLITS) == 24
+    # training: both images of each study; validation and test: one row per study (scores are per study)
+    assert {split: sizes["examples"] for split, sizes in report.split_sizes.items()} == {
+        "train": 16, "validation": 1, "test": 3}
+    assert report.examples == sum(len(dd[s]) for s in SPLITS) == 20
     assert leakage_check(dd)["ok"]
     row = dd["train"][0]
     assert set(row) == set(COLUMNS)
@@ -209,14 +213,19 @@ def test_kaggle_csv_layout(iu_sample: Path, tmp_path: Path) -> None:
                      images_dir=str(iu_sample / "kaggle_normalized"))
     dd, report = build_dataset(config, progress=False)
     assert report.reports_total == 12 and report.dropped_empty_target == 2
-    assert report.examples == 9 and report.images_total == 13 and report.images_missing == 1
+    assert report.images_total == 13 and report.images_missing == 1
+    assert report.examples == sum(map(len, dd.values())) == 7  # 9 images; one row per study outside train
     assert leakage_check(dd)["ok"]
-    rows = {row["image_id"]: row for split in dd.values() for row in split.with_format(None).remove_columns("image")}
-    assert rows["CXR1000_IM-0003-1001"]["view"] == "frontal"
-    assert rows["CXR1000_IM-0003-2001"]["view"] == "lateral"
-    assert rows["CXR1000_IM-0003-2001"]["study_id"] == "CXR1000_IM-0003"
-    split_of = {image_id: split for split in dd for image_id in dd[split]["image_id"]}
-    assert len({split_of[f"CXR1000_IM-0003-{n}"] for n in ("1001", "2001", "3001")}) == 1
+    examples = {e.image_id: e for e in load_examples(config, progress=False)[0]}
+    assert examples["CXR1000_IM-0003-1001"].view == "frontal"
+    assert examples["CXR1000_IM-0003-2001"].view == "lateral"
+    assert examples["CXR1000_IM-0003-2001"].study_id == "CXR1000_IM-0003"
+    rows_1000 = {(split, image_id) for split in dd for image_id in dd[split]["image_id"]
+                 if image_id.startswith("CXR1000_")}
+    (split_1000,) = {split for split, _ in rows_1000}  # a study stays in one split
+    all_three = {f"CXR1000_IM-0003-{n}" for n in ("1001", "2001", "3001")}
+    assert {image_id for _, image_id in rows_1000} == (  # outside train, one row per study: its frontal image
+        all_three if split_1000 == "train" else {"CXR1000_IM-0003-1001"})
 
     studies, _ = build_dataset(config.replace(example_unit="study"), progress=False)
     study_rows = [row for split in studies.values() for row in split.with_format(None).remove_columns("image")]
@@ -234,15 +243,14 @@ def test_r2gen_split_file_and_layout(iu_sample: Path, tmp_path: Path) -> None:
                      images_dir=str(iu_sample / "r2gen_layout"), split_mode="r2gen")
     dd, report = build_dataset(config, progress=False)
     assert report.reports_total == 2955 and report.images_total == 5 and report.images_missing == 5905
-    assert report.examples == 5 and report.reports_with_target_and_images == 3
+    assert report.examples == 3 and report.reports_with_target_and_images == 3  # 5 images, 3 test studies
     assert leakage_check(dd)["ok"]
     names = {"train": "train", "validation": "val", "test": "test"}
     for split in SPLITS:
         for study in dd[split]["study_id"]:
             assert split_of_study[study] == names[split]
     rows = {row["image_id"]: row for split in dd.values() for row in split.with_format(None).remove_columns("image")}
-    assert set(rows) == {"CXR2843_IM-1254-1001/1", "CXR368_IM-1832/0", "CXR368_IM-1832/1",
-                         "CXR383_IM-1932/0", "CXR383_IM-1932/1"}
+    assert set(rows) == {"CXR2843_IM-1254-1001/1", "CXR368_IM-1832/0", "CXR383_IM-1932/0"}  # test: a row per study
     assert rows["CXR2843_IM-1254-1001/1"]["study_id"] == "CXR2843_IM-1254-1001"
     assert rows["CXR2843_IM-1254-1001/1"]["report_uid"] == "2843"
     assert rows["CXR368_IM-1832/0"]["text"].startswith("Cardiomediastinal silhouette and pulmonary vasculature")
@@ -250,6 +258,139 @@ def test_r2gen_split_file_and_layout(iu_sample: Path, tmp_path: Path) -> None:
         load_examples(config.replace(target="impression"), progress=False)
     with pytest.raises(DataSourceError, match="R2Gen images folder"):
         load_examples(config.replace(images_dir=None), progress=False)  # <annotation dir>/images is absent
+
+
+# --- openi / kaggle / r2gen on the synthetic sample (tests/fixtures.py: runs on any clone) ---------
+def _rows_without_images(dd: object) -> dict[str, dict]:
+    return {row["image_id"]: {**row, "split": name} for name, split in dd.items()  # type: ignore[attr-defined]
+            for row in split.with_format(None).remove_columns("image")}
+
+
+def _assert_rows_per_split(dd: object, images_per_study: dict[str, int]) -> None:
+    """Training rows: every image of the split's studies; validation and test: one row per study (scores are
+    per study). Every study with an image is in exactly one split."""
+    seen: dict[str, str] = {}
+    for name, split in dd.items():  # type: ignore[attr-defined]
+        studies = list(split["study_id"])
+        for study in set(studies):
+            assert study not in seen, f"{study} in {seen.get(study)} and {name}"
+            seen[study] = name
+        expected = sum(images_per_study[s] for s in set(studies)) if name == "train" else len(set(studies))
+        assert len(studies) == expected, (name, studies)
+    assert set(seen) == set(images_per_study)
+
+
+def _assert_each_row_has_its_own_image(dd: object, grey: dict[str, int]) -> None:
+    """Every synthetic image has a grey level of its own: a row showing another row's image fails."""
+    seen = 0
+    for split in dd.values():  # type: ignore[attr-defined]
+        for row in split:
+            image = row["image"]
+            assert image.mode == "RGB" and image.size == IMAGE_SIZE, row["image_id"]
+            assert np.unique(np.asarray(image)).tolist() == [grey[row["image_id"]]], row["image_id"]
+            seen += 1
+    assert seen > 0
+
+
+def test_openi_loader_on_the_synthetic_sample(synthetic_iu: SyntheticIU, tmp_path: Path) -> None:
+    config = _config(tmp_path, data_source="openi", data_path=str(synthetic_iu.reports_dir),
+                     images_dir=str(synthetic_iu.openi_images))
+    examples, report = load_examples(config, progress=False)
+    assert report.reports_total == 6 and report.reports_malformed == []
+    assert report.dropped_empty_target == 1              # report 3 has no FINDINGS section
+    assert report.reports_with_target == 5
+    assert report.reports_with_target_and_images == 4    # 1, 2, 4, 6
+    assert report.reports_without_images == 1            # 5: none of its images is on disk
+    assert report.images_total == 11 and report.images_without_report == 1   # CXR99
+    assert report.images_missing == 3                    # one of 4's, both of 5's
+    assert report.examples == len(examples) == 8 and report.skipped_images == []
+    by_image = {e.image_id: e for e in examples}
+    assert sorted(by_image) == ["CXR1_IM-0001-1001", "CXR1_IM-0001-2001", "CXR2_IM-0002-1001", "CXR2_IM-0002-2001",
+                                "CXR2_IM-0002-3001", "CXR4_IM-0004-1001", "CXR6_IM-0006-1001", "CXR6_IM-0006-2001"]
+    assert by_image["CXR2_IM-0002-3001"].study_id == "CXR2_IM-0002" and by_image["CXR2_IM-0002-3001"].report_uid == "2"
+    assert by_image["CXR2_IM-0002-3001"].text == "Opacity in the right upper lobe. No pleural effusion."  # XXXX gone
+    assert all(e.view == "unknown" for e in examples)    # Open-i does not record the view
+    assert all(Path(e.image_path).is_absolute() and Path(e.image_path).parent == synthetic_iu.openi_images
+               for e in examples)
+    # Open-i's NLMCXR_reports.tgz gives the same examples as the folder of XMLs.
+    from_tgz, tgz_report = load_examples(config.replace(data_path=str(synthetic_iu.reports_tgz)), progress=False)
+    assert from_tgz == examples and tgz_report.to_dict() == report.to_dict()
+
+    impression, report_i = load_examples(config.replace(target="impression", lowercase=True), progress=False)
+    assert report_i.dropped_empty_target == 0 and len(impression) == 10
+    assert {e.text for e in impression if e.report_uid == "3"} == {"no acute cardiopulmonary disease."}
+
+    dd, _ = build_dataset(config, progress=False)
+    assert leakage_check(dd)["ok"]
+    _assert_rows_per_split(dd, {"CXR1_IM-0001": 2, "CXR2_IM-0002": 3, "CXR4_IM-0004": 1, "CXR6_IM-0006": 2})
+    _assert_each_row_has_its_own_image(dd, synthetic_iu.grey)
+
+
+def test_kaggle_csv_layout_on_the_synthetic_sample(synthetic_iu: SyntheticIU, tmp_path: Path) -> None:
+    config = _config(tmp_path, data_source="kaggle", data_path=str(synthetic_iu.kaggle_dir))  # images_normalized/
+    dd, report = build_dataset(config, progress=False)
+    assert report.reports_total == 6 and report.dropped_empty_target == 1
+    assert report.images_total == 11 and report.images_missing == 3 and report.images_without_report == 1
+    assert report.reports_with_target_and_images == 4 and report.reports_without_images == 1
+    assert report.examples == sum(s["examples"] for s in report.split_sizes.values()) == sum(map(len, dd.values()))
+    assert leakage_check(dd)["ok"]
+    _assert_rows_per_split(dd, {"CXR1_IM-0001": 2, "CXR2_IM-0002": 3, "CXR4_IM-0004": 1, "CXR6_IM-0006": 2})
+    rows = _rows_without_images(dd)
+    for row in rows.values():
+        assert row["view"] == ("frontal" if row["image_id"].endswith("1001") else "lateral"), row
+        assert row["study_id"] == row["image_id"].rsplit("-", 1)[0]
+        assert row["report_uid"] == row["image_id"].split("_")[0].removeprefix("CXR")
+    assert {row["text"] for row in rows.values() if row["report_uid"] == "4"} <= {"Mild cardiomegaly."}
+    assert all(row["view"] == "frontal" for row in rows.values() if row["split"] != "train")  # a study's frontal
+    _assert_each_row_has_its_own_image(dd, synthetic_iu.grey)
+
+    studies, _ = build_dataset(config.replace(example_unit="study"), progress=False)
+    study_rows = _rows_without_images(studies)
+    assert sorted(row["report_uid"] for row in study_rows.values()) == ["1", "2", "4", "6"]
+    assert all(row["view"] == "frontal" for row in study_rows.values())   # the frontal image of each report
+    with pytest.raises(DataSourceError, match="Kaggle images folder"):
+        load_examples(config.replace(images_dir=str(tmp_path / "absent")), progress=False)
+
+
+def test_r2gen_split_file_and_layout_on_the_synthetic_sample(synthetic_iu: SyntheticIU, tmp_path: Path) -> None:
+    config = _config(tmp_path, data_source="r2gen", data_path=str(synthetic_iu.r2gen_annotation),
+                     split_mode="r2gen")  # images_dir: <annotation dir>/images
+    dd, report = build_dataset(config, progress=False)
+    assert report.reports_total == 6 and report.dropped_empty_target == 1      # CXR8's report is empty
+    assert report.images_total == 9 and report.images_missing == 2              # CXR7_IM-0007/1, CXR6_IM-0006-1001/0
+    assert report.reports_with_target_and_images == 5 and report.studies_outside_split == 0
+    assert leakage_check(dd)["ok"]
+    rows = _rows_without_images(dd)
+    assert {image_id: row["split"] for image_id, row in rows.items()} == {    # R2Gen's own split is kept;
+        "CXR1_IM-0001/0": "train", "CXR1_IM-0001/1": "train", "CXR2_IM-0002/0": "train", "CXR2_IM-0002/1": "train",
+        "CXR7_IM-0007/0": "train", "CXR4_IM-0004/0": "validation",             # one row per study outside train
+        "CXR6_IM-0006-1001/1": "test"}
+    assert report.examples == len(rows) == 7
+    assert rows["CXR6_IM-0006-1001/1"]["study_id"] == "CXR6_IM-0006-1001"
+    assert rows["CXR6_IM-0006-1001/1"]["report_uid"] == "6"
+    assert rows["CXR2_IM-0002/0"]["text"] == "Opacity in the right upper lobe. No pleural effusion."
+    _assert_each_row_has_its_own_image(dd, synthetic_iu.grey)
+
+    regrouped, _ = load_examples(config.replace(split_mode="random"), progress=False)
+    assert len(regrouped) == 8 and all(e.split is None for e in regrouped)   # random mode ignores R2Gen's split
+    with pytest.raises(DataSourceError, match="findings only"):
+        load_examples(config.replace(target="impression"), progress=False)
+    with pytest.raises(DataSourceError, match="R2Gen images folder"):
+        load_examples(config.replace(images_dir=str(tmp_path / "absent")), progress=False)
+
+
+def test_empty_targets_are_dropped_and_counted_on_the_synthetic_sample(synthetic_iu: SyntheticIU,
+                                                                       tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    for uid in ("3", "4"):
+        (reports / f"{uid}.xml").write_bytes((synthetic_iu.reports_dir / f"{uid}.xml").read_bytes())
+    config = _config(tmp_path, data_source="openi", data_path=str(reports), images_dir=str(synthetic_iu.openi_images))
+    examples, report = load_examples(config, progress=False)
+    assert report.dropped_empty_target == 1 and [e.image_id for e in examples] == ["CXR4_IM-0004-1001"]
+    assert report.images_without_report == 11 - 3   # 3 (dropped) still owns its 2 images; 4 has 1 on disk
+    with pytest.raises(DataSourceError, match="No usable examples"):
+        build_dataset(config.replace(data_path=str(reports / "3.xml")), progress=False)
 
 
 # --- bad data ------------------------------------------------------------------------------------
@@ -270,7 +411,8 @@ def test_unreadable_images_are_skipped_and_listed_16bit_converted(tmp_path: Path
     assert set(skipped) == {str(zero), str(truncated), str(text)}
     assert "empty" in skipped[str(zero)] and "truncated" in skipped[str(truncated)]
     assert "not an image" in skipped[str(text)]
-    assert report.examples == 9 and report.images_without_report == 1 and report.images_converted == 1
+    assert report.images_without_report == 1 and report.images_converted == 1
+    assert report.examples == sum(map(len, dd.values())) == 8  # 9 usable images, one row per study outside train
     rows = [row for split in dd.values() for row in split]
     converted = next(r for r in rows if r["image_id"] == wide.stem)
     assert converted["image"].mode == "RGB"
@@ -394,8 +536,9 @@ def test_one_image_per_study_prefers_the_frontal_view() -> None:
 def test_example_limits_slice_deterministically(tmp_path: Path, bundled: None) -> None:
     full, _ = build_dataset(_config(tmp_path), progress=False)
     limited, report = build_dataset(_config(tmp_path, max_train_examples=5, max_eval_examples=2), progress=False)
-    assert {s: len(limited[s]) for s in SPLITS} == {"train": 5, "validation": 2, "test": 2}
-    assert report.examples == 9 and report.split_sizes["train"]["examples"] == 5
+    assert len(full["validation"]) == 1  # one study, one row
+    assert {s: len(limited[s]) for s in SPLITS} == {"train": 5, "validation": 1, "test": 2}
+    assert report.examples == 8 and report.split_sizes["train"]["examples"] == 5
     for split in SPLITS:
         assert list(limited[split]["image_id"]) == list(full[split]["image_id"])[: len(limited[split])]
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from medcap_helpers.demo import CaptionDemo
+from medcap_helpers.data import load_saved_dataset
+from medcap_helpers.demo import CaptionDemo, demo_captioners
 
 MAX_PIXELS = 10_000
 
@@ -201,3 +205,36 @@ def test_bad_construction_arguments_raise(kwargs: dict[str, Any]) -> None:
     arguments: dict[str, Any] = {"captioners": {"base": describe_size}, "max_pixels": MAX_PIXELS, **kwargs}
     with pytest.raises((ValueError, TypeError)):
         CaptionDemo(**arguments)
+
+
+# --- the real captioners of a finished run ------------------------------------------------------
+@pytest.mark.slow
+def test_demo_captions_an_upload_with_the_runs_base_and_final_nf4_models(smoke_run: dict) -> None:
+    """demo_captioners loads the base model and 05's final NF4 model; an upload of a test image through the
+    widget gets a caption from each, the same reports 06 recorded for that image."""
+    from datasets import Image as ImageFeature
+
+    config = smoke_run["config"]
+    captioners = demo_captioners(config)
+    assert list(captioners) == ["base model", "fine-tuned (NF4)"]
+    box = CaptionDemo(captioners, max_pixels=config.max_image_pixels)
+
+    test = load_saved_dataset(config.run_dir)[0]["test"].with_format(None)
+    stored = test.cast_column("image", ImageFeature(decode=False))[0]["image"]
+    data = stored["bytes"] or Path(stored["path"]).read_bytes()
+    assert data.startswith(b"\x89PNG")
+    browser_upload(box, upload_entry("chest.png", data))
+
+    result = box.last_result
+    assert result["error"] is None and result["captioner_errors"] == {}
+    assert set(result["captions"]) == {"base model", "fine-tuned (NF4)"}
+    for label, caption in result["captions"].items():
+        assert isinstance(caption, str) and caption.strip(), label
+        assert html.escape(caption) in box.results.value, label
+    assert box.upload.value == ()
+
+    # The same models as the test table: the captions are 06's recorded reports for this image.
+    recorded = json.loads((Path(config.run_dir) / "predictions" / "test.json").read_text())
+    assert recorded["image_id"][0] == test[0]["image_id"]
+    assert result["captions"]["base model"] == recorded["systems"]["zero-shot base"][0]
+    assert result["captions"]["fine-tuned (NF4)"] == recorded["systems"]["fine-tuned, merged NF4"][0]

@@ -57,10 +57,15 @@ def qlora_model(config: MedcapConfig):
     return M.attach_lora(base, config), processor
 
 
+OVERFIT_EPOCHS = 20
+"""Enough for every seed: with seeds 0-11 all 8 reports were copied exactly, the best epoch (by
+validation CIDEr) was epoch 8-15; after 12 epochs 3 of those 12 seeds still had only 5-6 exact."""
+
+
 @pytest.fixture(scope="module")
 def overfit(tmp_path_factory):
-    """A 4-bit tiny BLIP trained with QLoRA for 12 epochs on the 8 synthetic examples (validated on them)."""
-    config = smoke_config(tmp_path_factory.mktemp("overfit_run"), num_train_epochs=12.0)
+    """A 4-bit tiny BLIP trained with QLoRA for 20 epochs on the 8 synthetic examples (validated on them)."""
+    config = smoke_config(tmp_path_factory.mktemp("overfit_run"), num_train_epochs=float(OVERFIT_EPOCHS))
     model, processor = qlora_model(config)
     rows = synthetic_rows()
     result = train(config, model, processor, {"train": rows, "validation": rows})
@@ -76,14 +81,14 @@ def test_qlora_tiny_model_overfits_eight_reports(overfit):
     assert isinstance(base.vision_model.encoder.layers[0].self_attn.qkv, bnb.nn.Linear4bit)
 
     losses = [epoch["train_loss"] for epoch in result.history]
-    assert len(losses) == 12 and all(loss is not None for loss in losses)
+    assert len(losses) == OVERFIT_EPOCHS and all(loss is not None for loss in losses)
     assert losses[-1] < losses[0] / 2, f"training loss did not halve: {losses}"
 
     reports = generation.generate_reports(model, processor, [row["image"] for row in rows], max_new_tokens=24,
                                  num_beams=1, progress=False)
     exact = [normalise(p) == normalise(row["text"]) for p, row in zip(reports, rows)]
     assert exact[0], f"first training image: {reports[0]!r} vs {rows[0]['text']!r}"
-    assert sum(exact) >= 7, list(zip(reports, REPORTS))
+    assert sum(exact) >= 7, list(zip(reports, REPORTS))  # 8 of 8 for each of seeds 0-11; one spare
     assert result.best_cider is not None and result.best_cider > 5.0  # CIDEr-D of near-perfect copies
 
 
@@ -112,7 +117,7 @@ def test_run_folder_holds_adapter_and_train_metrics(overfit):
     assert not list(run.glob("adapter/*.bin"))
 
     metrics = runs.read_stage_metrics(run, "train")
-    assert len(metrics["epochs"]) == 12
+    assert len(metrics["epochs"]) == OVERFIT_EPOCHS
     for epoch in metrics["epochs"]:
         assert isinstance(epoch["val_cider"], float) and epoch["train_loss"] > 0 and epoch["eval_loss"] > 0
         assert epoch["peak_memory"]["peak_rss_gb"] > 0  # training part of the epoch
