@@ -1,8 +1,9 @@
-"""``medcap`` command line: run the pipeline or show a profile's config.
+"""``medcap`` command line: run the pipeline, serve the demo of a finished run, or show a profile's config.
 
     medcap run --profile smoke                      # the embedded default, CPU, minutes
     medcap run --profile full --out runs/blip-large --vram-budget-gb 4
     medcap run --profile smoke --stages 01-03 --set num_train_epochs=2
+    medcap demo --run runs/smoke                    # the upload demo as a web page on 127.0.0.1:8866
     medcap config --profile full
 """
 
@@ -11,15 +12,18 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import subprocess
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medcap_helpers import demo
 from medcap_helpers.config import PROFILES, MedcapConfig, field_names
 from medcap_helpers.errors import ConfigError, MedcapError, StageFailed
-from medcap_helpers.pipeline import run_pipeline
+from medcap_helpers.pipeline import resolve_config, run_pipeline
 from medcap_helpers.summary import final_table_text
 
 
@@ -39,22 +43,35 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def build_config(args: argparse.Namespace) -> MedcapConfig:
+    """The profile's settings with ``--set``/``--out``/``--vram-budget-gb``; a run folder that holds a run
+    continues with its saved settings (unless ``--force``). Paths are resolved against this folder."""
     overrides: dict[str, Any] = dict(parse_assignment(item) for item in (args.set or []))
-    if args.out:
-        overrides["run_dir"] = args.out
     if getattr(args, "vram_budget_gb", None) is not None:
         overrides["vram_budget_gb"] = args.vram_budget_gb
-    run_dir = Path(overrides.get("run_dir", MedcapConfig.from_profile(args.profile).run_dir))
-    saved = run_dir / "config.json"
-    if saved.exists() and not getattr(args, "force", False):
-        # A rerun continues the run it finds, with its saved settings plus any new overrides.
-        values = json.loads(saved.read_text())
-        if values.get("profile") != args.profile:
-            raise ConfigError(f"{run_dir} holds a '{values.get('profile')}' run, not '{args.profile}': "
-                              "choose another --out folder or pass --force to start it afresh.")
-        values.update(overrides)
-        return MedcapConfig.from_dict(values)
-    return MedcapConfig.from_profile(args.profile, **overrides)
+    return resolve_config(args.profile, args.out, overrides, fresh=getattr(args, "force", False))
+
+
+DEFAULT_DEMO_PORT = 8866
+
+
+def voila_command(page: Path, port: int, host: str, open_browser: bool) -> list[str]:
+    """The Voilà command that serves ``page`` (code hidden) on ``host:port``."""
+    command = [sys.executable, "-m", "voila", str(page), f"--port={port}", f"--Voila.ip={host}",
+               "--strip_sources=True", "--theme=light"]
+    if not open_browser:
+        command.append("--no-browser")
+    return command
+
+
+def serve_demo(run_dir: str, port: int = DEFAULT_DEMO_PORT, host: str = "127.0.0.1", open_browser: bool = True) -> int:
+    """Serve the demo page of the finished run in ``run_dir`` with Voilà until interrupted."""
+    run = demo.check_finished_run(run_dir)
+    env = {**os.environ, demo.DEMO_RUN_ENV: str(run)}
+    print(f"medcap demo: serving the run {run} on http://{host}:{port}/ (Ctrl+C stops it)", flush=True)
+    try:
+        return subprocess.call(voila_command(demo.PAGE_NOTEBOOK, port, host, open_browser), env=env)
+    except KeyboardInterrupt:
+        return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -73,6 +90,13 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
     run.add_argument("--no-progress", action="store_true")
 
+    page = sub.add_parser("demo", help="serve the upload demo of a finished run as a web page (Voilà)")
+    page.add_argument("--run", default="runs/smoke", help="a finished run folder (default: runs/smoke)")
+    page.add_argument("--port", type=int, default=DEFAULT_DEMO_PORT, help=f"default {DEFAULT_DEMO_PORT}")
+    page.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
+    page.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
     show = sub.add_parser("config", help="print a profile's settings as JSON")
     show.add_argument("--profile", choices=PROFILES, default="smoke")
     show.add_argument("--out")
@@ -84,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 1 a stage failed (see its executed notebook), 2 a setting or file to fix, 130 interrupted."""
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            return serve_demo(args.run, args.port, args.host, open_browser=not args.no_browser)
         config = build_config(args)
         if args.command == "config":
             print(json.dumps(config.to_dict(), indent=2))

@@ -17,11 +17,19 @@ Conversions made by :func:`to_rgb8`:
 Every failure raises :class:`ImageLoadError` naming the file: not an image, zero bytes, truncated
 (the whole file is decoded; ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never switched on), or more
 pixels than ``max_pixels`` (checked on the header, before decoding).
+
+One pixel limit: ``max_pixels`` (``MedcapConfig.max_image_pixels``) is the only one these functions apply,
+with one message. Pillow's own decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 by
+default) is held off while a header is read, so it can neither refuse an image below ``max_pixels`` nor
+answer first with its own number; :func:`use_pixel_limit` sets it to the same limit for every other
+Pillow decode in the process (the notebooks and the demo call it with the config's value).
 """
 
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +48,14 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _NATIVE_RGB_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
 _END_MARKERS = {"PNG": b"IEND", "JPEG": b"\xff\xd9"}
 _TAIL_BYTES = 1024
+_PILLOW_LIMIT_LOCK = threading.Lock()
+_PILLOW_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
+
+
+def use_pixel_limit(max_pixels: int) -> None:
+    """Make Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) the same limit as ours,
+    for every Pillow decode in this process (a dataset's, a plot's)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -94,8 +110,7 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     end-of-image marker at the end). Damage inside the data needs a full decode (:func:`load_image`).
     """
     path = _non_empty_file(path)
-    with open(path, "rb") as handle, _open_image(handle, str(path)) as image:
-        _check_pixels(image, str(path), max_pixels)
+    with open(path, "rb") as handle, _open_image(handle, str(path), max_pixels) as image:
         info = ImageInfo(image.width, image.height, image.mode, image.format,
                          "transparency" in image.info or image.mode in _ALPHA_MODES)
         handle.seek(max(0, path.stat().st_size - _TAIL_BYTES))
@@ -128,15 +143,17 @@ def to_rgb8(image: Image.Image) -> Image.Image:
 
 
 def _decode(handle: IO[bytes], name: str, max_pixels: int) -> Image.Image:
-    with _open_image(handle, name) as image:
-        _check_pixels(image, name, max_pixels)
+    with _open_image(handle, name, max_pixels) as image:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image.load()
                 upright = ImageOps.exif_transpose(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageLoadError(f"{name}: too many pixels to decode safely ({err}).") from None
+            # a frame or tile bigger than the header said (GIF, TIFF, ICO ...), caught by Pillow's guard
+            found = _PILLOW_PIXELS_RE.search(str(err))
+            raise ImageLoadError(_too_many_pixels(name, int(found.group(1)) if found else None,
+                                                  max_pixels)) from None
         except MemoryError:
             raise ImageLoadError(f"{name}: not enough memory to decode this image.") from None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for bad data
@@ -145,20 +162,24 @@ def _decode(handle: IO[bytes], name: str, max_pixels: int) -> Image.Image:
 
 
 @contextmanager
-def _open_image(handle: IO[bytes], name: str) -> Iterator[Image.Image]:
-    """``Image.open`` that turns PIL's errors into :class:`ImageLoadError` naming the file."""
+def _open_image(handle: IO[bytes], name: str, max_pixels: int) -> Iterator[Image.Image]:
+    """``Image.open`` (the header only) that turns PIL's errors into :class:`ImageLoadError` naming the
+    file, then the pixel check at ``max_pixels``, the one limit (see the module docstring)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
+        with _PILLOW_LIMIT_LOCK:
+            pillow_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # reading a header decodes nothing; _check_pixels guards below
+            try:
+                image = Image.open(handle)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow_limit
     except UnidentifiedImageError:
         raise ImageLoadError(f"{name}: not an image (or a format Pillow cannot read); "
                              "use a PNG or JPEG radiograph.") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{name}: too many pixels to decode safely ({err}).") from None
     except Exception as err:
         raise ImageLoadError(f"{name}: cannot read the image header ({_reason(err)}).") from None
     try:
+        _check_pixels(image, name, max_pixels)
         yield image
     finally:
         image.close()
@@ -169,8 +190,14 @@ def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"{name}: the header gives an empty size {width}x{height}.")
     if width * height > max_pixels:
-        raise ImageLoadError(f"{name}: {width}x{height} = {width * height:,} pixels is more than the limit "
-                             f"of {max_pixels:,} (max_image_pixels); downscale the image or raise the limit.")
+        raise ImageLoadError(_too_many_pixels(name, width * height, max_pixels, f"{width}x{height}"))
+
+
+def _too_many_pixels(name: str, pixels: int | None, max_pixels: int, size: str | None = None) -> str:
+    """The one message for an image over the pixel limit."""
+    count = f"{size} = {pixels:,} pixels" if size and pixels else f"{pixels:,} pixels" if pixels else "the image"
+    return (f"{name}: {count} is more than the limit of {max_pixels:,} pixels (max_image_pixels); "
+            "downscale the image or raise the limit.")
 
 
 def _wide_grey_to_rgb(values: np.ndarray) -> Image.Image:
@@ -198,7 +225,7 @@ def _reason(err: BaseException) -> str:
 
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "inspect_image", "load_image", "load_image_bytes",
-           "to_rgb8"]
+           "to_rgb8", "use_pixel_limit"]
 
 
 def open_rgb(image: Any) -> Image.Image:

@@ -23,12 +23,37 @@ import numpy as np
 import torch
 
 from medcap_helpers import runs
-from medcap_helpers.config import STAGES, MedcapConfig
+from medcap_helpers.config import STAGES, TINY_MODEL, MedcapConfig
 from medcap_helpers.errors import ConfigError, StageFailed
+from medcap_helpers.images import use_pixel_limit
 from medcap_helpers.summary import write_summary
 
 KERNEL_NAME = "python3"
 _PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT_ENV = "MEDCAP_PROJECT_ROOT"
+"""The one setting that tells notebooks where the project is (relative run folders resolve against it)."""
+
+
+def project_root() -> Path:
+    """The folder relative run folders (``runs/<profile>``) and data paths in a notebook resolve against.
+
+    1. ``$MEDCAP_PROJECT_ROOT`` when set;
+    2. else the nearest folder at or above the working directory that holds ``pyproject.toml`` and the
+       stage notebooks in ``notebooks/``: a medcap checkout, whichever of its folders the kernel runs
+       in (JupyterLab starts a notebook's kernel in the notebook's folder, ``notebooks/``);
+    3. else the working directory.
+
+    So ``RUN_DIR = None`` in a notebook opened from a checkout means ``<checkout>/runs/<profile>``, the
+    folder ``medcap run`` (started in the checkout) writes.
+    """
+    configured = os.environ.get(PROJECT_ROOT_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks" / f"{STAGES[0]}.ipynb").is_file():
+            return folder
+    return here
 
 
 def notebook_dir() -> Path:
@@ -53,22 +78,56 @@ def notebook_config(profile: str = "smoke", run_dir: str | None = None,
                     overrides: dict[str, Any] | None = None) -> MedcapConfig:
     """The config a notebook runs with: its parameters cell maps straight onto this.
 
-    ``overrides`` may hold any :class:`MedcapConfig` field (the pipeline injects the whole
-    config). Locks the run folder for this kernel until the notebook's last cell records its metrics
+    ``run_dir`` (``None``: ``runs/<profile>``) and relative paths in ``overrides`` resolve against
+    :func:`project_root`, not the kernel's working directory. A run folder that already holds a
+    ``config.json`` continues with its saved settings plus ``overrides``, as a rerun of ``medcap run``
+    does. ``overrides`` may hold any :class:`MedcapConfig` field (the pipeline injects the whole
+    config, with absolute paths).
+
+    Locks the run folder for this kernel until the notebook's last cell records its metrics
     (:func:`medcap_helpers.runs.write_stage_metrics`); seeds Python, NumPy and torch, sets torch's CPU
-    threads (``config.cpu_threads``) and quietens chatty libraries.
+    threads (``config.cpu_threads``), makes ``config.max_image_pixels`` Pillow's limit too, and
+    quietens chatty libraries.
     """
-    values = dict(overrides or {})
-    values.pop("profile", None)
-    if run_dir:
-        values["run_dir"] = run_dir
-    config = MedcapConfig.from_profile(profile, **values)
+    config = resolve_config(profile, run_dir, overrides, base=project_root())
     runs.lock_run(config.run_dir, holder="a notebook kernel (its lock ends when the notebook records its metrics)")
     runs.write_run_header(config)
     seed_everything(config.seed)
     set_cpu_threads(config.cpu_threads)
+    use_pixel_limit(config.max_image_pixels)
     quiet_libraries()
     return config
+
+
+def resolve_config(profile: str, run_dir: str | os.PathLike[str] | None = None,
+                   overrides: dict[str, Any] | None = None, base: Path | None = None,
+                   fresh: bool = False) -> MedcapConfig:
+    """``profile``'s settings with ``overrides``, or, when the run folder already holds a ``config.json``
+    (and not ``fresh``), that run's saved settings with ``overrides``; paths absolute, relative ones taken
+    from ``base`` (default: the working directory). A saved run of another profile is a
+    :class:`ConfigError` naming the folder."""
+    values = dict(overrides or {})
+    values.pop("profile", None)
+    if run_dir:
+        values["run_dir"] = str(run_dir)
+    target = Path(values.get("run_dir") or MedcapConfig.from_profile(profile).run_dir)
+    folder = _absolute(target, base or Path.cwd())
+    saved = folder / "config.json"
+    if saved.is_file() and not fresh:
+        stored = json.loads(saved.read_text())
+        if stored.get("profile") != profile:
+            raise ConfigError(f"The run folder '{folder}' holds a '{stored.get('profile')}' run, not '{profile}': "
+                              "choose another run folder (--out / RUN_DIR), or start it afresh (medcap run --force).")
+        stored.update(values)
+        config = MedcapConfig.from_dict(stored)
+    else:
+        config = MedcapConfig.from_profile(profile, **values)
+    return absolute_paths(config.replace(run_dir=str(folder)), base)
+
+
+def _absolute(path: str | os.PathLike[str], base: Path) -> Path:
+    path = Path(path).expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
 
 
 def set_cpu_threads(threads: int | None) -> None:
@@ -147,7 +206,7 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
         pm.execute_notebook(
             str(stage_notebook(stage)), str(executed), parameters=parameters,
             kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
-            request_save_on_cell_execute=True, **kernel_manager_options(),
+            request_save_on_cell_execute=True, store_widget_state=False, **kernel_manager_options(),
         )
     except pm.PapermillExecutionError as err:
         raise StageFailed(f"Stage {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
@@ -212,13 +271,14 @@ def run_pipeline(config: MedcapConfig, stages: Sequence[str] | None = None, forc
     return outcomes
 
 
-def absolute_paths(config: MedcapConfig) -> MedcapConfig:
-    """Paths resolved against the caller's folder: notebooks run inside the run folder."""
-    changes: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve())}
+def absolute_paths(config: MedcapConfig, base: Path | None = None) -> MedcapConfig:
+    """Paths made absolute against ``base`` (default: the caller's folder): notebooks run inside the run folder."""
+    base = base or Path.cwd()
+    changes: dict[str, Any] = {"run_dir": str(_absolute(config.run_dir, base))}
     for name in ("data_path", "images_dir"):
         value = getattr(config, name)
         if value:
-            changes[name] = str(Path(value).expanduser().resolve())
-    if Path(config.model_name).expanduser().exists():
-        changes["model_name"] = str(Path(config.model_name).expanduser().resolve())
+            changes[name] = str(_absolute(value, base))
+    if config.model_name != TINY_MODEL and _absolute(config.model_name, base).exists():
+        changes["model_name"] = str(_absolute(config.model_name, base))
     return config.replace(**changes)

@@ -15,6 +15,7 @@ from medcap_helpers.images import (
     load_image,
     load_image_bytes,
     to_rgb8,
+    use_pixel_limit,
 )
 
 
@@ -142,15 +143,28 @@ def test_pixel_limit_is_checked_on_the_header_before_decoding(tmp_path: Path, mo
         load_image_bytes(path.read_bytes(), "upload.png", max_pixels=1_000_000)
 
 
-def test_pil_decompression_bomb_guard_becomes_an_image_load_error(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_pixel_limit_whatever_pillows_own_guard_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_pixels is the limit, with one message: Pillow's guard neither refuses an image below it nor
+    answers first with its own number (89,478,485 by default)."""
     path = _save(Image.new("L", (100, 100)), tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)  # PIL warns above this, refuses above twice it
-    with pytest.raises(ImageLoadError, match="bomb.png: too many pixels"):
-        load_image(path, max_pixels=10**9)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6_000)  # 10,000 > 1x limit: the warning is an error too
-    with pytest.raises(ImageLoadError, match="too many pixels"):
-        load_image(path, max_pixels=10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)  # PIL alone would refuse 10,000 pixels
+    assert load_image(path, max_pixels=10**9).size == (100, 100)
+    with pytest.raises(ImageLoadError, match=r"^bomb.png: 100x100 = 10,000 pixels is more than the limit of 5,000 "):
+        load_image_bytes(path.read_bytes(), "bomb.png", max_pixels=5_000)
+    assert Image.MAX_IMAGE_PIXELS == 4_000  # restored after the header was read
+
+    monkeypatch.undo()
+    huge = _save(Image.new("1", (12_000, 12_000)), tmp_path / "huge.png")  # 144 M pixels, over Pillow's 2x guard
+    with pytest.raises(ImageLoadError) as raised:
+        load_image(huge, max_pixels=50_000_000)
+    assert "12000x12000 = 144,000,000 pixels is more than the limit of 50,000,000 pixels" in str(raised.value)
+    assert "89,478,485" not in str(raised.value) and "89478485" not in str(raised.value)
+
+
+def test_use_pixel_limit_sets_pillows_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    use_pixel_limit(1234)
+    assert Image.MAX_IMAGE_PIXELS == 1234
 
 
 def test_load_image_bytes_for_uploads(tmp_path: Path) -> None:
