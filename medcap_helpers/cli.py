@@ -4,6 +4,7 @@
     medcap run --profile full --out runs/blip-large --vram-budget-gb 4
     medcap run --profile smoke --stages 01-03 --set num_train_epochs=2
     medcap demo --run runs/smoke                    # the upload demo as a web page on 127.0.0.1:8866
+    medcap check --profile full                     # preflight alone: what would break hours later
     medcap config --profile full
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from medcap_helpers import demo
 from medcap_helpers.config import PROFILES, MedcapConfig, field_names
 from medcap_helpers.errors import ConfigError, MedcapError, StageFailed
+from medcap_helpers import preflight
 from medcap_helpers.pipeline import resolve_config, run_pipeline
 from medcap_helpers.summary import final_table_text
 
@@ -89,6 +91,14 @@ def make_parser() -> argparse.ArgumentParser:
                      help="fit batch size and checkpointing to this much GPU memory")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--skip-check", action="store_true",
+                     help="skip the preflight that runs before a GPU profile (see `medcap check`)")
+
+    check = sub.add_parser("check", help="preflight: CUDA, bitsandbytes, GPU memory, disk, Java, data, hub")
+    check.add_argument("--profile", choices=PROFILES, default="full")
+    check.add_argument("--out", help="run folder (default: runs/<profile>)")
+    check.add_argument("--vram-budget-gb", type=float, dest="vram_budget_gb")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE")
 
     page = sub.add_parser("demo", help="serve the upload demo of a finished run as a web page (Voilà)")
     page.add_argument("--run", default="runs/smoke", help="a finished run folder (default: runs/smoke)")
@@ -114,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(json.dumps(config.to_dict(), indent=2))
             return 0
+        if args.command == "check" or (config.profile != "smoke" and not args.skip_check):
+            checks = preflight.run_checks(config)
+            if args.command == "check" or not preflight.passed(checks):
+                print(preflight.report(checks), file=sys.stdout if preflight.passed(checks) else sys.stderr)
+                return 0 if preflight.passed(checks) else 2
+            print("medcap: preflight passed (`medcap check` shows the details).")
         run_pipeline(config, stages=args.stages, force=args.force, progress=not args.no_progress)
         print(final_table_text(config.run_dir))
         print(f"\nRun folder: {Path(config.run_dir).resolve()} (summary.md)")

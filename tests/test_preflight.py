@@ -59,3 +59,21 @@ def test_missing_java_is_a_warning_not_a_failure(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
     check = preflight._java()
     assert check.status == preflight.WARN and "default-jre" in check.fix
+
+
+def test_medcap_check_prints_one_screen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medcap_helpers.cli import main
+
+    assert main(["check", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] free disk" in out and "Ready to run." in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks what a machine without a GPU reports")
+def test_a_full_run_stops_at_the_preflight_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medcap_helpers.cli import main
+
+    status = main(["run", "--profile", "full", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2 and "[FAIL] CUDA GPU" in err and "To fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics").exists()  # nothing ran
