@@ -1,12 +1,14 @@
 """The final evaluation (notebook 06): every system on the test split, one table with bootstrap intervals.
 
 The baselines' test predictions come from 02 (``predictions/test.json``); the fine-tuned adapter
-and the final model chosen in 05 are generated here and added to the same file.
+and the final model chosen in 05 are generated here and added to the same file. Beside the table: the
+collapse signals (share of distinct reports, share naming an abnormal finding, against the references')
+and one sentence, from the numbers, comparing the final model's CE micro-F1 with the constant report's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,11 @@ from medcap_helpers.checkpoints import (
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.generation import generate_for_split
-from medcap_helpers.metrics import score_systems
+from medcap_helpers.metrics import ce_comparison, collapse_signals, score_systems
+
+FINAL_SYSTEM = "fine-tuned, merged NF4"
+ADAPTER_SYSTEM = "fine-tuned (adapter on 4-bit base)"
+CONSTANT_SYSTEM = "constant (most frequent report)"
 
 
 @dataclass
@@ -28,13 +34,22 @@ class FinalEvaluation:
     examples: dict[str, list[str]]
     final_model_dir: str
     is_smoke_sample: bool
+    collapse: dict[str, Any] = field(default_factory=dict)
+    """:func:`~medcap_helpers.metrics.collapse_signals` of every system on the test split."""
+
+    @property
+    def ce_statement(self) -> str:
+        """Does the final model name the findings better than the constant report? In words, from the table."""
+        return ce_comparison(self.table, FINAL_SYSTEM, CONSTANT_SYSTEM,
+                             labels=("fine-tuned model (merged NF4, the final model)", "constant report"))
 
     def stage_metrics(self) -> dict[str, Any]:
         note = ("Smoke sample: placeholder images generated from real report text; these numbers say "
                 "nothing about model quality." if self.is_smoke_sample else
-                "CIDEr with a 95% bootstrap interval over test studies.")
-        return {"split": "test", "test_table": self.table, "test_note": note,
-                "final_model_dir": self.final_model_dir, "is_smoke_sample": self.is_smoke_sample}
+                "CIDEr and CE micro-F1 with 95% bootstrap intervals over test studies.")
+        return {"split": "test", "test_table": self.table, "test_note": note, "ce_statement": self.ce_statement,
+                "collapse": self.collapse, "final_model_dir": self.final_model_dir,
+                "is_smoke_sample": self.is_smoke_sample}
 
 
 def final_model_dir(run_dir: str | Path) -> str:
@@ -51,14 +66,15 @@ def final_evaluation(config: MedcapConfig, dataset: Any) -> FinalEvaluation:
     adapter_dir = run / "adapter"
     processor = load_processor_from(adapter_dir)
     adapter_model = load_adapter_model(config, adapter_dir)
-    systems["fine-tuned (adapter on 4-bit base)"] = generate_for_split(adapter_model, processor, test, config)
+    systems[ADAPTER_SYSTEM] = generate_for_split(adapter_model, processor, test, config)
     del adapter_model
     final_dir = final_model_dir(run)
     merged, merged_processor = load_captioner(final_dir, device_map=device_map_for(pick_device(config)))
-    systems["fine-tuned, merged NF4"] = generate_for_split(merged, merged_processor, test, config)
+    systems[FINAL_SYSTEM] = generate_for_split(merged, merged_processor, test, config)
     del merged
     runs.save_predictions(run, "test", {k: v for k, v in systems.items() if k.startswith("fine-tuned")}, image_ids)
     table = score_systems(systems, test, config)
-    examples = {name: systems[name] for name in ("zero-shot base", "fine-tuned, merged NF4") if name in systems}
+    examples = {name: systems[name] for name in ("zero-shot base", FINAL_SYSTEM) if name in systems}
     smoke = runs.read_stage_metrics(run, "01_data").get("is_smoke_sample", config.is_smoke)
-    return FinalEvaluation(table=table, examples=examples, final_model_dir=str(final_dir), is_smoke_sample=smoke)
+    return FinalEvaluation(table=table, examples=examples, final_model_dir=str(final_dir), is_smoke_sample=smoke,
+                           collapse=collapse_signals(systems, list(test["text"])))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from medcap_helpers.reports import Report, clean_text
@@ -242,6 +243,12 @@ def label_report(text: str) -> dict[str, str]:
 
 def positive_classes(text: str, uncertain_as_positive: bool = UNCERTAIN_AS_POSITIVE) -> frozenset[str]:
     """Classes named as present (uncertain ones too when ``uncertain_as_positive``)."""
+    return _positive_classes(str(text), bool(uncertain_as_positive))
+
+
+@lru_cache(maxsize=65536)
+def _positive_classes(text: str, uncertain_as_positive: bool) -> frozenset[str]:
+    """Cached: the same reference reports are labelled for every system, epoch and bootstrap."""
     wanted = (POSITIVE, UNCERTAIN) if uncertain_as_positive else (POSITIVE,)
     return frozenset(c for c, label in label_report(text).items() if label in wanted)
 
@@ -343,19 +350,87 @@ def agreement(predicted: Sequence[frozenset[str]], reference: Sequence[frozenset
 
 def clinical_efficacy(predictions: Sequence[str], references: Sequence[str],
                       uncertain_as_positive: bool = UNCERTAIN_AS_POSITIVE) -> dict[str, Any]:
-    """Labeler agreement of generated vs reference reports over all 14 classes (No Finding included, as in
-    CheXpert-based CE metrics), averaging every class with a reference positive; adds ``micro_f1``."""
+    """Clinical efficacy (CE) of generated reports: the labels of each prediction against its reference's.
+
+    A class counts for a report when the labeler names it as present (:func:`positive_classes`; uncertain
+    mentions count as absent unless ``uncertain_as_positive``). Per class: support (reference positives),
+    tp/fp/fn, precision, recall, F1. **Micro** P/R/F1 sum tp/fp/fn over all 14 classes (No Finding
+    included, as CheXpert-based CE metrics do), so a finding the references never name still costs its
+    false positives; **macro** averages the classes with at least one reference positive (``included``).
+    Adds ``micro_f1``/``macro_f1`` and the summed ``tp``/``fp``/``fn``. Empty predictions name nothing
+    but No Finding.
+    """
+    predictions, references = list(predictions), list(references)
     predicted = [positive_classes(t, uncertain_as_positive) for t in predictions]
     reference = [positive_classes(t, uncertain_as_positive) for t in references]
     result = agreement(predicted, reference, min_support=1)
+    totals = {k: sum(result["classes"][c][k] for c in CLASSES) for k in ("tp", "fp", "fn")}
+    result["micro"] = dict(zip(("precision", "recall", "f1"), _prf(totals["tp"], totals["fp"], totals["fn"])))
+    result.update(totals, micro_over="all classes", macro_over="classes with a reference positive",
+                  uncertain_as_positive=uncertain_as_positive)
     result["micro_f1"], result["macro_f1"] = result["micro"]["f1"], result["macro"]["f1"]
     return result
 
 
+def example_counts(predictions: Sequence[str], references: Sequence[str],
+                   uncertain_as_positive: bool = UNCERTAIN_AS_POSITIVE) -> list[tuple[int, int, int]]:
+    """Per example, (tp, fp, fn) summed over the 14 classes: summed over any set of examples they give that
+    set's micro P/R/F1 (how a bootstrap over studies recomputes micro-F1 without relabelling)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
+    counts = []
+    for prediction, reference in zip(predictions, references):
+        p = positive_classes(prediction, uncertain_as_positive)
+        r = positive_classes(reference, uncertain_as_positive)
+        counts.append((len(p & r), len(p - r), len(r - p)))
+    return counts
+
+
+def micro_f1(tp: float, fp: float, fn: float) -> float:
+    """F1 from summed counts: ``2 tp / (2 tp + fp + fn)``, 0 when there is nothing to count."""
+    return _prf(tp, fp, fn)[2]
+
+
+def prevalence(texts: Iterable[str], uncertain_as_positive: bool = UNCERTAIN_AS_POSITIVE) -> dict[str, Any]:
+    """How many texts name each class as present (``positive``, ``share``), and how many texts there are."""
+    labelled = [positive_classes(t, uncertain_as_positive) for t in texts]
+    n = len(labelled)
+    classes = {c: {"positive": sum(c in labels for labels in labelled)} for c in CLASSES}
+    for row in classes.values():
+        row["share"] = row["positive"] / n if n else 0.0
+    return {"n_reports": n, "classes": classes,
+            "abnormal_share": sum(bool(labels - {NO_FINDING, SUPPORT_DEVICES}) for labels in labelled) / n if n else 0.0}
+
+
+def prevalence_markdown(result: dict[str, Any]) -> str:
+    """The per-class prevalence table (classes named by no report are left out)."""
+    rows = [f"| class | reports naming it (of {result['n_reports']}) | share |", "|---|---:|---:|"]
+    rows += [f"| {cls} | {row['positive']} | {row['share']:.1%} |" for cls, row in result["classes"].items()
+             if row["positive"]]
+    rows.append(f"| *any abnormal finding* | | {result['abnormal_share']:.1%} |")
+    return "\n".join(rows)
+
+
+def agreement_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """:func:`validate_against_mesh`'s result without the confusion examples: what a stage records."""
+    keep = ("n_reports", "half", "min_support", "included", "micro", "macro", "uncertain_as_positive",
+            "chexpert_no_finding")
+    summary = {k: result[k] for k in keep if k in result}
+    summary["classes"] = {c: {k: row[k] for k in ("support", "precision", "recall", "f1", "included")}
+                          for c, row in result["classes"].items()}
+    return summary
+
+
+def names_abnormal(text: str, uncertain_as_positive: bool = UNCERTAIN_AS_POSITIVE) -> bool:
+    """Whether ``text`` names an abnormal finding as present: a class other than No Finding and Support
+    Devices (a device is not a finding, as in CheXpert's No Finding)."""
+    return bool(positive_classes(text, uncertain_as_positive) - {NO_FINDING, SUPPORT_DEVICES})
+
+
 def abnormal_share(texts: Iterable[str]) -> float:
-    """Share of texts naming any abnormal finding (a positive class other than No Finding)."""
+    """Share of texts naming any abnormal finding (:func:`names_abnormal`)."""
     texts = list(texts)
-    return sum(bool(positive_classes(t, False) - {NO_FINDING}) for t in texts) / len(texts) if texts else 0.0
+    return sum(names_abnormal(t) for t in texts) / len(texts) if texts else 0.0
 
 
 def distinct_share(texts: Iterable[str]) -> float:
@@ -420,6 +495,7 @@ def agreement_markdown(result: dict[str, Any]) -> str:
 
 __all__ = [
     "ABSENT", "CLASSES", "MESH_TO_CLASS", "NEGATIVE", "POSITIVE", "UNCERTAIN", "abnormal_share", "agreement",
-    "agreement_markdown", "clinical_efficacy", "distinct_share", "label_mentions", "label_report",
-    "mesh_classes", "mesh_heading", "mesh_labels", "positive_classes", "report_text", "validate_against_mesh",
+    "agreement_markdown", "agreement_summary", "clinical_efficacy", "distinct_share", "example_counts",
+    "label_mentions", "label_report", "mesh_classes", "mesh_heading", "mesh_labels", "micro_f1", "names_abnormal",
+    "positive_classes", "prevalence", "prevalence_markdown", "report_text", "validate_against_mesh",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from medcap_helpers.devices import (
     reset_peak_memory,
 )
 from medcap_helpers.generation import generate_for_split, generate_reports
-from medcap_helpers.metrics import format_table, score_systems
+from medcap_helpers.metrics import CE_MICRO_F1, format_table, score_systems
 from medcap_helpers.model import (
     base_model_source,
     load_base_model,
@@ -116,6 +117,16 @@ FINAL_CANDIDATES = {"merged-nf4": "merged onto 16-bit base → NF4",
                     "merged-dequantized-nf4": "merged onto dequantized 4-bit base → NF4"}
 
 
+def choose_final(validation: Mapping[str, Mapping[str, Any]], metric: str = "CIDEr") -> str:
+    """The final model's name: the NF4 candidate with the higher validation ``metric`` (the one that degrades
+    less; the pipeline passes ``config.best_model_metric``, the metric that chose the training epoch).
+
+    ``validation`` maps system labels (:data:`FINAL_CANDIDATES`' values) to metric rows. Ties go to
+    the dequantized merge, which reproduces the trained weights before re-quantization.
+    """
+    return max(("merged-dequantized-nf4", "merged-nf4"), key=lambda n: validation[FINAL_CANDIDATES[n]][metric])
+
+
 @dataclass
 class MergeOutcome:
     checkpoints: dict[str, MergedCheckpoint]
@@ -123,9 +134,12 @@ class MergeOutcome:
     final_name: str
     final_dir: Path
     notes: list[str] = field(default_factory=list)
+    metric: str = "CIDEr"
+    """The validation metric that chose the final model (``config.best_model_metric``)."""
 
     def deltas(self) -> dict[str, dict[str, float]]:
-        """Each merged NF4 model's metrics minus the adapter-on-4-bit-base reference."""
+        """Each merged NF4 model's metrics (CIDEr, CE micro-F1 ...) minus the adapter-on-4-bit-base reference;
+        intervals and the per-class CE dict are left out."""
         reference = self.validation["adapter on 4-bit base"]
         return {name: {k: row[k] - reference[k] for k in row
                        if k in reference and isinstance(row[k], float) and "_ci_" not in k}
@@ -170,12 +184,9 @@ def merge_and_requantize(config: MedcapConfig, dataset: Any) -> MergeOutcome:
         predictions[label] = generate_for_split(nf4_model, nf4_processor, val, config)
         del nf4_model
     validation = score_systems(predictions, val, config)
-    # "Degrades less" = higher validation CIDEr after re-quantization; ties go to the dequantized merge,
-    # which reproduces the trained weights before re-quantization.
-    final_name = max(("merged-dequantized-nf4", "merged-nf4"),
-                     key=lambda n: validation[FINAL_CANDIDATES[n]]["CIDEr"])
+    final_name = choose_final(validation, config.best_model_metric)
     return MergeOutcome(checkpoints=checkpoints, validation=validation, final_name=final_name,
-                        final_dir=checkpoints[final_name].path)
+                        final_dir=checkpoints[final_name].path, metric=config.best_model_metric)
 
 
 def sizes_markdown(outcome: MergeOutcome) -> str:
@@ -189,12 +200,12 @@ def sizes_markdown(outcome: MergeOutcome) -> str:
 def degradation_markdown(outcome: MergeOutcome) -> str:
     deltas = outcome.deltas()
     lines = [format_table(outcome.validation), "", "Change against the adapter on its 4-bit base:", "",
-             "| merged NF4 model | ΔCIDEr | ΔBLEU-4 | ΔROUGE-L |", "|---|---:|---:|---:|"]
+             "| merged NF4 model | ΔCIDEr | ΔCE micro-F1 | ΔBLEU-4 | ΔROUGE-L |", "|---|---:|---:|---:|---:|"]
     for name, delta in deltas.items():
-        lines.append(f"| {name} | {delta.get('CIDEr', 0):+.4f} | {delta.get('BLEU-4', 0):+.4f} | "
-                     f"{delta.get('ROUGE-L', 0):+.4f} |")
-    lines += ["", f"Final model: **{outcome.final_name}** (the higher validation CIDEr after re-quantization, "
-                  "i.e. the smaller drop or the larger gain)."]
+        lines.append(f"| {name} | {delta.get('CIDEr', 0):+.4f} | {delta.get(CE_MICRO_F1, 0):+.4f} | "
+                     f"{delta.get('BLEU-4', 0):+.4f} | {delta.get('ROUGE-L', 0):+.4f} |")
+    lines += ["", f"Final model: **{outcome.final_name}** (the higher validation {outcome.metric} after "
+                  "re-quantization, i.e. the smaller drop or the larger gain)."]
     return "\n".join(lines)
 
 
@@ -211,7 +222,8 @@ def measure_inference(config: MedcapConfig, folder: str | Path, split: Any, n_im
     for image in images:
         start = time.perf_counter()
         generate_reports(captioner, processor, [image], max_new_tokens=config.max_new_tokens,
-                                   num_beams=config.num_beams, batch_size=1, progress=False)
+                         num_beams=config.num_beams, batch_size=1, progress=False,
+                         min_new_tokens=config.min_new_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         latencies.append(time.perf_counter() - start)
@@ -225,6 +237,7 @@ def measure_inference(config: MedcapConfig, folder: str | Path, split: Any, n_im
 def stage_metrics(outcome: MergeOutcome, inference: dict[str, Any]) -> dict[str, Any]:
     return {"sizes_bytes": {name: c.size_bytes for name, c in outcome.checkpoints.items()},
             "validation": outcome.validation, "deltas": outcome.deltas(), "final_model": outcome.final_name,
+            "final_chosen_by": outcome.metric,
             "final_dir": str(outcome.final_dir), "inference": inference}
 
 

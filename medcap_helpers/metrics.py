@@ -21,6 +21,11 @@ What the numbers are (pycocoevalcap 1.2):
   batch is not CIDEr of the set, and averaging per-batch CIDEr is wrong (a single example always
   scores 0 because every n-gram has ``df = N = 1``). Always score the full set at once.
 * ``METEOR``: METEOR 1.5 (``-l en -norm``) corpus score as reported by the jar.
+* ``CE micro-F1`` / ``CE macro-F1`` (clinical efficacy, :func:`clinical_efficacy_scores`): the CheXpert
+  labels of each generated report (:mod:`medcap_helpers.findings`, positive = named as present) against
+  its reference's; micro sums tp/fp/fn over all 14 classes, macro averages the classes the references
+  name. Its 95% interval resamples studies and recomputes micro-F1 from the resample's summed counts
+  (:func:`bootstrap_micro_f1_ci`): micro-F1 is not a mean of per-example scores.
 """
 
 from __future__ import annotations
@@ -35,11 +40,16 @@ from typing import Any
 
 import numpy as np
 
+from medcap_helpers import findings
 from medcap_helpers.config import MedcapConfig
 
 METRIC_MODULE_PATH = Path(__file__).resolve().parent / "metrics_module" / "caption_metrics.py"
 BOOTSTRAP_METRICS = ("CIDEr", "ROUGE-L")
 """Metrics that are a mean of per-example scores, so studies can be resampled without rescoring."""
+CE_MICRO_F1, CE_MACRO_F1 = "CE micro-F1", "CE macro-F1"
+"""Clinical-efficacy columns (see :func:`clinical_efficacy_scores`)."""
+CE_CLASSES = "CE per class"
+"""Row key of the per-class CE precision/recall/F1/support (a dict, not a table column)."""
 
 # R2Gen's sentence cleaner, character class kept verbatim. Note ``:-\[`` is a *range* (':' to '['),
 # so it also strips ``< = > @`` (and A-Z, irrelevant after lower-casing) and keeps the hyphen.
@@ -240,35 +250,79 @@ def bootstrap_mean_ci(scores: Sequence[float] | np.ndarray, groups: Sequence[Any
     values = np.asarray(scores, dtype=np.float64).ravel()
     if values.size == 0:
         raise ValueError("No scores to bootstrap.")
+    _check_bootstrap_settings(n_samples, confidence)
+    codes = _group_codes(groups, values.size)
+    group_sums = np.bincount(codes, weights=values)
+    group_sizes = np.bincount(codes).astype(np.float64)
+    means = np.empty(n_samples, dtype=np.float64)
+    for start, drawn in _resampled_groups(group_sums.size, n_samples, seed):
+        means[start:start + len(drawn)] = group_sums[drawn].sum(axis=1) / group_sizes[drawn].sum(axis=1)
+    return _interval(float(values.mean()), means, confidence, group_sums.size)
+
+
+def _check_bootstrap_settings(n_samples: Any, confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive whole number, got {n_samples!r}.")
-    if groups is None:
-        codes = np.arange(values.size)
-    else:
-        groups = list(groups)
-        if len(groups) != values.size:
-            raise ValueError(f"groups has {len(groups)} entries for {values.size} examples.")
-        index: dict[Any, int] = {}
-        codes = np.fromiter((index.setdefault(g, len(index)) for g in groups), dtype=np.int64,
-                            count=len(groups))
-    group_sums = np.bincount(codes, weights=values)
-    group_sizes = np.bincount(codes).astype(np.float64)
-    n_groups = group_sums.size
 
+
+def _group_codes(groups: Sequence[Any] | None, n: int) -> np.ndarray:
+    """0..G-1 per example, numbering groups in order of first appearance (each example alone when None)."""
+    if groups is None:
+        return np.arange(n)
+    groups = list(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} examples.")
+    index: dict[Any, int] = {}
+    return np.fromiter((index.setdefault(g, len(index)) for g in groups), dtype=np.int64, count=n)
+
+
+def _resampled_groups(n_groups: int, n_samples: int, seed: int) -> Any:
+    """``(first sample index, drawn group indices)`` chunks: every sample draws ``n_groups`` groups with
+    replacement. The same ``seed`` and group count draw the same studies for every metric (paired)."""
     rng = np.random.default_rng(seed)
-    means = np.empty(n_samples, dtype=np.float64)
     rows_per_chunk = max(1, 4_000_000 // n_groups)  # bounds memory for very many groups
     for start in range(0, n_samples, rows_per_chunk):
         stop = min(n_samples, start + rows_per_chunk)
-        drawn = rng.integers(0, n_groups, size=(stop - start, n_groups))
-        means[start:stop] = group_sums[drawn].sum(axis=1) / group_sizes[drawn].sum(axis=1)
+        yield start, rng.integers(0, n_groups, size=(stop - start, n_groups))
+
+
+def _interval(point: float, values: np.ndarray, confidence: float, n_groups: int) -> dict[str, Any]:
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return {"point": float(values.mean()), "mean": float(means.mean()), "low": float(low),
-            "high": float(high), "confidence": float(confidence), "n_samples": int(n_samples),
-            "n_groups": int(n_groups)}
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return {"point": float(point), "mean": float(values.mean()), "low": float(low), "high": float(high),
+            "confidence": float(confidence), "n_samples": int(values.size), "n_groups": int(n_groups)}
+
+
+def bootstrap_micro_f1_ci(counts: Sequence[Sequence[float]] | np.ndarray, groups: Sequence[Any] | None = None,
+                          n_samples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Percentile bootstrap CI of micro-F1, resampling whole groups (studies) with replacement.
+
+    ``counts`` holds one ``(tp, fp, fn)`` row per example (:func:`medcap_helpers.findings.example_counts`).
+    Micro-F1 is not a mean of per-example scores, so each bootstrap sample sums the tp/fp/fn of its drawn
+    groups (every example of a drawn group comes along) and recomputes ``2 tp / (2 tp + fp + fn)`` (0 when
+    the sample has nothing to count). ``point`` is the full set's micro-F1. Same draws as
+    :func:`bootstrap_mean_ci` for the same ``seed`` and groups.
+    """
+    table = np.asarray(counts, dtype=np.float64)
+    if table.size == 0:
+        raise ValueError("No counts to bootstrap.")
+    if table.ndim != 2 or table.shape[1] != 3:
+        raise ValueError(f"counts must hold one (tp, fp, fn) row per example, got shape {table.shape}.")
+    _check_bootstrap_settings(n_samples, confidence)
+    codes = _group_codes(groups, table.shape[0])
+    n_groups = int(codes.max()) + 1
+    sums = np.stack([np.bincount(codes, weights=table[:, k], minlength=n_groups) for k in range(3)], axis=1)
+    scores = np.empty(n_samples, dtype=np.float64)
+    for start, drawn in _resampled_groups(n_groups, n_samples, seed):
+        tp, fp, fn = (sums[:, k][drawn].sum(axis=1) for k in range(3))
+        denominator = 2 * tp + fp + fn
+        scores[start:start + len(drawn)] = np.divide(2 * tp, denominator, out=np.zeros_like(tp),
+                                                     where=denominator > 0)
+    result = _interval(findings.micro_f1(*table.sum(axis=0)), scores, confidence, n_groups)
+    result["metric"] = CE_MICRO_F1
+    return result
 
 
 def bootstrap_ci(predictions: Sequence[str], references: References, groups: Sequence[Any] | None = None,
@@ -290,6 +344,99 @@ def bootstrap_ci(predictions: Sequence[str], references: References, groups: Seq
 
 
 # --------------------------------------------------------------------------------------------
+# Clinical efficacy (CheXpert findings of generated vs reference reports)
+# --------------------------------------------------------------------------------------------
+def _first_references(references: References) -> list[str]:
+    refs = [r if isinstance(r, str) else (list(r) or [""])[0] for r in references]
+    if not all(isinstance(r, str) for r in refs):
+        raise TypeError("references must hold one string (or a list of strings) per prediction.")
+    return refs
+
+
+def clinical_efficacy_scores(predictions: Sequence[str], references: References,
+                             groups: Sequence[Any] | None = None, n_samples: int | None = None, seed: int = 0,
+                             confidence: float = 0.95, per_class: bool = False) -> dict[str, Any]:
+    """CE of generated reports (:func:`medcap_helpers.findings.clinical_efficacy`) as table columns.
+
+    ``CE micro-F1``, ``CE macro-F1``, ``CE micro-precision``, ``CE micro-recall``, ``CE macro-precision``,
+    ``CE macro-recall``; with ``n_samples`` the bootstrap interval of micro-F1 over ``groups`` (study ids;
+    each example alone when None) as ``CE micro-F1_ci_low``/``_ci_high`` (:func:`bootstrap_micro_f1_ci`);
+    with ``per_class`` the per-class support/precision/recall/F1 under ``CE per class``. A list of
+    references per prediction is labelled by its first reference.
+    """
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise TypeError("predictions and references must be lists (one entry per example), not a string.")
+    predictions = ["" if p is None else p for p in predictions]
+    references = _first_references(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions and references differ in length: {len(predictions)} predictions, "
+                         f"{len(references)} references.")
+    if not predictions:
+        raise ValueError("No predictions to score: predictions is empty.")
+    ce = findings.clinical_efficacy(predictions, references)
+    row: dict[str, Any] = {CE_MICRO_F1: ce["micro"]["f1"], CE_MACRO_F1: ce["macro"]["f1"]}
+    for average in ("micro", "macro"):
+        row[f"CE {average}-precision"] = ce[average]["precision"]
+        row[f"CE {average}-recall"] = ce[average]["recall"]
+    if n_samples:
+        interval = bootstrap_micro_f1_ci(findings.example_counts(predictions, references), groups,
+                                         n_samples=n_samples, seed=seed, confidence=confidence)
+        row[f"{CE_MICRO_F1}_ci_low"], row[f"{CE_MICRO_F1}_ci_high"] = interval["low"], interval["high"]
+    if per_class:
+        row[CE_CLASSES] = {c: {k: v[k] for k in ("support", "tp", "fp", "fn", "precision", "recall", "f1")}
+                           for c, v in ce["classes"].items()}
+    return row
+
+
+def collapse_signals(systems: Mapping[str, Sequence[str]], references: Sequence[str]) -> dict[str, Any]:
+    """Signs of a collapsed generator: per system the share of distinct reports and the share naming an
+    abnormal finding (:func:`medcap_helpers.findings.abnormal_share`), beside the references' own share."""
+    return {"reference_abnormal_share": findings.abnormal_share(references),
+            "reference_distinct_share": findings.distinct_share(references),
+            "systems": {name: {"distinct_share": findings.distinct_share(predictions),
+                               "abnormal_share": findings.abnormal_share(predictions),
+                               "n_reports": len(predictions)}
+                        for name, predictions in systems.items()}}
+
+
+def collapse_markdown(signals: Mapping[str, Any]) -> str:
+    """:func:`collapse_signals` as a table, the references in the last row."""
+    lines = ["| system | distinct reports | naming an abnormal finding |", "|---|---:|---:|"]
+    lines += [f"| {name} | {row['distinct_share']:.0%} | {row['abnormal_share']:.0%} |"
+              for name, row in signals["systems"].items()]
+    lines.append(f"| *reference reports* | {signals['reference_distinct_share']:.0%} | "
+                 f"{signals['reference_abnormal_share']:.0%} |")
+    return "\n".join(lines)
+
+
+def ce_comparison(table: Mapping[str, Mapping[str, Any]], system: str, baseline: str,
+                  labels: tuple[str, str] | None = None) -> str:
+    """One sentence, from the numbers, on whether ``system`` names the findings better than ``baseline``
+    (CE micro-F1 with its interval), and whether the intervals separate them; ``labels`` are the two names
+    used in the sentence (default: the row names). Empty when either row or its CE is missing."""
+    if system not in table or baseline not in table or CE_MICRO_F1 not in table[system] \
+            or CE_MICRO_F1 not in table[baseline]:
+        return ""
+    model, base = table[system], table[baseline]
+    system_label, baseline_label = labels or (f"{system} model", baseline)
+
+    def cell(row: Mapping[str, Any]) -> str:
+        low, high = row.get(f"{CE_MICRO_F1}_ci_low"), row.get(f"{CE_MICRO_F1}_ci_high")
+        return f"{row[CE_MICRO_F1]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+    difference = model[CE_MICRO_F1] - base[CE_MICRO_F1]
+    verdict = ("names the findings better than" if difference > 0 else
+               "names the findings no better than" if difference == 0 else "names the findings worse than")
+    sentence = (f"The {system_label} {verdict} the {baseline_label}: CE micro-F1 {cell(model)} vs {cell(base)} "
+                f"({difference:+.3f}).")
+    low, high = model.get(f"{CE_MICRO_F1}_ci_low"), base.get(f"{CE_MICRO_F1}_ci_high")
+    if difference > 0 and low is not None and high is not None:
+        sentence += (" The 95% intervals do not overlap." if low > high else
+                     " The 95% intervals overlap, so this test set does not establish the difference.")
+    return sentence
+
+
+# --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
 def table_row(scores: Mapping[str, float], ci: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -302,11 +449,13 @@ def table_row(scores: Mapping[str, float], ci: Mapping[str, Any] | None = None) 
     return row
 
 
-TABLE_COLUMNS = ("CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "METEOR")
+TABLE_COLUMNS = ("CIDEr", CE_MICRO_F1, CE_MACRO_F1, "BLEU-1", "BLEU-4", "ROUGE-L", "METEOR")
+"""What :func:`format_table` shows by default: CIDEr and CE micro-F1 with their intervals, CE macro-F1, and
+BLEU-1/4, ROUGE-L, METEOR (BLEU-2/3 and CE precision/recall stay in the recorded rows)."""
 
 
 def format_table(rows: Mapping[str, Mapping[str, Any]], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
-    """A markdown table: one row per system, CIDEr with its bootstrap interval when recorded."""
+    """A markdown table: one row per system, CIDEr and CE micro-F1 with their bootstrap intervals when recorded."""
     present = [c for c in columns if any(c in r for r in rows.values())]
     lines = ["| system | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
     for name, row in rows.items():
@@ -326,11 +475,15 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], columns: tuple[str, ...]
 
 
 def score_row(predictions: Sequence[str], split: Any, config: MedcapConfig) -> dict[str, Any]:
-    """Metrics of ``predictions`` against the split's reports, CIDEr with a 95% bootstrap CI over studies."""
+    """Metrics of ``predictions`` against the split's reports: caption metrics, CIDEr with a 95% bootstrap
+    CI over studies, and clinical efficacy (:func:`clinical_efficacy_scores`) with micro-F1's CI over the
+    same resampled studies and the per-class scores under ``CE per class``."""
     references, study_ids = list(split["text"]), list(split["study_id"])
     interval = bootstrap_ci(list(predictions), references, groups=study_ids, metric="CIDEr",
                             n_samples=config.bootstrap_samples, seed=config.seed)
     row: dict[str, Any] = table_row(caption_scores(list(predictions), references), interval)
+    row.update(clinical_efficacy_scores(list(predictions), references, groups=study_ids,
+                                        n_samples=config.bootstrap_samples, seed=config.seed, per_class=True))
     row["n_examples"] = len(references)
     row["n_studies"] = len(set(study_ids))
     return row

@@ -11,7 +11,7 @@ from typing import Any
 
 from medcap_helpers.atomic import write_text
 from medcap_helpers.config import STAGES
-from medcap_helpers.metrics import format_table
+from medcap_helpers.metrics import collapse_markdown, format_table
 
 
 def summary_markdown(run_dir: str | Path) -> str:
@@ -28,8 +28,14 @@ def summary_markdown(run_dir: str | Path) -> str:
     final = _read(run_dir / "metrics" / "06_eval_and_demo.json")
     if final.get("test_table"):
         parts += ["## Test set", "", format_table(final["test_table"]), ""]
+        if final.get("ce_statement"):
+            parts += [final["ce_statement"], ""]
         if final.get("test_note"):
             parts += [final["test_note"], ""]
+        if final.get("collapse", {}).get("systems"):
+            parts += ["Collapse signals (a generator that writes one report for every image has few distinct "
+                      "reports and names findings far less often than the references):", "",
+                      collapse_markdown(final["collapse"]), ""]
     figures = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").is_dir() else []
     if figures:
         parts += ["## Plots", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures] + [""]
@@ -60,7 +66,8 @@ def final_table_text(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     final = _read(run_dir / "metrics" / "06_eval_and_demo.json")
     if final.get("test_table"):
-        return "Test set\n" + format_table(final["test_table"])
+        text = "Test set\n" + format_table(final["test_table"])
+        return text + ("\n" + final["ce_statement"] if final.get("ce_statement") else "")
     done = sorted(p.stem for p in (run_dir / "metrics").glob("*.json")) if (run_dir / "metrics").is_dir() else []
     return "Stages with metrics: " + (", ".join(done) or "none")
 

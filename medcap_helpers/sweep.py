@@ -2,7 +2,8 @@
 
 Each trial trains in ``<run_dir>/sweep/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
 (atomically); a rerun finds it and skips the trial. The chosen configuration (best validation
-CIDEr among trials that fit the budget) goes to ``<run_dir>/sweep/chosen.json``.
+``best_model_metric``, CIDEr or CE micro-F1, among trials that fit the budget) goes to
+``<run_dir>/sweep/chosen.json``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, force: bool = False)
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
             runs.write_json(record_path, record)
             trials.append(record)
-    chosen = choose_trial(trials)
+    chosen = choose_trial(trials, config.best_model_metric)
     if chosen is not None:
         runs.write_json(Path(config.run_dir) / "sweep" / "chosen.json", chosen)
     on_gpu = any(t.get("peak_gpu_gb") is not None for t in trials)
@@ -94,12 +95,21 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, force: bool = False)
     return SweepResult(trials=trials, chosen=chosen, skipped=skipped, budget_note=note)
 
 
-def choose_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Best validation CIDEr among trials not known to exceed the budget; ties go to the smaller rank."""
-    candidates = [t for t in trials if t.get("feasible") is not False and t.get("val_cider") is not None]
+TRIAL_KEYS = {"CIDEr": "val_cider", "CE micro-F1": "val_ce_micro_f1"}
+"""The trial record's key for each ``best_model_metric``."""
+
+
+def choose_trial(trials: list[dict[str, Any]], metric: str = "CIDEr") -> dict[str, Any] | None:
+    """Best validation ``metric`` (CIDEr, or CE micro-F1: ``config.best_model_metric``) among trials not known
+    to exceed the budget; ties go to the smaller rank. Trials that record no CE (a runner that scores CIDEr
+    only) are ranked by CIDEr."""
+    key = TRIAL_KEYS[metric]
+    if not any(t.get(key) is not None for t in trials):
+        key = TRIAL_KEYS["CIDEr"]
+    candidates = [t for t in trials if t.get("feasible") is not False and t.get(key) is not None]
     if not candidates:
         return None
-    return max(candidates, key=lambda t: (t["val_cider"], -t["lora_r"], -t["lora_alpha"]))
+    return max(candidates, key=lambda t: (t[key], -t["lora_r"], -t["lora_alpha"]))
 
 
 def trial_runner(dataset: Any) -> TrialRunner:

@@ -3,8 +3,10 @@
 :func:`train` runs ``Trainer`` with one evaluation and one checkpoint per epoch. Each evaluation
 computes the teacher-forced ``eval_loss`` and then *generates* a report for every validation image
 (``config.max_new_tokens``, ``config.num_beams``) and scores it with
-:func:`medcap_helpers.metrics.caption_scores`; the scores reach the Trainer as ``eval_cider``,
-``eval_bleu_1`` ... so ``load_best_model_at_end`` keeps the epoch with the best validation CIDEr.
+:func:`medcap_helpers.metrics.caption_scores` and :func:`medcap_helpers.metrics.clinical_efficacy_scores`;
+the scores reach the Trainer as ``eval_cider``, ``eval_ce_micro_f1``, ``eval_bleu_1`` ... so
+``load_best_model_at_end`` keeps the epoch with the best validation ``config.best_model_metric`` (CIDEr,
+or CE micro-F1).
 Training resumes from the last complete checkpoint in ``<run_dir>/checkpoints``. The best adapter
 (safetensors) and the processor go to ``<run_dir>/adapter``; ``<run_dir>/metrics/train.json`` records
 every epoch.
@@ -40,14 +42,21 @@ from medcap_helpers.devices import (
     release_memory,
     reset_peak_memory,
 )
-from medcap_helpers.generation import RowColumn, generate_reports
-from medcap_helpers.metrics import caption_scores
+from medcap_helpers.generation import generate_reports, study_inputs
+from medcap_helpers.metrics import (
+    CE_MACRO_F1,
+    CE_MICRO_F1,
+    caption_scores,
+    clinical_efficacy_scores,
+)
 from medcap_helpers.model import (
     attach_lora,
     check_tokenizer_matches,
+    pretraining_record,
     remove_input_grad_hooks,
     trainable_parameters,
 )
+from medcap_helpers.multiview import multiview_forward
 from medcap_helpers.processing import CaptionCollator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +66,7 @@ Scorer = Callable[[list[str], list[str]], dict[str, float]]
 TRAIN_SPLITS = ("train",)
 VAL_SPLITS = ("validation", "val", "valid")
 SCORE_NAMES = {"cider": "CIDEr", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
-               "rouge_l": "ROUGE-L", "meteor": "METEOR"}
+               "rouge_l": "ROUGE-L", "meteor": "METEOR", "ce_micro_f1": CE_MICRO_F1, "ce_macro_f1": CE_MACRO_F1}
 MEMORY_KEYS = ("max_allocated_gb", "max_reserved_gb", "device_used_gb", "peak_rss_gb")
 """Per-epoch peaks kept from :func:`~medcap_helpers.model.memory_snapshot` (CUDA allocator/NVML; CPU RSS)."""
 _ALL_MEMORY_KEYS = frozenset(MEMORY_KEYS) | {f"validation_{key}" for key in MEMORY_KEYS}
@@ -109,9 +118,13 @@ def text_column(rows: Any) -> list[str]:
 
 
 def _default_scorer() -> Scorer:
-    """:func:`medcap_helpers.metrics.caption_scores` without METEOR (a Java run per epoch; CIDEr selects)."""
+    """:func:`medcap_helpers.metrics.caption_scores` without METEOR (a Java run per epoch; CIDEr selects),
+    plus the clinical efficacy of the generated reports (CE micro-F1 and macro-F1, no interval)."""
     def validation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-        return caption_scores(predictions, references, meteor=False)
+        scores = caption_scores(predictions, references, meteor=False)
+        ce = clinical_efficacy_scores(predictions, references)
+        scores.update({CE_MICRO_F1: ce[CE_MICRO_F1], CE_MACRO_F1: ce[CE_MACRO_F1]})
+        return scores
 
     return validation_scores
 
@@ -205,6 +218,13 @@ class MedcapTrainer(Trainer):
         self._loss_count += 1
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        if inputs["pixel_values"].ndim == 5:  # two-view studies: one memory of both views' tokens
+            outputs = multiview_forward(model, **inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
     # ----- evaluation with generated reports
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,  # noqa: ANN001, ANN201
                         metric_key_prefix="eval"):
@@ -219,9 +239,10 @@ class MedcapTrainer(Trainer):
         config = self.medcap_config or MedcapConfig()
         scorer = self.scorer or _default_scorer()
         rows = self.generation_rows
-        predictions = generate_reports(self.model, self.processor, RowColumn(rows, "image"),
+        predictions = generate_reports(self.model, self.processor, study_inputs(rows),
                                        max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
-                                       batch_size=config.eval_batch_size, device=self.args.device)
+                                       batch_size=config.eval_batch_size, device=self.args.device,
+                                       min_new_tokens=config.min_new_tokens)
         self.last_predictions = predictions
         scores = scorer(predictions, text_column(rows))  # caption_scores normalises both sides alike
         metrics = {f"{prefix}_{metric_log_key(name)}": float(value) for name, value in scores.items()}
@@ -272,7 +293,7 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         eval_strategy="epoch",
         save_strategy="epoch",
         load_best_model_at_end=True,
-        metric_for_best_model="cider",
+        metric_for_best_model=metric_log_key(config.best_model_metric),
         greater_is_better=True,
         save_total_limit=save_total_limit,
         logging_strategy="steps",
@@ -289,15 +310,16 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     """One dict per epoch from the Trainer's log history.
 
     Keys: ``epoch``, ``step``, ``train_loss`` (mean over the epoch), ``eval_loss``, ``val_cider``,
-    ``val_scores`` (``{"CIDEr": .., "BLEU-1": .., ...}``), ``mean_report_words``, ``peak_memory``.
+    ``val_ce_micro_f1``, ``val_scores`` (``{"CIDEr": .., "CE micro-F1": .., "BLEU-1": .., ...}``),
+    ``mean_report_words``, ``peak_memory``.
     """
     epochs: dict[float, dict[str, Any]] = {}
 
     def row(entry: Mapping[str, Any]) -> dict[str, Any]:
         epoch = round(float(entry.get("epoch", 0.0)), 4)
         return epochs.setdefault(epoch, {"epoch": epoch, "step": entry.get("step"), "train_loss": None,
-                                         "eval_loss": None, "val_cider": None, "val_scores": {},
-                                         "peak_memory": {}})
+                                         "eval_loss": None, "val_cider": None, "val_ce_micro_f1": None,
+                                         "val_scores": {}, "peak_memory": {}})
 
     for entry in log_history:
         if "train_loss_epoch" in entry:
@@ -317,16 +339,24 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
                 elif key.startswith("eval_"):
                     current["val_scores"][SCORE_NAMES.get(name, name)] = value
             current["val_cider"] = entry.get("eval_cider")
+            current["val_ce_micro_f1"] = entry.get("eval_ce_micro_f1")
     return [epochs[e] for e in sorted(epochs)]
 
 
-def best_epoch_of(history: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
-    """(epoch, CIDEr) of the first epoch with the highest validation CIDEr (the Trainer's choice)."""
+def value_at_epoch(history: Sequence[Mapping[str, Any]], epoch: float | None, key: str) -> float | None:
+    """``history``'s ``key`` (e.g. ``"val_ce_micro_f1"``) at ``epoch`` (the best one): None when absent."""
+    return next((e.get(key) for e in history if epoch is not None and e.get("epoch") == epoch), None)
+
+
+def best_epoch_of(history: Sequence[Mapping[str, Any]], metric: str = "CIDEr") -> tuple[float | None, float | None]:
+    """(epoch, validation CIDEr) of the first epoch with the highest validation ``metric`` (the Trainer's
+    choice, ``config.best_model_metric``: "CIDEr" or "CE micro-F1")."""
     best: tuple[float | None, float | None] = (None, None)
+    best_value: float | None = None
     for entry in history:
-        cider = entry.get("val_cider")
-        if cider is not None and (best[1] is None or cider > best[1]):
-            best = (entry["epoch"], cider)
+        value = entry.get("val_cider") if metric == "CIDEr" else (entry.get("val_scores") or {}).get(metric)
+        if value is not None and (best_value is None or value > best_value):
+            best, best_value = (entry["epoch"], entry.get("val_cider")), value
     return best
 
 
@@ -388,7 +418,7 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     wall = time.perf_counter() - start
 
     history = epoch_history(trainer.state.log_history)
-    best_epoch, best_cider = best_epoch_of(history)
+    best_epoch, best_cider = best_epoch_of(history, config.best_model_metric)
     adapter_dir = save_adapter(trainer.model, processor, run_dir / ("adapter" if lora else "model"))
     trainable, total, share = trainable_parameters(trainer.model)
     result = TrainResult(
@@ -400,7 +430,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         extra={"trainable_share": share, "trainer_metrics": dict(output.metrics),
                "last_val_predictions": trainer.last_predictions[:5]})
     runs.write_stage_metrics(run_dir, "train", {
-        "epochs": history, "best_epoch": best_epoch, "best_val_cider": best_cider,
+        "epochs": history, "best_epoch": best_epoch, "best_model_metric": config.best_model_metric,
+        "best_val_cider": best_cider, "best_val_ce_micro_f1": value_at_epoch(history, best_epoch, "val_ce_micro_f1"),
         "best_checkpoint": result.best_checkpoint, "trainable_params": trainable, "total_params": total,
         "trainable_share": share, "global_step": result.global_step, "resumed_from": result.resumed_from,
         "wall_time_s": result.train_runtime_s, "train_runtime_s": output.metrics.get("train_runtime"),
@@ -444,8 +475,8 @@ def _training_oom(error: BaseException, config: MedcapConfig, checkpoints_dir: P
 # --------------------------------------------------------------------------------------- reporting (03)
 def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     """Per-epoch table: losses, validation scores of generated reports and peak memory."""
-    lines = ["| epoch | train loss | val loss | val CIDEr | val BLEU-4 | val ROUGE-L | peak memory |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| epoch | train loss | val loss | val CIDEr | val CE micro-F1 | val BLEU-4 | val ROUGE-L | peak memory |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def num(value: Any, digits: int = 3) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
@@ -455,7 +486,8 @@ def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
         memory = e.get("peak_memory") or {}
         peak = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if isinstance(v, (int, float)))
         lines.append(f"| {num(e.get('epoch'), 0)} | {num(e.get('train_loss'))} | {num(e.get('eval_loss'))} | "
-                     f"{num(e.get('val_cider'))} | {num(scores.get('BLEU-4'))} | {num(scores.get('ROUGE-L'))} | "
+                     f"{num(e.get('val_cider'))} | {num(scores.get(CE_MICRO_F1))} | {num(scores.get('BLEU-4'))} | "
+                     f"{num(scores.get('ROUGE-L'))} | "
                      f"{peak or '–'} GB |")
     return "\n".join(lines)
 
@@ -463,7 +495,10 @@ def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
 def stage_metrics(result: TrainResult, memory_before: Mapping[str, Any], memory_loaded: Mapping[str, Any],
                   budget_fit: Any, config: MedcapConfig) -> dict[str, Any]:
     """What notebook 03 records for the pipeline."""
-    return {"epochs": result.history, "best_epoch": result.best_epoch, "best_val_cider": result.best_cider,
+    return {"epochs": result.history, "best_epoch": result.best_epoch, "best_model_metric": config.best_model_metric,
+            "best_val_cider": result.best_cider,
+            "best_val_ce_micro_f1": value_at_epoch(result.history, result.best_epoch, "val_ce_micro_f1"),
+            "tiny_pretraining": pretraining_record(config),
             "trainable_params": result.trainable_params, "total_params": result.total_params,
             "trainable_share": result.extra.get("trainable_share"), "quantized_4bit": config.load_in_4bit,
             "peak_memory": result.peak_memory, "memory_before_loading": dict(memory_before),

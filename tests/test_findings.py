@@ -14,11 +14,17 @@ from medcap_helpers.findings import (
     abnormal_share,
     agreement,
     agreement_markdown,
+    agreement_summary,
     clinical_efficacy,
     distinct_share,
+    example_counts,
     label_report,
     mesh_labels,
+    micro_f1,
+    names_abnormal,
     positive_classes,
+    prevalence,
+    prevalence_markdown,
     validate_against_mesh,
 )
 from medcap_helpers.reports import bundled_reports, xrv_reports_archive
@@ -171,3 +177,45 @@ def test_odd_half_meets_goal() -> None:
     assert result["n_reports"] > 1800
     assert result["micro"]["f1"] >= 0.92 and result["macro"]["f1"] >= 0.85
     assert {"No Finding", "Cardiomegaly", "Support Devices"} <= set(result["included"])
+
+
+def test_ce_micro_counts_every_class_and_per_example_counts_sum_to_it() -> None:
+    predictions = ["Large right pneumothorax. Mild cardiomegaly.", "The lungs are clear."]
+    references = ["Mild cardiomegaly.", "Small left pleural effusion."]
+    ce = clinical_efficacy(predictions, references)
+    # The pneumothorax no reference names is a false positive of micro (all 14 classes) but not averaged
+    # in macro (only classes with a reference positive).
+    assert (ce["tp"], ce["fp"], ce["fn"]) == (1, 2, 1)
+    assert ce["micro_f1"] == pytest.approx(2 / (2 + 2 + 1))
+    assert "Pneumothorax" not in ce["included"] and ce["classes"]["Pneumothorax"]["fp"] == 1
+    counts = example_counts(predictions, references)
+    assert counts == [(1, 1, 0), (0, 1, 1)]
+    assert tuple(map(sum, zip(*counts))) == (ce["tp"], ce["fp"], ce["fn"])
+    assert micro_f1(*map(sum, zip(*counts))) == ce["micro_f1"] and micro_f1(0, 0, 0) == 0.0
+    with pytest.raises(ValueError):
+        example_counts(predictions, references[:1])
+
+
+def test_prevalence_and_abnormal_reports() -> None:
+    texts = ["Mild cardiomegaly. Small left pleural effusion.", "The lungs are clear.", "Cardiomegaly.",
+             "Left-sided pacemaker. The lungs are clear."]
+    result = prevalence(texts)
+    assert result["n_reports"] == 4 and result["classes"]["Cardiomegaly"] == {"positive": 2, "share": 0.5}
+    assert result["classes"]["No Finding"]["positive"] == 2 and result["classes"]["Support Devices"]["positive"] == 1
+    assert result["abnormal_share"] == 0.5  # a device is not an abnormal finding
+    assert [names_abnormal(t) for t in texts] == [True, False, True, False]
+    table = prevalence_markdown(result)
+    assert "| Cardiomegaly | 2 | 50.0% |" in table and "Pneumothorax" not in table
+    assert "| *any abnormal finding* | | 50.0% |" in table
+    assert prevalence([])["n_reports"] == 0
+
+
+def test_agreement_summary_keeps_the_numbers_not_the_examples() -> None:
+    predicted = [frozenset({"Cardiomegaly"}), frozenset()]
+    reference = [frozenset({"Cardiomegaly"}), frozenset({"Cardiomegaly"})]
+    result = agreement(predicted, reference, min_support=1)
+    result.update(half="odd", confusions={"Cardiomegaly": {"fp_examples": ["long text"]}})
+    summary = agreement_summary(result)
+    assert "confusions" not in summary and summary["half"] == "odd"
+    assert summary["classes"]["Cardiomegaly"] == {"support": 2, "precision": 1.0, "recall": 0.5,
+                                                  "f1": pytest.approx(2 / 3), "included": True}

@@ -227,6 +227,7 @@ def caption_metric():
 
 def test_evaluate_module_loads_offline_and_matches(caption_metric):
     direct = caption_scores(PREDICTIONS, REFERENCES, meteor=False)
+    direct.update(metrics.clinical_efficacy_scores(PREDICTIONS, REFERENCES))  # CE rides along by default
     assert caption_metric.compute(predictions=PREDICTIONS, references=REFERENCES, meteor=False) == direct
     as_lists = caption_metric.compute(predictions=PREDICTIONS, references=[[r] for r in REFERENCES], meteor=False)
     assert as_lists == direct
@@ -236,7 +237,7 @@ def test_evaluate_module_batches_score_the_whole_set(caption_metric):
     for start in range(0, len(PREDICTIONS), 6):
         caption_metric.add_batch(predictions=PREDICTIONS[start:start + 6],
                                  references=[[r] for r in REFERENCES[start:start + 6]])
-    batched = caption_metric.compute(meteor=False)
+    batched = caption_metric.compute(meteor=False, clinical_efficacy=False)
     assert batched == caption_scores(PREDICTIONS, REFERENCES, meteor=False)
 
 
