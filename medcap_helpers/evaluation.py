@@ -8,7 +8,9 @@ and one sentence, from the numbers, comparing the final model's CE micro-F1 with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.generation import generate_for_split
 from medcap_helpers.metrics import ce_comparison, collapse_signals, score_systems
+
+PUBLISHED_FILE = "published_iu_xray.json"
 
 FINAL_SYSTEM = "fine-tuned, merged NF4"
 ADAPTER_SYSTEM = "fine-tuned (adapter on 4-bit base)"
@@ -53,8 +57,46 @@ class FinalEvaluation:
 
 
 def final_model_dir(run_dir: str | Path) -> str:
-    """The folder of the final NF4 model that 05 chose."""
-    return runs.read_stage_metrics(run_dir, "05_merge_requant")["final_dir"]
+    """The folder of the final NF4 model that 05 chose, in this run folder (which may have been moved since)."""
+    recorded = Path(runs.read_stage_metrics(run_dir, "05_merge_requant")["final_dir"])
+    here = Path(run_dir) / recorded.name
+    return str(here if here.is_dir() else recorded)
+
+
+def protocol_line(config: MedcapConfig, n_studies: int) -> str:
+    """How the test table was computed, in one line, to set beside published results."""
+    split = ("the R2Gen split (2,069 / 296 / 590 studies)" if config.split_mode == "r2gen" else
+             f"a random split by study (seed {config.seed}, {'/'.join(f'{r:g}' for r in config.split_ratios)})")
+    views = ("both views of a study as one input" if config.views == "both" else
+             "one view per study (the frontal where the source says which)")
+    return (f"Protocol: {config.target.upper()} on {split}; {n_studies} test studies, one report per study "
+            f"scored against the study's report; {views}; R2Gen's text cleaning for every metric; CIDEr-D with "
+            "document frequencies from the evaluated test references; 95% intervals from "
+            f"{config.bootstrap_samples} bootstrap resamples of studies.")
+
+
+def published_results() -> dict[str, Any]:
+    """Published IU X-Ray results on the R2Gen protocol (package data, with sources)."""
+    return json.loads(resources.files("medcap_helpers").joinpath(PUBLISHED_FILE).read_text())
+
+
+def published_markdown(table: dict[str, dict[str, Any]], config: MedcapConfig) -> str:
+    """Published systems beside this run's baselines and models, one metric set, so a run can be placed."""
+    published = published_results()
+    columns = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    lines = ["| system | source | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for entry in published["systems"]:
+        cells = " | ".join("–" if entry.get(c) is None else f"{entry[c]:.3f}" for c in columns)
+        lines.append(f"| {entry['system']} | [paper]({entry['url']}) | {cells} |")
+    for name, row in table.items():
+        cells = " | ".join("–" if row.get(c) is None else f"{row[c]:.3f}" for c in columns)
+        lines.append(f"| {name} | this run | {cells} |")
+    same = config.split_mode == "r2gen" and config.views == "both" and config.target == "findings"
+    lines += ["", f"Published: {published['protocol']}. {published['note']}",
+              "This run follows the same protocol." if same else
+              "**This run does not follow that protocol** (split, views or target differ), so its figures are "
+              "not comparable with the published ones."]
+    return "\n".join(lines)
 
 
 def final_evaluation(config: MedcapConfig, dataset: Any) -> FinalEvaluation:
