@@ -134,7 +134,8 @@ def test_03_training_records_epochs_memory_and_adapter(smoke_run: dict) -> None:
     epochs = m["epochs"]
     assert len(epochs) == int(smoke_run["config"].num_train_epochs)
     assert all(e["val_cider"] is not None and e["peak_memory"] for e in epochs)
-    assert m["best_val_cider"] == max(e["val_cider"] for e in epochs)
+    best = max(epochs, key=lambda e: e["val_scores"][m["best_model_metric"]])
+    assert m["best_epoch"] == best["epoch"] and m["best_val_cider"] == best["val_cider"]
     assert m["quantized_4bit"] is True and 0 < m["trainable_share"] < 0.5
     assert (smoke_run["dir"] / "adapter" / "adapter_model.safetensors").exists()
 
