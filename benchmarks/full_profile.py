@@ -26,6 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 GB = 1e9
 CAP_GB = 4.0
@@ -117,10 +118,10 @@ def stage_baselines(run_dir: str, data_dir: str, n: int) -> dict[str, Any]:
 
 def stage_train(run_dir: str, data_dir: str, steps: int, n_val: int) -> dict[str, Any]:
     import torch
-    from transformers import TrainerCallback
 
     from medcap_helpers import data, model
     from medcap_helpers.train import train
+    from run_benchmarks import make_step_timer
 
     context = cap_memory()
     config = config_for(run_dir, data_dir)
@@ -129,18 +130,7 @@ def stage_train(run_dir: str, data_dir: str, steps: int, n_val: int) -> dict[str
     peft_model = model.attach_lora(base, config)
     rows = dd["train"].select(range(min(steps * config.effective_batch_size, len(dd["train"]))))
 
-    class StepTimer(TrainerCallback):
-        times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = StepTimer()
+    timer = make_step_timer()
     torch.cuda.reset_peak_memory_stats()
     slice_config = config.replace(num_train_epochs=1.0, run_dir=str(Path(run_dir) / "train_slice"))
     train(slice_config, peft_model, processor, {"train": rows, "validation": dd["validation"].select(range(2))},

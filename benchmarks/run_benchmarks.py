@@ -116,10 +116,34 @@ def gpu_process_memory_gb() -> float | None:
     return process_gpu_gb()
 
 
+def make_step_timer() -> Any:
+    """A Trainer callback that times every optimizer step (CUDA-synchronised) and records memory peaks."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.process_gb: list[float] = []
+            self.peaks: dict[str, float] = {}
+
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+            self.process_gb.append(gpu_process_memory_gb() or 0.0)
+            self.peaks = {"max_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+                          "max_reserved_gb": torch.cuda.max_memory_reserved() / GB}
+
+    return StepTimer()
+
+
 # ----------------------------------------------------------------------------------- workers
 def worker_train(folder: Path, settings: dict[str, Any], cap_gb: float | None) -> dict[str, Any]:
     import torch
-    from transformers import TrainerCallback
 
     from medcap_helpers.model import attach_lora, load_base_model, trainable_parameters
     from medcap_helpers.processing import load_processor
@@ -150,24 +174,7 @@ def worker_train(folder: Path, settings: dict[str, Any], cap_gb: float | None) -
     rows = synthetic_rows(steps * config.effective_batch_size, config.max_target_tokens,
                           two_views=config.views == "both")
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.process_gb: list[float] = []
-            self.peaks: dict[str, float] = {}
-
-        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.start)
-            self.process_gb.append(gpu_process_memory_gb() or 0.0)
-            self.peaks = {"max_allocated_gb": torch.cuda.max_memory_allocated() / GB,
-                          "max_reserved_gb": torch.cuda.max_memory_reserved() / GB}
-
-    timer = StepTimer()
+    timer = make_step_timer()
     torch.cuda.reset_peak_memory_stats()
     error = None
     try:
