@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medcap_helpers import demo
+from medcap_helpers import demo, preflight
 from medcap_helpers.config import PROFILES, MedcapConfig, field_names
 from medcap_helpers.errors import ConfigError, MedcapError, StageFailed
-from medcap_helpers import preflight
 from medcap_helpers.pipeline import resolve_config, run_pipeline
 from medcap_helpers.summary import final_table_text
 

@@ -91,7 +91,7 @@ class MedcapConfig:
     tiny_pretrain_epochs: int = 0
     """Epochs of text-only pretraining of the tiny model's text decoder before it is saved (0: none; the
     smoke profile uses 3), on the tokenizer's corpus: the bundled IU X-Ray reports minus this dataset's
-    validation and test reports (:func:`~medcap_helpers.model.pretrain_text_decoder`). BLIP-large's decoder
+    validation and test reports (:func:`~medcap_helpers.pretrain.pretrain_text_decoder`). BLIP-large's decoder
     comes pretrained; a random one cannot learn to write reports in a few CPU minutes."""
     tiny_pretrain_learning_rate: float = 1e-2
     """AdamW learning rate of that pretraining (linear decay to 0; every decoder weight trains)."""

@@ -52,11 +52,11 @@ from medcap_helpers.metrics import (
 from medcap_helpers.model import (
     attach_lora,
     check_tokenizer_matches,
-    pretraining_record,
     remove_input_grad_hooks,
     trainable_parameters,
 )
 from medcap_helpers.multiview import multiview_forward
+from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
 
 if TYPE_CHECKING:  # pragma: no cover

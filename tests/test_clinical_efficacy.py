@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medcap_helpers import findings, runs
+from medcap_helpers import findings, pretrain, runs
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.merge import MergeOutcome, degradation_markdown
 from medcap_helpers.metrics import (
@@ -333,7 +333,7 @@ def weights(model, part: str) -> dict:
 def test_decoder_pretraining_learns_reads_its_memory_and_is_deterministic() -> None:
     import torch
 
-    from medcap_helpers.model import pretrain_text_decoder
+    from medcap_helpers.pretrain import pretrain_text_decoder
 
     model, processor = tiny_blip()
     vision, cross = weights(model, "vision_model"), weights(model, "crossattention")
@@ -363,7 +363,7 @@ def test_tiny_model_is_pretrained_on_training_side_text_only(tmp_path: Path) -> 
                                        smoke_image_size=64, tiny_pretrain_epochs=1, max_target_tokens=16)
     dataset, _ = data.build_dataset(config, progress=False)
     model.load_model_and_processor(config, dataset)
-    record = runs.read_json(tmp_path / "run" / "tiny_model" / model.PRETRAINING_FILE)
+    record = runs.read_json(tmp_path / "run" / "tiny_model" / pretrain.PRETRAINING_FILE)
     corpus = sources.tokenizer_training_texts(config, dataset)
     assert record["texts"] == len(corpus) > 3000 and record["epochs"] == 1 and record["max_length"] == 16
     # Never a validation or test report: the corpus is every bundled report but those (a held-out text can
@@ -375,7 +375,7 @@ def test_tiny_model_is_pretrained_on_training_side_text_only(tmp_path: Path) -> 
     # No pretraining asked: no record, as before.
     plain = config.replace(run_dir=str(tmp_path / "plain"), tiny_pretrain_epochs=0)
     model.load_model_and_processor(plain, dataset)
-    assert not (tmp_path / "plain" / "tiny_model" / model.PRETRAINING_FILE).exists()
+    assert not (tmp_path / "plain" / "tiny_model" / pretrain.PRETRAINING_FILE).exists()
 
 
 @pytest.mark.parametrize("overrides, message", [

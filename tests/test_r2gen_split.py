@@ -10,7 +10,12 @@ import pytest
 
 from medcap_helpers import data
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.reports import bundled_reports, clean_text, study_id_from_image_id, xrv_reports_archive
+from medcap_helpers.reports import (
+    bundled_reports,
+    clean_text,
+    study_id_from_image_id,
+    xrv_reports_archive,
+)
 from medcap_helpers.sources import DataReport, Example, load_examples
 
 NAMES = {"train": "train", "val": "validation", "test": "test"}
