@@ -28,7 +28,6 @@ from medcap_helpers.errors import ProcessorLoadError
 from medcap_helpers.images import open_rgb
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from transformers import BlipProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
