@@ -32,7 +32,7 @@ PROFILES = ("smoke", "full", "rehearsal")
 STAGES: tuple[str, ...] = ("01_data", "02_baseline", "03_qlora_train", "04_sweep", "05_merge_requant",
                            "06_eval_and_demo")
 """The pipeline's stages, in order: each is a notebook ``notebooks/<stage>.ipynb`` and a metrics file."""
-DATA_SOURCES = ("smoke", "openi", "r2gen", "kaggle", "xrv_reports", "hub")
+DATA_SOURCES = ("smoke", "openi", "r2gen", "mimic_r2gen", "kaggle", "xrv_reports", "hub")
 TARGETS = ("findings", "impression", "both")
 SPLIT_MODES = ("random", "r2gen")
 EXAMPLE_UNITS = ("image", "study")
@@ -62,7 +62,7 @@ class MedcapConfig:
     # --- data -------------------------------------------------------------------------
     data_source: str = "smoke"
     data_path: str | None = None
-    """Reports folder/.tgz (openi), annotation.json (r2gen), CSV folder (kaggle)."""
+    """Reports folder/.tgz (openi), annotation.json (r2gen, mimic_r2gen), CSV folder (kaggle)."""
     images_dir: str | None = None
     hub_dataset_id: str | None = None
     target: str = "findings"
@@ -119,6 +119,9 @@ class MedcapConfig:
     optim: str = "adamw_torch"
     logging_steps: int = 5
     vram_budget_gb: float | None = None
+    num_gpus: int | None = None
+    """GPUs stage 03 trains on, one data-parallel process each (:mod:`medcap_helpers.distributed`);
+    None: every visible GPU. Ignored on the CPU."""
     best_model_metric: str = "CIDEr"
     """The validation score of generated reports that picks the epoch training keeps: "CIDEr" (published
     practice), or "CE micro-F1" (do the reports name the right findings?). The smoke profile uses CE:
@@ -164,10 +167,11 @@ class MedcapConfig:
         _choice("best_model_metric", self.best_model_metric, BEST_MODEL_METRICS)
         if not str(self.run_dir).strip():
             raise ConfigError("run_dir is empty: give a folder for the run's outputs, e.g. 'runs/smoke'.")
-        if self.data_source in ("openi", "r2gen", "kaggle") and not self.data_path:
+        if self.data_source in ("openi", "r2gen", "mimic_r2gen", "kaggle") and not self.data_path:
             raise ConfigError(
                 f"data_source={self.data_source!r} needs data_path (the reports folder or .tgz for "
-                "'openi', annotation.json for 'r2gen', the folder with indiana_reports.csv for 'kaggle')."
+                "'openi', annotation.json for 'r2gen' and 'mimic_r2gen', the folder with indiana_reports.csv "
+                "for 'kaggle')."
             )
         if self.data_source == "hub" and not self.hub_dataset_id:
             raise ConfigError("data_source='hub' needs hub_dataset_id, e.g. 'org/iu_xray'.")
@@ -231,6 +235,11 @@ class MedcapConfig:
         _positive_int("logging_steps", self.logging_steps)
         if self.vram_budget_gb is not None and not self.vram_budget_gb > 0:
             raise ConfigError(f"vram_budget_gb must be a positive number of GB or None, got {self.vram_budget_gb!r}.")
+        if self.num_gpus is not None:
+            _positive_int("num_gpus", self.num_gpus)
+            if self.num_gpus > 1 and self.device == "cpu":
+                raise ConfigError(f"num_gpus={self.num_gpus} asks for GPUs but device='cpu': use device='cuda' "
+                                  "(or 'auto'), or leave num_gpus unset.")
 
         _positive_int("max_new_tokens", self.max_new_tokens)
         if self.min_new_tokens is not None:
@@ -297,7 +306,7 @@ class MedcapConfig:
 
 
 _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
-             "vram_budget_gb", "cpu_threads", "min_new_tokens"}
+             "vram_budget_gb", "cpu_threads", "min_new_tokens", "num_gpus"}
 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The smoke run must show learning on its placeholder images in a few CPU minutes (issue 12): 300
