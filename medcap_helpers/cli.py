@@ -2,6 +2,7 @@
 
     medcap run --profile smoke                      # the embedded default, CPU, minutes
     medcap run --profile full --out runs/blip-large --vram-budget-gb 4
+    medcap run --profile full --gpus 2              # stage 03 data-parallel on two GPUs
     medcap run --profile smoke --stages 01-03 --set num_train_epochs=2
     medcap demo --run runs/smoke                    # the upload demo as a web page on 127.0.0.1:8866
     medcap check --profile full                     # preflight alone: what would break hours later
@@ -44,11 +45,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def build_config(args: argparse.Namespace) -> MedcapConfig:
-    """The profile's settings with ``--set``/``--out``/``--vram-budget-gb``; a run folder that holds a run
+    """The profile's settings with ``--set``/``--out``/``--vram-budget-gb``/``--gpus``; a run folder that holds a run
     continues with its saved settings (unless ``--force``). Paths are resolved against this folder."""
     overrides: dict[str, Any] = dict(parse_assignment(item) for item in (args.set or []))
     if getattr(args, "vram_budget_gb", None) is not None:
         overrides["vram_budget_gb"] = args.vram_budget_gb
+    if getattr(args, "gpus", None) is not None:
+        overrides["num_gpus"] = args.gpus
     return resolve_config(args.profile, args.out, overrides, fresh=getattr(args, "force", False))
 
 
@@ -88,6 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun stages that already finished")
     run.add_argument("--vram-budget-gb", type=float, dest="vram_budget_gb",
                      help="fit batch size and checkpointing to this much GPU memory")
+    run.add_argument("--gpus", type=int, dest="gpus", metavar="N",
+                     help="train stage 03 data-parallel on N GPUs (num_gpus; default: all visible)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--skip-check", action="store_true",
@@ -97,6 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
     check.add_argument("--profile", choices=PROFILES, default="full")
     check.add_argument("--out", help="run folder (default: runs/<profile>)")
     check.add_argument("--vram-budget-gb", type=float, dest="vram_budget_gb")
+    check.add_argument("--gpus", type=int, dest="gpus", metavar="N")
     check.add_argument("--set", action="append", metavar="KEY=VALUE")
 
     page = sub.add_parser("demo", help="serve the upload demo of a finished run as a web page (Voilà)")
