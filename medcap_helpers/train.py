@@ -235,14 +235,23 @@ class MedcapTrainer(Trainer):
         return output
 
     def generation_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """Generate a report per validation row and score it against the row's text."""
+        """Generate a report per validation row and score it against the row's text.
+
+        Data-parallel (:mod:`medcap_helpers.distributed`): each process generates a contiguous share of
+        the rows and the shares are gathered in row order, so every process scores the same reports and
+        picks the same best epoch.
+        """
+        from accelerate.utils import gather_object
+
         config = self.medcap_config or MedcapConfig()
         scorer = self.scorer or _default_scorer()
         rows = self.generation_rows
-        predictions = generate_reports(self.model, self.processor, study_inputs(rows),
-                                       max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
-                                       batch_size=config.eval_batch_size, device=self.args.device,
-                                       min_new_tokens=config.min_new_tokens)
+        with self.accelerator.split_between_processes(rows) as share:
+            share_predictions = generate_reports(self.model, self.processor, study_inputs(share),
+                                                 max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
+                                                 batch_size=config.eval_batch_size, device=self.args.device,
+                                                 min_new_tokens=config.min_new_tokens)
+        predictions = gather_object(share_predictions)
         self.last_predictions = predictions
         scores = scorer(predictions, text_column(rows))  # caption_scores normalises both sides alike
         metrics = {f"{prefix}_{metric_log_key(name)}": float(value) for name, value in scores.items()}
@@ -301,6 +310,7 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         report_to=[],
         disable_tqdm=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # data-parallel: every LoRA weight gets a gradient every step
         **version_specific,
     )
 
@@ -419,7 +429,10 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
 
     history = epoch_history(trainer.state.log_history)
     best_epoch, best_cider = best_epoch_of(history, config.best_model_metric)
-    adapter_dir = save_adapter(trainer.model, processor, run_dir / ("adapter" if lora else "model"))
+    adapter_dir = run_dir / ("adapter" if lora else "model")
+    writes_files = trainer.is_world_process_zero()  # data-parallel: process 0 writes, the others only train
+    if writes_files:
+        save_adapter(trainer.model, processor, adapter_dir)
     trainable, total, share = trainable_parameters(trainer.model)
     result = TrainResult(
         history=history, best_epoch=best_epoch, best_cider=best_cider, adapter_dir=adapter_dir,
@@ -429,16 +442,17 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         best_checkpoint=trainer.state.best_model_checkpoint, log_history=list(trainer.state.log_history),
         extra={"trainable_share": share, "trainer_metrics": dict(output.metrics),
                "last_val_predictions": trainer.last_predictions[:5]})
-    runs.write_stage_metrics(run_dir, "train", {
-        "epochs": history, "best_epoch": best_epoch, "best_model_metric": config.best_model_metric,
-        "best_val_cider": best_cider, "best_val_ce_micro_f1": value_at_epoch(history, best_epoch, "val_ce_micro_f1"),
-        "best_checkpoint": result.best_checkpoint, "trainable_params": trainable, "total_params": total,
-        "trainable_share": share, "global_step": result.global_step, "resumed_from": result.resumed_from,
-        "wall_time_s": result.train_runtime_s, "train_runtime_s": output.metrics.get("train_runtime"),
-        "train_loss_mean": output.metrics.get("train_loss"), "device": str(device),
-        "effective_batch_size": config.effective_batch_size, "adapter_dir": str(adapter_dir),
-        "val_examples_generated": len(generation_rows), "val_prediction_samples": trainer.last_predictions[:5],
-    })
+    if writes_files:
+        runs.write_stage_metrics(run_dir, "train", {
+            "epochs": history, "best_epoch": best_epoch, "best_model_metric": config.best_model_metric,
+            "best_val_cider": best_cider, "best_val_ce_micro_f1": value_at_epoch(history, best_epoch, "val_ce_micro_f1"),
+            "best_checkpoint": result.best_checkpoint, "trainable_params": trainable, "total_params": total,
+            "trainable_share": share, "global_step": result.global_step, "resumed_from": result.resumed_from,
+            "wall_time_s": result.train_runtime_s, "train_runtime_s": output.metrics.get("train_runtime"),
+            "train_loss_mean": output.metrics.get("train_loss"), "device": str(device),
+            "effective_batch_size": config.effective_batch_size, "adapter_dir": str(adapter_dir),
+            "val_examples_generated": len(generation_rows), "val_prediction_samples": trainer.last_predictions[:5],
+        })
     return result
 
 
