@@ -36,12 +36,16 @@ def multiview_forward(model: Any, pixel_values: torch.Tensor, input_ids: torch.T
 
 
 @torch.no_grad()
-def multiview_generate(model: Any, pixel_values: torch.Tensor, **generate_kwargs: Any) -> torch.Tensor:
-    """BLIP's ``generate`` (start from ``[DEC]``, stop on ``[SEP]``) on the views' tokens; token ids out."""
+def multiview_generate(model: Any, pixel_values: torch.Tensor, decoder: Any = None, **generate_kwargs: Any) -> torch.Tensor:
+    """BLIP's ``generate`` (start from ``[DEC]``, stop on ``[SEP]``) on the views' tokens; token ids out.
+
+    ``decoder`` writes the reports instead of the model's own text decoder (a faster 16-bit copy of it:
+    :func:`medcap_helpers.generation.decoder_for_generation`).
+    """
     base = unwrap_model(model)
-    memory = view_tokens(base, pixel_values)
+    decoder = decoder if decoder is not None else base.text_decoder
+    memory = view_tokens(base, pixel_values).to(decoder.dtype)
     text = base.config.text_config
     start = torch.full((memory.shape[0], 1), text.bos_token_id, dtype=torch.long, device=memory.device)
-    return base.text_decoder.generate(input_ids=start, eos_token_id=text.sep_token_id,
-                                      pad_token_id=text.pad_token_id, encoder_hidden_states=memory,
-                                      **generate_kwargs)
+    return decoder.generate(input_ids=start, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
+                            encoder_hidden_states=memory, **generate_kwargs)

@@ -273,3 +273,31 @@ def test_generate_reports_batches_and_respects_length(tiny, tmp_path):
     assert peft_model.training, "generate_reports restores the train mode"
     with pytest.raises(FileNotFoundError):
         generation.generate_reports(peft_model, processor, [str(tmp_path / "missing.png")], progress=False)
+
+
+def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tiny, tmp_path):
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation, which would hide a missing merge
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval()
+    assert generation.needs_decoder_copy(peft_model)
+    decoder = M.unwrap_model(peft_model).text_decoder
+    copy = generation.decoder_for_generation(peft_model)
+    assert not generation.needs_decoder_copy(type("Wrapper", (), {"text_decoder": copy})())
+    memory = torch.randn(2, 5, M.unwrap_model(peft_model).config.vision_config.hidden_size)
+    ids = torch.tensor([[1, 7, 9, 11], [1, 12, 5, 3]])
+    with torch.no_grad():
+        expected = decoder(input_ids=ids, encoder_hidden_states=memory).logits
+        copied = copy(input_ids=ids, encoder_hidden_states=memory.to(copy.dtype)).logits.float()
+    assert torch.allclose(copied, expected, atol=1e-3), (copied - expected).abs().max()  # merge order: float rounding
+    with peft_model.disable_adapter(), torch.no_grad():  # the adapter matters, so its merge was tested
+        assert not torch.allclose(decoder(input_ids=ids, encoder_hidden_states=memory).logits, expected, atol=1e-2)
+    images = [row["image"] for row in _rows()]
+    fast = generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False)
+    slow = generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False,
+                                       decoder_copy=False)
+    assert fast == slow

@@ -1,7 +1,7 @@
 """Out of memory in training or generation: a short message with the settings and what to change.
 
-CUDA is simulated on the CPU: the training step or ``model.generate`` raises
-``torch.cuda.OutOfMemoryError`` as PyTorch's allocator does.
+CUDA is simulated on the CPU: the training step or the generation of a batch
+(``generation.multiview_generate``) raises ``torch.cuda.OutOfMemoryError`` as PyTorch's allocator does.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcap_helpers import budget, devices
+from medcap_helpers import budget, devices, generation
 from medcap_helpers.checkpoints import last_complete_checkpoint
 from medcap_helpers.devices import OutOfMemory
 from medcap_helpers.generation import generate_reports
@@ -67,13 +67,16 @@ def test_oom_in_the_validation_reports_says_generation_and_keeps_checkpoints(tmp
     rows = synthetic_rows()
     config = smoke_config(tmp_path / "run", num_train_epochs=1.0, eval_batch_size=2, num_beams=2, max_new_tokens=16)
     model, processor = qlora_model(config)
+    tried = []
 
-    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def generate(model, pixel_values, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        tried.append(pixel_values.shape[0])
         raise torch.cuda.OutOfMemoryError(CUDA_OOM)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(generation, "multiview_generate", generate)
     with pytest.raises(OutOfMemory) as caught:
         train(config, model, processor, {"train": rows, "validation": rows[:4]})
+    assert tried == [2, 1], "a batch that runs out of memory is retried in halves down to one study"
     message = str(caught.value)
     assert message.startswith("Out of memory while generating reports: CUDA out of memory")
     for fragment in ("batch_size=2", "num_beams=2", "max_new_tokens=16", "eval_batch_size=1", "num_beams=1",
@@ -81,23 +84,46 @@ def test_oom_in_the_validation_reports_says_generation_and_keeps_checkpoints(tmp
         assert fragment in message
 
 
-def test_generation_oom_names_beams_batch_and_length(tmp_path, monkeypatch):
+def test_generation_halves_a_batch_that_runs_out_of_memory_and_keeps_going(tmp_path, monkeypatch):
+    config = smoke_config(tmp_path / "run")
+    model, processor = qlora_model(config)
+    images = [row["image"] for row in synthetic_rows()[:5]]
+    expected = generate_reports(model, processor, images, max_new_tokens=4, batch_size=1, progress=False)
+    tried = []
+    real_generate = generation.multiview_generate
+
+    def generate(model, pixel_values, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        tried.append(pixel_values.shape[0])
+        if pixel_values.shape[0] > 2:  # the device holds two studies at a time
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+        return real_generate(model, pixel_values, **kwargs)
+
+    monkeypatch.setattr(generation, "multiview_generate", generate)
+    model.train()
+    reports = generate_reports(model, processor, images, max_new_tokens=4, batch_size=4, progress=False)
+    assert tried == [4, 2, 2, 1], "4 fails, then halves of 2 (the last batch holds what is left)"
+    assert reports == expected, "no report is lost or repeated when a batch is retried"
+    assert model.training, "generate_reports restores the model's train/eval mode"
+
+
+def test_generation_oom_at_one_study_names_beams_batch_and_length(tmp_path, monkeypatch):
     config = smoke_config(tmp_path / "run")
     model, processor = qlora_model(config)
     images = [row["image"] for row in synthetic_rows()[:4]]
     calls = []
-    real_generate = model.generate
+    real_generate = generation.multiview_generate
 
-    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(kwargs["pixel_values"].shape[0])
-        if len(calls) > 1:  # the first batch fits, the second does not
+    def generate(model, pixel_values, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append(pixel_values.shape[0])
+        if len(calls) > 1:  # the first batch fits, nothing after it does
             raise torch.cuda.OutOfMemoryError(CUDA_OOM)
-        return real_generate(*args, **kwargs)
+        return real_generate(model, pixel_values, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(generation, "multiview_generate", generate)
     model.train()
     with pytest.raises(OutOfMemory) as caught:
         generate_reports(model, processor, images, max_new_tokens=4, num_beams=3, batch_size=2, progress=False)
+    assert calls == [2, 2, 1]
     message = str(caught.value)
     for fragment in ("Out of memory while generating reports", "batch_size=2", "num_beams=3", "max_new_tokens=4",
                      "eval_batch_size=1", "num_beams=1", "2 of 4 reports were generated"):
