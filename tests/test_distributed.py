@@ -191,3 +191,40 @@ def test_two_processes_train_shard_generation_and_resume(prepared_run: dict[str,
     assert len(set(single)) > 1, "reports that all look alike could not show a wrong order"
     assert single == gathered_by_epoch[second.best_epoch]
 
+
+
+def test_a_failing_process_is_reported_with_its_output(prepared_run: dict[str, Any]) -> None:
+    config = tiny_config(prepared_run["run_dir"], epochs=1.0)
+    with pytest.raises(distributed.DataParallelTrainingFailed, match=r"(?s)exit status [1-9].*no_such_worker"):
+        distributed.launch_training(config, PROCESSES, worker_module="tests.no_such_worker")
+
+
+def test_launch_needs_the_runs_model_built_first(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not built yet"):
+        distributed.launch_training(tiny_config(tmp_path / "run", epochs=1.0), PROCESSES)
+
+
+def test_processes_follow_num_gpus_and_the_visible_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpu_config = MedcapConfig.from_profile("full", run_dir=str(tmp_path))
+    assert distributed.training_processes(tiny_config(tmp_path, epochs=1.0)) == 1  # the CPU: one process
+    monkeypatch.setattr(distributed, "pick_device", lambda config: torch.device("cuda", 0))
+    monkeypatch.setattr(distributed, "visible_gpu_count", lambda: 2)
+    assert distributed.training_processes(gpu_config) == 2
+    assert distributed.training_processes(gpu_config.replace(num_gpus=1)) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match=r"num_gpus=3 but only 2 GPU\(s\) are visible \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        distributed.training_processes(gpu_config.replace(num_gpus=3))
+
+
+def test_num_gpus_is_validated_and_set_by_gpus(tmp_path: Path) -> None:
+    from medcap_helpers.cli import build_config, make_parser
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="num_gpus must be a whole number"):
+            MedcapConfig.from_profile("full", num_gpus=bad)
+    with pytest.raises(ConfigError, match="device='cpu'"):
+        MedcapConfig.from_profile("smoke", num_gpus=2)
+    args = make_parser().parse_args(["run", "--profile", "full", "--out", str(tmp_path / "run"), "--gpus", "2"])
+    assert build_config(args).num_gpus == 2
+    args = make_parser().parse_args(["run", "--profile", "full", "--out", str(tmp_path / "run")])
+    assert build_config(args).num_gpus is None
