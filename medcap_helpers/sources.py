@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ def load_examples(config: MedcapConfig, progress: bool = True) -> tuple[list[Exa
         reports = load_reports(reports_path, progress=progress)
         report.reports_malformed = reports.malformed
         examples = _openi_examples(reports.reports, images_dir, config, report, None, progress)
-    elif source == "r2gen":
+    elif source in R2GEN_LAYOUTS:
         examples = _r2gen_examples(config, report, progress)
     elif source == "kaggle":
         examples = _kaggle_examples(config, report, progress)
@@ -186,11 +186,53 @@ def _openi_examples(reports: Sequence[Report], images_dir: Path, config: MedcapC
         config, report, progress)
 
 
+@dataclass(frozen=True)
+class AnnotationLayout:
+    """How one collection's R2Gen ``annotation.json`` names its reports, studies and images."""
+
+    collection: str
+    image_example: str
+    """An image path as the annotation lists it (relative to the images folder), for messages."""
+    other_source: str
+    """The data source for the other collection's annotation, named when an image path does not fit."""
+    image_pattern: re.Pattern[str]
+    report_key: Callable[[dict[str, Any]], str]
+    """The entries that share a report (IU X-Ray: one entry a study; MIMIC-CXR: one entry an image)."""
+    image_ids: Callable[[dict[str, Any], str], tuple[str, str]]
+    """(study id, image id) of an entry's image path."""
+
+
+def _iu_image_ids(entry: dict[str, Any], relative: str) -> tuple[str, str]:
+    try:
+        return r2gen_study_id(relative), r2gen_image_id(relative)
+    except ValueError as err:
+        raise DataSourceError(f"R2Gen IU X-Ray annotation: {err}") from None
+
+
+def _mimic_image_ids(entry: dict[str, Any], relative: str) -> tuple[str, str]:
+    return str(entry["study_id"]), Path(relative).stem  # the image's DICOM id
+
+
+R2GEN_LAYOUTS = {
+    "r2gen": AnnotationLayout(
+        collection="IU X-Ray", image_example="CXR368_IM-1832/0.png", other_source="mimic_r2gen",
+        image_pattern=re.compile(r"[^/]+/[^/]+\.png"), report_key=lambda entry: str(entry["id"]),
+        image_ids=_iu_image_ids),
+    "mimic_r2gen": AnnotationLayout(
+        collection="MIMIC-CXR", image_example="p10/p10000032/s50414267/<dicom_id>.jpg", other_source="r2gen",
+        image_pattern=re.compile(r"p\d{2}/p\d+/s\d+/[^/]+\.jpg"), report_key=lambda entry: str(entry["study_id"]),
+        image_ids=_mimic_image_ids),
+}
+"""``data_source`` -> the layout of its R2Gen annotation.json (R2Gen's ``iu_xray`` and ``mimic_cxr`` folders)."""
+
+
 def _r2gen_examples(config: MedcapConfig, report: DataReport, progress: bool) -> list[Example]:
-    annotation = _existing(config.data_path, "data_path", "R2Gen's iu_xray annotation.json")
+    """Examples of an R2Gen ``annotation.json`` (``data_source`` "r2gen" or "mimic_r2gen"), with its split."""
+    layout = R2GEN_LAYOUTS[config.data_source]
+    annotation = _annotation_file(config, layout)
     if config.target != "findings":
-        raise DataSourceError(f"R2Gen's {annotation.name} holds the findings only; use target='findings', or "
-                              "data_source='openi' for impressions.")
+        other = ", or data_source='openi' for impressions" if layout.collection == "IU X-Ray" else ""
+        raise DataSourceError(f"R2Gen's {annotation.name} holds the findings only; use target='findings'{other}.")
     try:
         splits = json.loads(annotation.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -199,10 +241,11 @@ def _r2gen_examples(config: MedcapConfig, report: DataReport, progress: bool) ->
         raise DataSourceError(f"{annotation} is not an R2Gen annotation file: expected keys train/val/test.")
     images_dir = Path(config.images_dir) if config.images_dir else annotation.parent / "images"
     if not images_dir.is_dir():
-        raise DataSourceError(f"R2Gen images folder '{images_dir}' not found: set images_dir to the folder that "
-                              "holds <study id>/0.png, <study id>/1.png.")
+        raise DataSourceError(f"R2Gen images folder '{images_dir}' not found: set images_dir to the folder of "
+                              f"{layout.collection} images that holds {layout.image_example} (R2Gen's images/ "
+                              f"beside {annotation.name}).")
     keep_split = config.split_mode == "r2gen"
-    groups = []
+    reports: dict[str, tuple[str, str, list[tuple[str, str, str, str, str | None]]]] = {}
     for split_name, entries in splits.items():
         split = _R2GEN_SPLITS.get(split_name)
         if split is None:
@@ -211,24 +254,44 @@ def _r2gen_examples(config: MedcapConfig, report: DataReport, progress: bool) ->
             raise DataSourceError(f"{annotation}: '{split_name}' must be a list of entries, got "
                                   f"{type(entries).__name__}.")
         for number, entry in enumerate(entries):
-            if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("image_path", []), list):
-                raise DataSourceError(f"{annotation}: entry {number} of '{split_name}' is not an R2Gen entry "
-                                      "({'id': ..., 'report': ..., 'image_path': [...]}); got "
-                                      f"{str(entry)[:120]!r}.")
-            report.reports_total += 1
-            study = str(entry["id"])
-            text = clean_text(str(entry.get("report") or ""), config.lowercase)
-            images = []
+            _check_entry(entry, number, split_name, annotation, layout)
+            key = layout.report_key(entry)
+            if key not in reports:  # MIMIC-CXR lists a study's report once per image
+                reports[key] = (_uid_or(key), clean_text(str(entry.get("report") or ""), config.lowercase), [])
             for relative in entry.get("image_path", []):
+                if not layout.image_pattern.fullmatch(Path(relative).as_posix()):
+                    raise DataSourceError(
+                        f"{annotation}: '{relative}' is not an R2Gen {layout.collection} image path like "
+                        f"{layout.image_example}: is this the other collection's annotation (data_source="
+                        f"{layout.other_source!r})?")
                 path = images_dir / relative
                 if not path.is_file():
                     report.images_missing += 1
                     continue
                 report.images_total += 1
-                images.append((str(path), r2gen_image_id(relative), r2gen_study_id(relative), UNKNOWN_VIEW,
-                               split if keep_split else None))
-            groups.append((_uid_or(study), text, images))
-    return _verified_examples(groups, config, report, progress, count_reports=False)
+                study, image_id = layout.image_ids(entry, relative)
+                reports[key][2].append((str(path), image_id, study, UNKNOWN_VIEW, split if keep_split else None))
+    report.reports_total = len(reports)
+    return _verified_examples(reports.values(), config, report, progress, count_reports=False)
+
+
+def _annotation_file(config: MedcapConfig, layout: AnnotationLayout) -> Path:
+    annotation = _existing(config.data_path, "data_path", f"R2Gen's {layout.collection} annotation.json")
+    if annotation.is_dir():
+        inside = annotation / "annotation.json"
+        raise DataSourceError(f"data_path='{config.data_path}' is a folder: give R2Gen's {layout.collection} "
+                              f"annotation.json file itself{f' ({inside})' if inside.is_file() else ''}.")
+    return annotation
+
+
+def _check_entry(entry: Any, number: int, split_name: str, annotation: Path, layout: AnnotationLayout) -> None:
+    required = ("id", "study_id") if layout.collection == "MIMIC-CXR" else ("id",)
+    if (not isinstance(entry, dict) or any(key not in entry for key in required)
+            or not isinstance(entry.get("image_path", []), list)):
+        fields_shown = ", ".join(f"'{key}': ..." for key in required)
+        raise DataSourceError(f"{annotation}: entry {number} of '{split_name}' is not an R2Gen {layout.collection} "
+                              f"entry ({{{fields_shown}, 'report': ..., 'image_path': [...]}}); got "
+                              f"{str(entry)[:120]!r}.")
 
 
 def _kaggle_examples(config: MedcapConfig, report: DataReport, progress: bool) -> list[Example]:
