@@ -291,7 +291,8 @@ def _check_entry(entry: Any, number: int, split_name: str, annotation: Path, lay
         fields_shown = ", ".join(f"'{key}': ..." for key in required)
         raise DataSourceError(f"{annotation}: entry {number} of '{split_name}' is not an R2Gen {layout.collection} "
                               f"entry ({{{fields_shown}, 'report': ..., 'image_path': [...]}}); got "
-                              f"{str(entry)[:120]!r}.")
+                              f"{str(entry)[:120]!r}. Is this the other collection's annotation (data_source="
+                              f"{layout.other_source!r})?")
 
 
 def _kaggle_examples(config: MedcapConfig, report: DataReport, progress: bool) -> list[Example]:
