@@ -20,6 +20,7 @@ from medcap_helpers.config import MedcapConfig
 from medcap_helpers.generation import generate_for_split, study_inputs
 from medcap_helpers.images import open_rgb
 from medcap_helpers.metrics import normalize_report
+from medcap_helpers.pipeline import progress_bars_enabled
 
 
 def most_frequent_report(train_texts: Sequence[str]) -> str:
@@ -63,7 +64,7 @@ def vision_model_of(model: Any) -> torch.nn.Module:
 
 @torch.no_grad()
 def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 8,
-                     device: torch.device | str | None = None, progress: bool = True) -> torch.Tensor:
+                     device: torch.device | str | None = None, progress: bool | None = None) -> torch.Tensor:
     """L2-normalised vision embeddings, one row per image: float32, on the CPU.
 
     Runs the vision encoder under ``torch.no_grad()`` on ``processor(images=...)`` pixel values
@@ -72,7 +73,8 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     ``post_layernorm`` as transformers' ``BlipVisionModel`` does. [CLS] rather than a mean over
     patches: it is the vision tower's own global summary. ``processor`` is a ``BlipProcessor`` or
     a ``BlipImageProcessor``; images are PIL images, paths or arrays, or lists of a study's views,
-    whose normalised embeddings are averaged into the study's.
+    whose normalised embeddings are averaged into the study's. ``progress=None`` shows a bar except under
+    ``medcap run`` (:func:`medcap_helpers.pipeline.progress_bars_enabled`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -88,7 +90,7 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     rows: list[torch.Tensor] = []
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="Image embeddings", unit="batch",
-                          disable=not progress, leave=False):
+                          disable=not (progress_bars_enabled() if progress is None else progress), leave=False):
             items = [item if isinstance(item, (list, tuple)) else [item] for item in images[start:start + batch_size]]
             batch = [open_rgb(view) for views in items for view in views]
             pixel_values = image_processor(images=batch, return_tensors="pt")["pixel_values"]

@@ -153,6 +153,19 @@ def load_captioner(folder: str | Path, device_map: Any = None) -> tuple[Any, Any
     return model.eval(), processor
 
 
+def is_adapter_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a LoRA adapter (``adapter_config.json``) rather than a whole model."""
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_final_model(config: MedcapConfig, folder: str | Path, device_map: Any = None) -> tuple[Any, Any]:
+    """Model and processor of a run's final model, whichever kind 05 chose: an adapter folder loads on the
+    4-bit base (:func:`load_adapter_model`), a merged folder as a whole model (:func:`load_captioner`)."""
+    if is_adapter_dir(folder):
+        return load_adapter_model(config, folder).eval(), load_processor_from(folder)
+    return load_captioner(folder, device_map=device_map)
+
+
 def load_processor_from(folder: str | Path) -> Any:
     """The processor saved beside a model or adapter."""
     from transformers import BlipProcessor

@@ -1,9 +1,11 @@
 """The final evaluation (notebook 06): every system on the test split, one table with bootstrap intervals.
 
 The baselines' test predictions come from 02 (``predictions/test.json``); the fine-tuned adapter
-and the final model chosen in 05 are generated here and added to the same file. Beside the table: the
-collapse signals (share of distinct reports, share naming an abnormal finding, against the references')
-and one sentence, from the numbers, comparing the final model's CE micro-F1 with the constant report's.
+and the merged NF4 model 05 preferred are generated here and added to the same file. One of the two is
+the final model 05 chose (:func:`final_system`). Beside the table: paired-bootstrap intervals of the
+differences (each fine-tuned model against the constant report, and the two fine-tuned models against each
+other), the collapse signals, and one sentence comparing the final model's CE micro-F1 with the constant
+report's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.checkpoints import (
+    is_adapter_dir,
     load_adapter_model,
     load_captioner,
     load_processor_from,
@@ -23,11 +26,18 @@ from medcap_helpers.checkpoints import (
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.generation import generate_for_split
-from medcap_helpers.metrics import ce_comparison, collapse_signals, score_systems
+from medcap_helpers.metrics import (
+    CE_MICRO_F1,
+    DIFFERENCE_METRICS,
+    ce_comparison,
+    collapse_signals,
+    paired_differences,
+    score_systems,
+)
 
 PUBLISHED_FILE = "published_iu_xray.json"
 
-FINAL_SYSTEM = "fine-tuned, merged NF4"
+MERGED_SYSTEM = "fine-tuned, merged NF4"
 ADAPTER_SYSTEM = "fine-tuned (adapter on 4-bit base)"
 CONSTANT_SYSTEM = "constant (most frequent report)"
 
@@ -40,12 +50,18 @@ class FinalEvaluation:
     is_smoke_sample: bool
     collapse: dict[str, Any] = field(default_factory=dict)
     """:func:`~medcap_helpers.metrics.collapse_signals` of every system on the test split."""
+    final_system: str = MERGED_SYSTEM
+    """The table row of the final model 05 chose (:data:`MERGED_SYSTEM` or :data:`ADAPTER_SYSTEM`)."""
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    """Paired-bootstrap differences on the test studies (:func:`~medcap_helpers.metrics.paired_differences`)."""
 
     @property
     def ce_statement(self) -> str:
-        """Does the final model name the findings better than the constant report? In words, from the table."""
-        return ce_comparison(self.table, FINAL_SYSTEM, CONSTANT_SYSTEM,
-                             labels=("fine-tuned model (merged NF4, the final model)", "constant report"))
+        """Does the final model name the findings better than the constant report? In words, from the numbers."""
+        paired = next((d for d in self.differences if d["system"] == self.final_system
+                       and d["baseline"] == CONSTANT_SYSTEM and d["metric"] == CE_MICRO_F1), None)
+        return ce_comparison(self.table, self.final_system, CONSTANT_SYSTEM,
+                             labels=(f"final model ({self.final_system})", "constant report"), difference=paired)
 
     def stage_metrics(self) -> dict[str, Any]:
         note = ("Smoke sample: placeholder images generated from real report text; these numbers say "
@@ -53,14 +69,31 @@ class FinalEvaluation:
                 "CIDEr and CE micro-F1 with 95% bootstrap intervals over test studies.")
         return {"split": "test", "test_table": self.table, "test_note": note, "ce_statement": self.ce_statement,
                 "collapse": self.collapse, "final_model_dir": self.final_model_dir,
+                "final_system": self.final_system, "test_differences": self.differences,
                 "is_smoke_sample": self.is_smoke_sample}
 
 
 def final_model_dir(run_dir: str | Path) -> str:
-    """The folder of the final NF4 model that 05 chose, in this run folder (which may have been moved since)."""
-    recorded = Path(runs.read_stage_metrics(run_dir, "05_merge_requant")["final_dir"])
+    """The folder of the final model 05 chose (a merged NF4 model or the adapter), in this run folder (which
+    may have been moved since)."""
+    return _recorded_folder(run_dir, "final_dir")
+
+
+def merged_model_dir(run_dir: str | Path) -> str:
+    """The folder of the merged NF4 model 05 preferred among the merges (the final one unless the adapter is)."""
+    return _recorded_folder(run_dir, "merged_dir")
+
+
+def _recorded_folder(run_dir: str | Path, key: str) -> str:
+    recorded_stage = runs.read_stage_metrics(run_dir, "05_merge_requant")
+    recorded = Path(recorded_stage.get(key) or recorded_stage["final_dir"])
     here = Path(run_dir) / recorded.name
     return str(here if here.is_dir() else recorded)
+
+
+def final_system(run_dir: str | Path) -> str:
+    """The test-table row of the run's final model: :data:`ADAPTER_SYSTEM` or :data:`MERGED_SYSTEM`."""
+    return ADAPTER_SYSTEM if is_adapter_dir(final_model_dir(run_dir)) else MERGED_SYSTEM
 
 
 def protocol_line(config: MedcapConfig, n_studies: int) -> str:
@@ -100,7 +133,8 @@ def published_markdown(table: dict[str, dict[str, Any]], config: MedcapConfig) -
 
 
 def final_evaluation(config: MedcapConfig, dataset: Any) -> FinalEvaluation:
-    """The test table: the baselines of 02, the fine-tuned adapter and the merged NF4 model of 05."""
+    """The test table: the baselines of 02, the fine-tuned adapter and the merged NF4 model of 05, and the
+    paired differences that say which gaps the test set establishes."""
     run = Path(config.run_dir)
     test = dataset["test"]
     image_ids = list(test["image_id"])
@@ -110,13 +144,18 @@ def final_evaluation(config: MedcapConfig, dataset: Any) -> FinalEvaluation:
     adapter_model = load_adapter_model(config, adapter_dir)
     systems[ADAPTER_SYSTEM] = generate_for_split(adapter_model, processor, test, config)
     del adapter_model
-    final_dir = final_model_dir(run)
-    merged, merged_processor = load_captioner(final_dir, device_map=device_map_for(pick_device(config)))
-    systems[FINAL_SYSTEM] = generate_for_split(merged, merged_processor, test, config)
+    merged, merged_processor = load_captioner(merged_model_dir(run), device_map=device_map_for(pick_device(config)))
+    systems[MERGED_SYSTEM] = generate_for_split(merged, merged_processor, test, config)
     del merged
     runs.save_predictions(run, "test", {k: v for k, v in systems.items() if k.startswith("fine-tuned")}, image_ids)
     table = score_systems(systems, test, config)
-    examples = {name: systems[name] for name in ("zero-shot base", FINAL_SYSTEM) if name in systems}
+    final = final_system(run)
+    other = MERGED_SYSTEM if final == ADAPTER_SYSTEM else ADAPTER_SYSTEM
+    pairs = [(name, CONSTANT_SYSTEM) for name in (final, other) if CONSTANT_SYSTEM in systems] + [(final, other)]
+    metrics = tuple(dict.fromkeys((config.best_model_metric, *DIFFERENCE_METRICS)))
+    differences = paired_differences(systems, test, config, pairs, metrics=metrics)
+    examples = {name: systems[name] for name in ("zero-shot base", final) if name in systems}
     smoke = runs.read_stage_metrics(run, "01_data").get("is_smoke_sample", config.is_smoke)
-    return FinalEvaluation(table=table, examples=examples, final_model_dir=str(final_dir), is_smoke_sample=smoke,
-                           collapse=collapse_signals(systems, list(test["text"])))
+    return FinalEvaluation(table=table, examples=examples, final_model_dir=final_model_dir(run), is_smoke_sample=smoke,
+                           collapse=collapse_signals(systems, list(test["text"])), final_system=final,
+                           differences=differences)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from medcap_helpers.checkpoints import (
     check_adapter_dir,
     load_adapter_model,
     load_captioner,
+    load_final_model,
     load_processor_from,
     save_checkpoint,
     saved_checkpoint,
@@ -42,7 +43,7 @@ from medcap_helpers.devices import (
     reset_peak_memory,
 )
 from medcap_helpers.generation import generate_for_split, generate_reports
-from medcap_helpers.metrics import CE_MICRO_F1, format_table, score_systems
+from medcap_helpers.metrics import CE_MICRO_F1, format_table, paired_differences, score_systems
 from medcap_helpers.model import (
     base_model_source,
     load_base_model,
@@ -113,18 +114,41 @@ def requantize_nf4(merged_dir: str | Path, out_dir: str | Path, processor: Any,
 
 
 # ----------------------------------------------------------------------------- the 05 stage
-FINAL_CANDIDATES = {"merged-nf4": "merged onto 16-bit base → NF4",
-                    "merged-dequantized-nf4": "merged onto dequantized 4-bit base → NF4"}
+ADAPTER_CANDIDATE = "adapter"
+ADAPTER_LABEL = "adapter on 4-bit base"
+FINAL_CANDIDATES = {"merged-dequantized-nf4": "merged onto dequantized 4-bit base → NF4",
+                    "merged-nf4": "merged onto 16-bit base → NF4",
+                    ADAPTER_CANDIDATE: ADAPTER_LABEL}
+"""The final-model candidates (name -> validation row label), cheapest to serve first: a merged NF4 folder
+loads with one ``from_pretrained`` and runs no extra adapter matmuls; the dequantized merge comes first
+because before re-quantization it reproduces the trained weights exactly; the unmerged adapter is lossless
+(it *is* what was trained and validated) but needs the base model, peft and the extra LoRA matmuls."""
+MERGES = tuple(name for name in FINAL_CANDIDATES if name != ADAPTER_CANDIDATE)
+FINAL_RULE = ("Take the cheapest candidate to serve (merged onto the dequantized base → NF4, then merged onto the "
+              "16-bit base → NF4, then the unmerged adapter) unless another candidate beats it on the validation "
+              "{metric} with a 95% paired-bootstrap interval of the difference that excludes 0; among several "
+              "such, the largest difference wins.")
+"""The documented, noise-aware rule of :func:`choose_final` (``{metric}``: the selection metric)."""
 
 
-def choose_final(validation: Mapping[str, Mapping[str, Any]], metric: str = "CIDEr") -> str:
-    """The final model's name: the NF4 candidate with the higher validation ``metric`` (the one that degrades
-    less; the pipeline passes ``config.best_model_metric``, the metric that chose the training epoch).
+def choose_final(differences: Sequence[Mapping[str, Any]], metric: str = "CIDEr",
+                 candidates: Sequence[str] = tuple(FINAL_CANDIDATES)) -> str:
+    """The final model's name by :data:`FINAL_RULE`: ``candidates[0]`` unless another candidate beats it.
 
-    ``validation`` maps system labels (:data:`FINAL_CANDIDATES`' values) to metric rows. Ties go to
-    the dequantized merge, which reproduces the trained weights before re-quantization.
+    ``differences`` are :func:`~medcap_helpers.metrics.paired_difference_ci` results whose ``system`` and
+    ``baseline`` are validation labels (:data:`FINAL_CANDIDATES`' values), each other candidate against
+    ``candidates[0]``. A point difference alone never switches the choice: only an interval above 0 does.
     """
-    return max(("merged-dequantized-nf4", "merged-nf4"), key=lambda n: validation[FINAL_CANDIDATES[n]][metric])
+    default, *others = candidates
+    against_default = {d["system"]: d for d in differences
+                       if d["metric"] == metric and d["baseline"] == FINAL_CANDIDATES[default]}
+    missing = [FINAL_CANDIDATES[n] for n in others if FINAL_CANDIDATES[n] not in against_default]
+    if missing:
+        raise ValueError(f"No paired {metric} difference against '{FINAL_CANDIDATES[default]}' for "
+                         f"{', '.join(map(repr, missing))}: compare every candidate with the default first.")
+    better = [(against_default[FINAL_CANDIDATES[n]]["point"], n) for n in others
+              if against_default[FINAL_CANDIDATES[n]]["low"] > 0]
+    return max(better)[1] if better else default
 
 
 @dataclass
@@ -136,18 +160,26 @@ class MergeOutcome:
     notes: list[str] = field(default_factory=list)
     metric: str = "CIDEr"
     """The validation metric that chose the final model (``config.best_model_metric``)."""
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    """Paired-bootstrap differences on validation: every other candidate against the cheapest one."""
+    merged_name: str = "merged-dequantized-nf4"
+    """The merge :data:`FINAL_RULE` prefers among the two NF4 merges (the one 06 scores on the test split)."""
 
     def deltas(self) -> dict[str, dict[str, float]]:
         """Each merged NF4 model's metrics (CIDEr, CE micro-F1 ...) minus the adapter-on-4-bit-base reference;
         intervals and the per-class CE dict are left out."""
-        reference = self.validation["adapter on 4-bit base"]
+        reference = self.validation[ADAPTER_LABEL]
         return {name: {k: row[k] - reference[k] for k in row
                        if k in reference and isinstance(row[k], float) and "_ci_" not in k}
-                for name, row in self.validation.items() if name != "adapter on 4-bit base"}
+                for name, row in self.validation.items() if name != ADAPTER_LABEL}
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.checkpoints[self.merged_name].path if self.merged_name in self.checkpoints else self.final_dir
 
 
 def merge_and_requantize(config: MedcapConfig, dataset: Any) -> MergeOutcome:
-    """Both merges, both NF4 re-quantizations, the degradation check; the less degraded one is final.
+    """Both merges, both NF4 re-quantizations, the degradation check, and the final model by :data:`FINAL_RULE`.
 
     Checkpoints already in the run folder are reused (a rerun redoes only what is missing).
     """
@@ -177,16 +209,21 @@ def merge_and_requantize(config: MedcapConfig, dataset: Any) -> MergeOutcome:
 
     predictions: dict[str, list[str]] = {}
     adapter_model = load_adapter_model(config, adapter_dir)
-    predictions["adapter on 4-bit base"] = generate_for_split(adapter_model, processor, val, config)
+    predictions[ADAPTER_LABEL] = generate_for_split(adapter_model, processor, val, config)
     del adapter_model
-    for name, label in FINAL_CANDIDATES.items():
+    for name in MERGES:
         nf4_model, nf4_processor = load_captioner(checkpoints[name].path, device_map=device_map)
-        predictions[label] = generate_for_split(nf4_model, nf4_processor, val, config)
+        predictions[FINAL_CANDIDATES[name]] = generate_for_split(nf4_model, nf4_processor, val, config)
         del nf4_model
     validation = score_systems(predictions, val, config)
-    final_name = choose_final(validation, config.best_model_metric)
-    return MergeOutcome(checkpoints=checkpoints, validation=validation, final_name=final_name,
-                        final_dir=checkpoints[final_name].path, metric=config.best_model_metric)
+    default = FINAL_CANDIDATES[next(iter(FINAL_CANDIDATES))]
+    differences = paired_differences(predictions, val, config,
+                                     [(label, default) for label in FINAL_CANDIDATES.values() if label != default])
+    final_name = choose_final(differences, config.best_model_metric)
+    merged_name = choose_final(differences, config.best_model_metric, candidates=MERGES)
+    final_dir = adapter_dir if final_name == ADAPTER_CANDIDATE else checkpoints[final_name].path
+    return MergeOutcome(checkpoints=checkpoints, validation=validation, final_name=final_name, final_dir=final_dir,
+                        metric=config.best_model_metric, differences=differences, merged_name=merged_name)
 
 
 def sizes_markdown(outcome: MergeOutcome) -> str:
@@ -204,17 +241,16 @@ def degradation_markdown(outcome: MergeOutcome) -> str:
     for name, delta in deltas.items():
         lines.append(f"| {name} | {delta.get('CIDEr', 0):+.4f} | {delta.get(CE_MICRO_F1, 0):+.4f} | "
                      f"{delta.get('BLEU-4', 0):+.4f} | {delta.get('ROUGE-L', 0):+.4f} |")
-    lines += ["", f"Final model: **{outcome.final_name}** (the higher validation {outcome.metric} after "
-                  "re-quantization, i.e. the smaller drop or the larger gain)."]
     return "\n".join(lines)
 
 
 def measure_inference(config: MedcapConfig, folder: str | Path, split: Any, n_images: int) -> dict[str, Any]:
-    """Load memory, peak memory while generating and latency per report (one image at a time)."""
+    """Load memory, peak memory while generating and latency per report (one image at a time) of the model in
+    ``folder`` (a merged model or an adapter, :func:`~medcap_helpers.checkpoints.load_final_model`)."""
     device = pick_device(config)
     reset_peak_memory(device)
     before = memory_snapshot(device)
-    captioner, processor = load_captioner(folder, device_map=device_map_for(device))
+    captioner, processor = load_final_model(config, folder, device_map=device_map_for(device))
     loaded = memory_snapshot(device)
     reset_peak_memory(device)
     images = [split[i]["image"] for i in range(min(n_images, len(split)))]
@@ -237,8 +273,10 @@ def measure_inference(config: MedcapConfig, folder: str | Path, split: Any, n_im
 def stage_metrics(outcome: MergeOutcome, inference: dict[str, Any]) -> dict[str, Any]:
     return {"sizes_bytes": {name: c.size_bytes for name, c in outcome.checkpoints.items()},
             "validation": outcome.validation, "deltas": outcome.deltas(), "final_model": outcome.final_name,
-            "final_chosen_by": outcome.metric,
-            "final_dir": str(outcome.final_dir), "inference": inference}
+            "final_chosen_by": outcome.metric, "final_rule": FINAL_RULE.format(metric=outcome.metric),
+            "validation_differences": outcome.differences,
+            "final_dir": str(outcome.final_dir), "merged_model": outcome.merged_name,
+            "merged_dir": str(outcome.merged_dir), "inference": inference}
 
 
 def _human(n_bytes: int) -> str:

@@ -406,14 +406,18 @@ def collapse_markdown(signals: Mapping[str, Any]) -> str:
 
 
 def ce_comparison(table: Mapping[str, Mapping[str, Any]], system: str, baseline: str,
-                  labels: tuple[str, str] | None = None) -> str:
+                  labels: tuple[str, str] | None = None, difference: Mapping[str, Any] | None = None) -> str:
     """One sentence, from the numbers, on whether ``system`` names the findings better than ``baseline``
-    (CE micro-F1 with its interval), and whether the intervals separate them; ``labels`` are the two names
-    used in the sentence (default: the row names). Empty when either row or its CE is missing."""
+    (CE micro-F1 with its interval), and whether the test set establishes it; ``labels`` are the two names
+    used in the sentence (default: the row names). With ``difference`` (:func:`paired_difference_ci` of CE
+    micro-F1, the right test for two systems scored on the same studies) its interval decides; without it,
+    only non-overlapping intervals count as established (conservative). Empty when either row or its CE is
+    missing."""
     if system not in table or baseline not in table or CE_MICRO_F1 not in table[system] \
             or CE_MICRO_F1 not in table[baseline]:
         return ""
     model, base = table[system], table[baseline]
+    paired = difference
     system_label, baseline_label = labels or (f"{system} model", baseline)
 
     def cell(row: Mapping[str, Any]) -> str:
@@ -425,6 +429,13 @@ def ce_comparison(table: Mapping[str, Mapping[str, Any]], system: str, baseline:
                "names the findings no better than" if difference == 0 else "names the findings worse than")
     sentence = (f"The {system_label} {verdict} the {baseline_label}: CE micro-F1 {cell(model)} vs {cell(base)} "
                 f"({difference:+.3f}).")
+    if paired is not None:
+        interval = f"[{paired['low']:+.3f}, {paired['high']:+.3f}]"
+        sentence += (f" The 95% paired-bootstrap interval of the difference, {interval}, excludes 0: the test set "
+                     "establishes it." if paired["low"] > 0 or paired["high"] < 0 else
+                     f" The 95% paired-bootstrap interval of the difference, {interval}, includes 0, so this test "
+                     "set does not establish the difference.")
+        return sentence
     low, high = model.get(f"{CE_MICRO_F1}_ci_low"), base.get(f"{CE_MICRO_F1}_ci_high")
     if difference > 0 and low is not None and high is not None:
         sentence += (" The 95% intervals do not overlap." if low > high else

@@ -14,7 +14,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,11 +144,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+HEADLESS_ENV = "MEDCAP_HEADLESS"
+"""Set to "1" in the kernels ``medcap run`` starts: nobody watches a progress bar there."""
+NOTEBOOK_DEFAULT_PROFILE = "smoke"
+"""``PROFILE`` in every notebook's parameters cell."""
+_QUIET_WARNINGS = (
+    r".*gemm_4bit_forward.*",  # bitsandbytes on a CPU without its optional "kernels" package
+    r".*MatMul8bitLt: inputs will be cast.*",
+    r".*`use_cache=True` is incompatible with gradient checkpointing.*",
+)
+
+
+def headless() -> bool:
+    """Whether this process runs under ``medcap run`` (papermill), where progress bars only add noise."""
+    return os.environ.get(HEADLESS_ENV) == "1"
+
+
+def progress_bars_enabled() -> bool:
+    """Progress bars in a notebook a person runs; none in the executed notebooks of ``medcap run``."""
+    return not headless()
+
+
 def quiet_libraries() -> None:
-    """Offline-friendly defaults and less noise in notebook outputs."""
+    """Offline-friendly defaults and less noise in notebook outputs.
+
+    Call it before the libraries load (a notebook's first cell does) so that import-time messages, such
+    as bitsandbytes' note that the optional CPU kernels package is missing, stay quiet too. Under
+    ``medcap run`` (:func:`headless`) the Hugging Face and ``datasets`` progress bars are off as well.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "datasets", "peft", "bitsandbytes", "papermill"):
+    for name in ("transformers", "datasets", "peft", "bitsandbytes", "papermill", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    if headless():
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
     try:
         from transformers.utils import logging as hf_logging
 
@@ -198,16 +235,14 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
     # A stale metrics file must not make an unfinished rerun look finished.
     runs.metrics_path(run_dir, stage).unlink(missing_ok=True)
     executed.parent.mkdir(parents=True, exist_ok=True)
-    # Through JSON so tuples become lists: papermill writes literals of JSON-like types only.
-    parameters = {"PROFILE": config.profile, "RUN_DIR": str(run_dir),
-                  "OVERRIDES": json.loads(json.dumps(config.to_dict()))}
     start = time.perf_counter()
     try:
-        pm.execute_notebook(
-            str(stage_notebook(stage)), str(executed), parameters=parameters,
-            kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
-            request_save_on_cell_execute=True, store_widget_state=False, **kernel_manager_options(),
-        )
+        with _environment({HEADLESS_ENV: "1", "TQDM_DISABLE": "1"}):  # inherited by the kernel
+            pm.execute_notebook(
+                str(stage_notebook(stage)), str(executed), parameters=injected_parameters(config),
+                kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
+                request_save_on_cell_execute=True, store_widget_state=False, **kernel_manager_options(),
+            )
     except pm.PapermillExecutionError as err:
         raise StageFailed(f"Stage {stage} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                           f"The executed notebook with the error is {executed}.") from None
@@ -215,6 +250,39 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
         raise StageFailed(f"Stage {stage} ran but wrote no metrics ({runs.metrics_path(run_dir, stage)}).")
     runs.mark_done(run_dir, stage)
     return StageOutcome(stage, "ran", time.perf_counter() - start, executed)
+
+
+def injected_parameters(config: MedcapConfig) -> dict[str, Any]:
+    """What papermill injects into a notebook: ``RUN_DIR``, and ``PROFILE`` and ``OVERRIDES`` only where they
+    differ from the parameters cell's defaults (the settings that differ from the profile's), so the executed
+    notebook shows what this run changed rather than the whole config. The notebook reads the rest from the
+    run folder's ``config.json`` (:func:`resolve_config`)."""
+    # Through JSON so tuples become lists: papermill writes literals of JSON-like types only.
+    current = json.loads(json.dumps(config.to_dict()))
+    defaults = json.loads(json.dumps(MedcapConfig.from_profile(config.profile).to_dict()))
+    overrides = {key: value for key, value in current.items()
+                 if key not in ("profile", "run_dir") and defaults.get(key) != value}
+    parameters: dict[str, Any] = {"RUN_DIR": str(Path(config.run_dir))}
+    if config.profile != NOTEBOOK_DEFAULT_PROFILE:
+        parameters["PROFILE"] = config.profile
+    if overrides:
+        parameters["OVERRIDES"] = overrides
+    return parameters
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the duration (what a kernel started inside inherits)."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def kernel_manager_options() -> dict[str, Any]:
