@@ -20,7 +20,7 @@ from medcap_helpers import runs
 from medcap_helpers.atomic import write_text
 from medcap_helpers.config import BLIP_LARGE_ID, TINY_MODEL, MedcapConfig
 from medcap_helpers.errors import StageNotRun
-from medcap_helpers.evaluation import ADAPTER_SYSTEM, FINAL_SYSTEM, final_model_dir
+from medcap_helpers.evaluation import ADAPTER_SYSTEM, MERGED_SYSTEM, final_system, merged_model_dir
 from medcap_helpers.metrics import TABLE_COLUMNS, format_table
 
 CARD_NAME = "README.md"
@@ -37,26 +37,21 @@ _DATASETS = {
 
 
 def write_model_cards(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``README.md`` into the run's final NF4 folder and adapter folder (atomically); their paths."""
+    """Write ``README.md`` into the run's merged NF4 folder and adapter folder (atomically); their paths."""
     run = Path(run_dir).resolve()
     config = MedcapConfig.load(run / "config.json")
     final = runs.read_stage_metrics(run, "06_eval_and_demo")
     table = final["test_table"]
     environment = runs.read_json(run / "environment.json") if (run / "environment.json").is_file() else {}
-    folders = {"final": _final_dir(run), "adapter": run / "adapter"}
+    folders = {"merged": Path(merged_model_dir(run)), "adapter": run / "adapter"}
+    final_kind = "adapter" if final_system(run) == ADAPTER_SYSTEM else "merged"
     written = {}
     for kind, folder in folders.items():
         if not folder.is_dir():
             raise StageNotRun(f"No {kind} model folder at '{folder}': run 03_qlora_train and 05_merge_requant first.")
-        text = model_card(config, table, final, environment, kind, run.name)
+        text = model_card(config, table, final, environment, kind, run.name, is_final=kind == final_kind)
         written[kind] = write_text(folder / CARD_NAME, text)
     return written
-
-
-def _final_dir(run: Path) -> Path:
-    """05's final NF4 folder, inside the run folder (which may have been moved or copied since 05 recorded it)."""
-    recorded = Path(final_model_dir(run))
-    return run / recorded.name if (run / recorded.name).is_dir() else recorded
 
 
 def base_model_id(config: MedcapConfig) -> str | None:
@@ -69,7 +64,7 @@ def base_model_id(config: MedcapConfig) -> str | None:
 
 def card_metadata(config: MedcapConfig, table: dict[str, dict[str, Any]], kind: str, run_name: str) -> ModelCardData:
     """The YAML front matter: hub fields and a model-index with the system's test figures."""
-    system = FINAL_SYSTEM if kind == "final" else ADAPTER_SYSTEM
+    system = MERGED_SYSTEM if kind == "merged" else ADAPTER_SYSTEM
     dataset = _DATASETS.get(config.data_source, f"{config.hub_dataset_id} (IU X-Ray)")
     results = []
     row = table.get(system, {})
@@ -86,26 +81,27 @@ def card_metadata(config: MedcapConfig, table: dict[str, dict[str, Any]], kind: 
                                   dataset_type="iu-xray", dataset_name=dataset, dataset_split="test",
                                   metric_type=_METRIC_TYPES.get(column, column.lower().replace(" ", "-")),
                                   metric_value=float(value), metric_name=name))
-    tags = TAGS + (["nf4", "4-bit", "bitsandbytes"] if kind == "final" else ["peft"])
+    tags = TAGS + (["nf4", "4-bit", "bitsandbytes"] if kind == "merged" else ["peft"])
     if config.is_smoke or config.model_name == TINY_MODEL:
         tags.append("smoke-test")
     return ModelCardData(
-        base_model=base_model_id(config), library_name="transformers" if kind == "final" else "peft",
+        base_model=base_model_id(config), library_name="transformers" if kind == "merged" else "peft",
         pipeline_tag="image-to-text", license="other", license_name=LICENSE_NAME, language=["en"],
         datasets=[dataset], metrics=sorted(set(_METRIC_TYPES.values())), tags=tags,
-        model_name=f"medcap {run_name} ({'merged NF4' if kind == 'final' else 'LoRA adapter'})",
+        model_name=f"medcap {run_name} ({'merged NF4' if kind == 'merged' else 'LoRA adapter'})",
         eval_results=results or None)
 
 
 def model_card(config: MedcapConfig, table: dict[str, dict[str, Any]], final: dict[str, Any],
-               environment: dict[str, Any], kind: str, run_name: str) -> str:
-    """The whole ``README.md`` text of the ``kind`` folder ("final" or "adapter")."""
+               environment: dict[str, Any], kind: str, run_name: str, is_final: bool = False) -> str:
+    """The whole ``README.md`` text of the ``kind`` folder ("merged" or "adapter"); ``is_final`` when 05 chose
+    it as the run's final model."""
     metadata = card_metadata(config, table, kind, run_name)
     base = base_model_id(config)
     tiny = config.model_name == TINY_MODEL
     what = ("the LoRA adapter (QLoRA: trained on the 4-bit NF4 base)" if kind == "adapter" else
-            "the final model: the LoRA adapter merged into the base and re-quantized to 4-bit NF4")
-    system = FINAL_SYSTEM if kind == "final" else ADAPTER_SYSTEM
+            "the LoRA adapter merged into the base and re-quantized to 4-bit NF4")
+    system = MERGED_SYSTEM if kind == "merged" else ADAPTER_SYSTEM
     if tiny:
         origin = ("**This is a smoke-test model.** It was fine-tuned from a *tiny, randomly initialised* BLIP (the "
                   f"classes of [{BLIP_LARGE_ID}](https://huggingface.co/{BLIP_LARGE_ID}), a tiny size, no pretrained "
@@ -119,7 +115,10 @@ def model_card(config: MedcapConfig, table: dict[str, dict[str, Any]], final: di
     smoke_data = (" The smoke sample pairs real IU X-Ray report text with **placeholder images generated from "
                   "that text**." if config.is_smoke else "")
     loading = _loading_snippet(kind, base, tiny, config)
-    title = "merged NF4 model" if kind == "final" else "LoRA adapter"
+    title = "merged NF4 model" if kind == "merged" else "LoRA adapter"
+    choice = ("It is this run's **final model**, chosen in notebook 05." if is_final else
+              "It is not this run's final model: notebook 05 chose the "
+              + ("LoRA adapter" if kind == "merged" else "merged NF4 model") + ".")
     lora = (f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, on "
             f"{', '.join(config.lora_target_modules)} of the text decoder"
             + (" and the vision tower" if config.lora_vision else ""))
@@ -131,7 +130,8 @@ def model_card(config: MedcapConfig, table: dict[str, dict[str, Any]], final: di
         (f"> **Not for clinical use.** A research and teaching model: it writes text that looks like the "
          f"{config.target.upper()} section of a chest radiograph report. Its output is not a diagnosis, has not "
          "been validated clinically, and must not inform any decision about a patient."), "",
-        f"This folder holds {what}, from the medcap run `{run_name}` (profile `{config.profile}`). {origin}", "",
+        f"This folder holds {what}, from the medcap run `{run_name}` (profile `{config.profile}`). {choice} {origin}",
+        "",
         "## Intended use", "",
         ("Research and teaching: how QLoRA fine-tuning of an image captioner behaves on radiology reports, "
          "and how it compares with simple baselines. Out of scope: any clinical, diagnostic or triage use, "
@@ -174,7 +174,7 @@ def _loading_snippet(kind: str, base: str | None, tiny: bool, config: MedcapConf
                 'inputs = processor(images=image, return_tensors="pt").to(model.device)\n'
                 f"ids = model.generate(**inputs, {settings})\n"
                 "print(processor.decode(ids[0], skip_special_tokens=True))")
-    if kind == "final":
+    if kind == "merged":
         return ("The 4-bit settings travel in `config.json` (bitsandbytes must be installed; safetensors only):\n\n"
                 "```python\nfrom PIL import Image\n"
                 "from transformers import BlipForConditionalGeneration, BlipProcessor\n\n"

@@ -42,7 +42,7 @@ import ipywidgets as widgets
 from PIL import Image
 
 from medcap_helpers import runs
-from medcap_helpers.checkpoints import load_captioner, load_processor_from
+from medcap_helpers.checkpoints import is_adapter_dir, load_final_model, load_processor_from
 from medcap_helpers.config import STAGES, MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.errors import ImageLoadError, MedcapError, StageNotRun
@@ -257,11 +257,14 @@ class CaptionDemo:
 
 
 def demo_captioners(config: MedcapConfig) -> dict[str, Captioner]:
-    """Functions image -> report for the demo: the base model and the final fine-tuned NF4 model."""
+    """Functions image -> report for the demo: the base model and the final fine-tuned model 05 chose (a
+    merged NF4 model, or the adapter on the 4-bit base)."""
     run = Path(config.run_dir)
     base = load_base_model(config)
     base_processor = load_processor_from(run / "adapter")
-    tuned, tuned_processor = load_captioner(final_model_dir(run), device_map=device_map_for(pick_device(config)))
+    final_dir = final_model_dir(run)
+    tuned, tuned_processor = load_final_model(config, final_dir, device_map=device_map_for(pick_device(config)))
+    tuned_label = "fine-tuned (adapter on 4-bit base)" if is_adapter_dir(final_dir) else "fine-tuned (NF4)"
 
     def captioner(model: Any, processor: Any) -> Captioner:
         def caption(image: Any) -> str:
@@ -269,7 +272,14 @@ def demo_captioners(config: MedcapConfig) -> dict[str, Captioner]:
                                     num_beams=config.num_beams, batch_size=1, progress=False)[0]
         return caption
 
-    return {"base model": captioner(base, base_processor), "fine-tuned (NF4)": captioner(tuned, tuned_processor)}
+    return {"base model": captioner(base, base_processor), tuned_label: captioner(tuned, tuned_processor)}
+
+
+def captions_markdown(captions: Mapping[str, str]) -> str:
+    """Captions of one image by each model, as a small table."""
+    lines = ["| model | report |", "|---|---|"]
+    lines += [f"| {name} | {caption.replace('|', '/') or '(empty)'} |" for name, caption in captions.items()]
+    return "\n".join(lines)
 
 
 # --- the Voilà page (``medcap demo``) -------------------------------------------------------------

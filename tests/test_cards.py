@@ -13,7 +13,7 @@ import yaml
 from medcap_helpers import cards, runs
 from medcap_helpers.config import BLIP_LARGE_ID, MedcapConfig
 from medcap_helpers.errors import StageNotRun
-from medcap_helpers.evaluation import ADAPTER_SYSTEM, FINAL_SYSTEM
+from medcap_helpers.evaluation import ADAPTER_SYSTEM, MERGED_SYSTEM
 from medcap_helpers.metrics import TABLE_COLUMNS
 from medcap_helpers.summary import summary_markdown
 
@@ -39,7 +39,7 @@ def fake_run(folder: Path, **settings: Any) -> Path:
     row = {"CIDEr": 0.0525, "CIDEr_ci_low": 0.025, "CIDEr_ci_high": 0.083, "BLEU-1": 0.30, "BLEU-4": 0.078,
            "ROUGE-L": 0.303, "METEOR": 0.101}
     table = {"zero-shot base": {**row, "CIDEr": 0.001}, "constant (most frequent report)": {**row, "CIDEr": 0.19},
-             ADAPTER_SYSTEM: {**row, "CIDEr": 0.059}, FINAL_SYSTEM: row}
+             ADAPTER_SYSTEM: {**row, "CIDEr": 0.059}, MERGED_SYSTEM: row}
     runs.write_stage_metrics(folder, "05_merge_requant", {"final_dir": "/elsewhere/old/merged-nf4"})
     runs.write_stage_metrics(folder, "06_eval_and_demo", {"test_table": table, "test_note": "Smoke sample note."})
     for name in ("adapter", "merged-nf4"):
@@ -51,16 +51,18 @@ def fake_run(folder: Path, **settings: Any) -> Path:
 def test_cards_replace_peft_template_with_metadata_and_the_runs_figures(tmp_path: Path) -> None:
     run = fake_run(tmp_path / "run")
     written = cards.write_model_cards(run)
-    assert written == {"final": run / "merged-nf4" / "README.md", "adapter": run / "adapter" / "README.md"}
+    assert written == {"merged": run / "merged-nf4" / "README.md", "adapter": run / "adapter" / "README.md"}
+    assert "this run's **final model**" in written["merged"].read_text()
+    assert "not this run's final model" in written["adapter"].read_text()
     table = runs.read_stage_metrics(run, "06_eval_and_demo")["test_table"]
     summary_table = table_block(summary_markdown(run))
-    for kind, system in (("final", FINAL_SYSTEM), ("adapter", ADAPTER_SYSTEM)):
+    for kind, system in (("merged", MERGED_SYSTEM), ("adapter", ADAPTER_SYSTEM)):
         text = written[kind].read_text()
         meta = front_matter(text)
         assert "/tmp" not in text and str(run) not in text, "a local path in the card"
         assert "base_model" not in meta, "the tiny smoke model has no hub base model"
         assert "smoke-test" in meta["tags"] and "tiny, randomly initialised" in text
-        assert meta["library_name"] == ("transformers" if kind == "final" else "peft")
+        assert meta["library_name"] == ("transformers" if kind == "merged" else "peft")
         assert meta["pipeline_tag"] == "image-to-text" and meta["license"] == "other"
         assert meta["datasets"] and "IU X-Ray" in meta["datasets"][0]
         for phrase in ("Not for clinical use", "## Intended use", "BSD-3-Clause", "CC BY-NC-ND 4.0",
@@ -97,11 +99,11 @@ def test_cards_of_the_smoke_run(smoke_run: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(smoke_run["dir"], run, symlinks=True, ignore=shutil.ignore_patterns("kernel-ipc-*", ".lock*"))
     written = cards.write_model_cards(run)
-    final_dir = Path(json.loads((run / "metrics" / "05_merge_requant.json").read_text())["final_dir"]).name
-    assert written["final"] == run / final_dir / "README.md"
+    merged_dir = Path(json.loads((run / "metrics" / "05_merge_requant.json").read_text())["merged_dir"]).name
+    assert written["merged"] == run / merged_dir / "README.md"
     table = smoke_run["metrics"]["06_eval_and_demo"]["test_table"]
-    meta = front_matter(written["final"].read_text())
+    meta = front_matter(written["merged"].read_text())
     values = {m["name"].split(" (")[0]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert values["CIDEr"] == table[FINAL_SYSTEM]["CIDEr"]
+    assert values["CIDEr"] == table[MERGED_SYSTEM]["CIDEr"]
     assert table_block(written["adapter"].read_text()) == table_block((run / "summary.md").read_text())
     assert "# Model Card for Model ID" not in written["adapter"].read_text()

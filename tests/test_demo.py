@@ -209,14 +209,18 @@ def test_bad_construction_arguments_raise(kwargs: dict[str, Any]) -> None:
 
 # --- the real captioners of a finished run ------------------------------------------------------
 @pytest.mark.slow
-def test_demo_captions_an_upload_with_the_runs_base_and_final_nf4_models(smoke_run: dict) -> None:
-    """demo_captioners loads the base model and 05's final NF4 model; an upload of a test image through the
-    widget gets a caption from each, the same reports 06 recorded for that image."""
+def test_demo_captions_an_upload_with_the_runs_base_and_final_models(smoke_run: dict) -> None:
+    """demo_captioners loads the base model and 05's final model (merged NF4 or the adapter); an upload of a
+    test image through the widget gets a caption from each, the same reports 06 recorded for that image."""
     from datasets import Image as ImageFeature
 
+    from medcap_helpers.evaluation import ADAPTER_SYSTEM, final_system
+
     config = smoke_run["config"]
+    final = final_system(config.run_dir)
+    tuned = "fine-tuned (adapter on 4-bit base)" if final == ADAPTER_SYSTEM else "fine-tuned (NF4)"
     captioners = demo_captioners(config)
-    assert list(captioners) == ["base model", "fine-tuned (NF4)"]
+    assert list(captioners) == ["base model", tuned]
     box = CaptionDemo(captioners, max_pixels=config.max_image_pixels)
 
     test = load_saved_dataset(config.run_dir)[0]["test"].with_format(None)
@@ -227,7 +231,7 @@ def test_demo_captions_an_upload_with_the_runs_base_and_final_nf4_models(smoke_r
 
     result = box.last_result
     assert result["error"] is None and result["captioner_errors"] == {}
-    assert set(result["captions"]) == {"base model", "fine-tuned (NF4)"}
+    assert set(result["captions"]) == {"base model", tuned}
     for label, caption in result["captions"].items():
         assert isinstance(caption, str) and caption.strip(), label
         assert html.escape(caption) in box.results.value, label
@@ -237,4 +241,4 @@ def test_demo_captions_an_upload_with_the_runs_base_and_final_nf4_models(smoke_r
     recorded = json.loads((Path(config.run_dir) / "predictions" / "test.json").read_text())
     assert recorded["image_id"][0] == test[0]["image_id"]
     assert result["captions"]["base model"] == recorded["systems"]["zero-shot base"][0]
-    assert result["captions"]["fine-tuned (NF4)"] == recorded["systems"]["fine-tuned, merged NF4"][0]
+    assert result["captions"][tuned] == recorded["systems"][final][0]
