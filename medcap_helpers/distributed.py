@@ -28,26 +28,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medcap_helpers import runs
+from medcap_helpers import runs, train
 from medcap_helpers.atomic import folder_ready
+from medcap_helpers.checkpoints import remove_incomplete_checkpoints
 from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
+from medcap_helpers.data import load_saved_dataset
 from medcap_helpers.devices import pick_device
-from medcap_helpers.errors import ConfigError, MedcapError
+from medcap_helpers.errors import ConfigError, StageFailed
+from medcap_helpers.model import attach_lora, load_model_and_processor
+from medcap_helpers.processing import has_saved_processor, local_model_dir
+from medcap_helpers.train import TrainResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BlipProcessor
-
-    from medcap_helpers.train import TrainResult
 
 DISTRIBUTED_FOLDER = "distributed"
 CONFIG_NAME = "config.json"
 RESULT_NAME = "train_result.json"
 WORKER_MODULE = "medcap_helpers.distributed"
-OUTPUT_TAIL_CHARS = 6000
-
-
-class DataParallelTrainingFailed(MedcapError, RuntimeError):
-    """A data-parallel training process failed; the message holds the end of the processes' output."""
+OUTPUT_TAIL_CHARS = 12000
 
 
 # --------------------------------------------------------------------------------------- how many
@@ -76,18 +75,16 @@ def is_main_process() -> bool:
 
 
 # --------------------------------------------------------------------------------------- the caller's side
-def train_data_parallel(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset: Any,
+def train_data_parallel(config: MedcapConfig, peft_model: Any, processor: BlipProcessor, dataset: Any,
                         num_processes: int | None = None) -> TrainResult:
-    """Train ``model`` like :func:`~medcap_helpers.train.train`, on ``num_processes`` processes (default:
+    """Train ``peft_model`` like :func:`~medcap_helpers.train.train`, on ``num_processes`` processes (default:
     :func:`training_processes`). Data-parallel, the processes read the run's saved dataset (``dataset``
-    is used in-process only) and ``model`` gets the trained adapter weights afterwards."""
-    from medcap_helpers import train
-
+    is used in-process only) and ``peft_model`` gets the trained adapter weights afterwards."""
     processes = num_processes or training_processes(config)
     if processes == 1:
-        return train.train(config, model, processor, dataset)
+        return train.train(config, peft_model, processor, dataset)
     result = launch_training(config, processes)
-    load_trained_adapter(model, result.adapter_dir)
+    load_trained_adapter(peft_model, result.adapter_dir)
     return result
 
 
@@ -102,10 +99,9 @@ def launch_training(config: MedcapConfig, num_processes: int, worker_module: str
     """Run stage 03's training in ``num_processes`` torchrun processes; return process 0's result.
 
     Their output goes to this process's stdout as it comes. ``worker_module`` runs :func:`main`
-    (tests wrap it to watch the processes).
+    (tests wrap it to watch the processes). A failed process raises :class:`StageFailed` with the end
+    of the output.
     """
-    from medcap_helpers.checkpoints import remove_incomplete_checkpoints
-
     if num_processes < 2:
         raise ValueError(f"launch_training needs 2 or more processes, got {num_processes}.")
     _check_model_built(config)
@@ -117,7 +113,7 @@ def launch_training(config: MedcapConfig, num_processes: int, worker_module: str
     command = launch_command(num_processes, config_path, worker_module)
     returncode, tail = _run_streaming(command, {**os.environ, **(env or {})})
     if returncode != 0 or not result_path.is_file():
-        raise DataParallelTrainingFailed(
+        raise StageFailed(
             f"Data-parallel training on {num_processes} processes failed (exit status {returncode}). "
             f"Completed epochs are kept in {Path(config.run_dir) / 'checkpoints'}: rerunning continues from the "
             f"last one. Command: {' '.join(command)}\nEnd of the processes' output:\n{tail}")
@@ -126,22 +122,20 @@ def launch_training(config: MedcapConfig, num_processes: int, worker_module: str
 
 def read_train_result(path: str | Path) -> TrainResult:
     """The :class:`~medcap_helpers.train.TrainResult` that :func:`main` wrote."""
-    from medcap_helpers.train import TrainResult
-
     values = runs.read_json(path)
     values["adapter_dir"] = Path(values["adapter_dir"])
     return TrainResult(**values)
 
 
-def load_trained_adapter(model: Any, adapter_dir: str | Path) -> None:
-    """Copy the adapter weights saved in ``adapter_dir`` into the peft ``model`` (in place)."""
+def load_trained_adapter(peft_model: Any, adapter_dir: str | Path) -> None:
+    """Copy the adapter weights saved in ``adapter_dir`` into ``peft_model`` (in place)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if not hasattr(model, "peft_config"):
+    if not hasattr(peft_model, "peft_config"):
         raise TypeError("train_data_parallel needs a peft model (model.attach_lora) to receive the trained "
                         "adapter weights.")
-    result = set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    result = set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
     if result.unexpected_keys:
         raise ValueError(f"The adapter in {adapter_dir} does not fit the model: unexpected weights "
                          f"{result.unexpected_keys[:5]}.")
@@ -149,8 +143,6 @@ def load_trained_adapter(model: Any, adapter_dir: str | Path) -> None:
 
 def _check_model_built(config: MedcapConfig) -> None:
     """A run's own model (tiny, random BLIP-large) must exist before launch: every process would build it."""
-    from medcap_helpers.processing import has_saved_processor, local_model_dir
-
     folder = local_model_dir(config)
     if config.model_name in LOCAL_MODELS and not (folder_ready(folder, "model.safetensors")
                                                   and has_saved_processor(folder)):
@@ -183,16 +175,16 @@ def _run_streaming(command: Sequence[str], env: dict[str, str]) -> tuple[int, st
 # --------------------------------------------------------------------------------------- one process
 def train_this_process(config: MedcapConfig) -> TrainResult:
     """One data-parallel process: its own 4-bit model on its own device, LoRA, and :func:`train`."""
-    from medcap_helpers import data, model, pipeline, train
+    from transformers import set_seed
 
-    pipeline.seed_everything(config.seed)
-    pipeline.set_cpu_threads(config.cpu_threads)
-    pipeline.quiet_libraries()
+    set_seed(config.seed)
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
     if pick_device(config).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the model loads on this GPU
-    dataset, _ = data.load_saved_dataset(config.run_dir)
-    base_model, processor = model.load_model_and_processor(config, dataset)
-    return train.train(config, model.attach_lora(base_model, config), processor, dataset)
+    dataset, _ = load_saved_dataset(config.run_dir)
+    base_model, processor = load_model_and_processor(config, dataset)
+    return train.train(config, attach_lora(base_model, config), processor, dataset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

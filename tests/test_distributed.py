@@ -20,7 +20,7 @@ import torch
 
 from medcap_helpers import distributed
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.errors import ConfigError
+from medcap_helpers.errors import ConfigError, StageFailed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE_ENV = "MEDCAP_PROBE_DIR"
@@ -44,7 +44,7 @@ def _run_probe(config_path: str) -> int:
     """Watch this process while ``distributed.main`` trains, then write what was seen."""
     from peft import get_peft_model_state_dict
 
-    from medcap_helpers import model, train
+    from medcap_helpers import train
 
     rank = int(os.environ["RANK"])
     probe_dir = Path(os.environ[PROBE_ENV])
@@ -75,7 +75,7 @@ def _run_probe(config_path: str) -> int:
     sys.addaudithook(audit)
     real_study_inputs, real_generate, real_metrics = train.study_inputs, train.generate_reports, \
         train.MedcapTrainer.generation_metrics
-    real_attach = model.attach_lora
+    real_attach = distributed.attach_lora
     trained: list[Any] = []
 
     def study_inputs(rows: Any) -> Any:
@@ -98,7 +98,7 @@ def _run_probe(config_path: str) -> int:
 
     train.study_inputs, train.generate_reports = study_inputs, generate_reports
     train.MedcapTrainer.generation_metrics = generation_metrics
-    model.attach_lora = attach_lora
+    distributed.attach_lora = attach_lora
     status = distributed.main([config_path])
     (probe_dir / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save({k: v.detach().cpu() for k, v in get_peft_model_state_dict(trained[-1]).items()},
@@ -195,7 +195,7 @@ def test_two_processes_train_shard_generation_and_resume(prepared_run: dict[str,
 
 def test_a_failing_process_is_reported_with_its_output(prepared_run: dict[str, Any]) -> None:
     config = tiny_config(prepared_run["run_dir"], epochs=1.0)
-    with pytest.raises(distributed.DataParallelTrainingFailed, match=r"(?s)exit status [1-9].*no_such_worker"):
+    with pytest.raises(StageFailed, match=r"(?s)exit status [1-9].*no_such_worker"):
         distributed.launch_training(config, PROCESSES, worker_module="tests.no_such_worker")
 
 
