@@ -1,7 +1,14 @@
-"""Today's full profile at real scale, stage by stage, on the rehearsal (random BLIP-large, 4 GB cap).
+"""The full profile at real scale, stage by stage, on the rehearsal (random BLIP-large, 4 GB cap).
 
     python -m medcap_helpers.rehearsal                 # set-up: the rehearsal data (not timed)
-    python benchmarks/full_profile.py                  # CUDA required; writes benchmarks/results/full_profile.json
+    python benchmarks/full_profile.py                  # "today": the seed's code path, slices + projections
+    python benchmarks/full_profile.py --check          # the levers side by side on one slice (same results?)
+    python benchmarks/full_profile.py --after 01-03    # "after": the real pipeline, stage by stage, measured
+    python benchmarks/full_profile.py --after 04       #   (pieces of under 10 minutes; a run folder resumes)
+
+``--after`` runs ``medcap run --profile rehearsal`` one stage at a time (the pipeline's own code and
+defaults: 4 GB budget, the fitted batch, successive-halving sweep) and times each stage whole; peak GPU
+memory per stage is the largest per-process use nvidia-smi reports while it runs (sampled every 0.2 s).
 
 Each stage runs in a fresh process with the allocator capped at 4 GB minus the CUDA context, through
 the pipeline's own functions at the rehearsal profile's settings (the full profile's, with reports
@@ -189,6 +196,169 @@ def stage_merge(run_dir: str, data_dir: str, n_val: int) -> dict[str, Any]:
             "test_how": f"projected: {n_test} test studies generated twice (adapter, final NF4) at {rate:.2f}/s"}
 
 
+# ----------------------------------------------------------------------------------------- after
+def smi_poller(log: Path) -> subprocess.Popen:
+    """nvidia-smi writing every GPU process's memory (MiB) to ``log`` every 0.2 s."""
+    return subprocess.Popen(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits",
+                             "-lms", "200"], stdout=log.open("w"), stderr=subprocess.DEVNULL)
+
+
+def peak_process_gb(log: Path) -> float | None:
+    values = []
+    for line in log.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[1].isdigit():
+            values.append(int(parts[1]) * 2 ** 20 / GB)
+    return max(values) if values else None
+
+
+def run_after(spec: str, run: str, data_dir: str) -> dict[str, Any]:
+    """Stages of ``spec`` through ``medcap run --profile rehearsal`` one by one: wall time and peak memory."""
+    from medcap_helpers.pipeline import parse_stages
+
+    results: dict[str, Any] = {}
+    for stage in parse_stages(spec):
+        log = Path(tempfile.mkdtemp()) / "smi.csv"
+        poller = smi_poller(log)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "medcap_helpers.cli", "run", "--profile", "rehearsal",
+                               "--out", run, "--stages", stage, "--no-progress", "--skip-check",
+                               "--set", f"data_path={data_dir}/NLMCXR_reports.tgz",
+                               "--set", f"images_dir={data_dir}/NLMCXR_png"],
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        poller.terminate()
+        poller.wait()
+        results[stage] = {"seconds": seconds, "how": "measured (the whole stage, kernel start included)",
+                          "peak_process_gpu_gb": peak_process_gb(log), "rc": done.returncode}
+        if done.returncode != 0:
+            results[stage]["error"] = (done.stdout + done.stderr)[-3000:]
+        print(stage, json.dumps(results[stage])[:3000], flush=True)
+        if done.returncode != 0:
+            break
+    return results
+
+
+def stage_facts(run: str) -> dict[str, Any]:
+    """Figures the stages recorded themselves: training rate, fitted settings, sweep plan, generation batches."""
+    from medcap_helpers import runs
+
+    facts: dict[str, Any] = {}
+    try:
+        train = runs.read_stage_metrics(run, "03_qlora_train")
+        facts["03_training_settings"] = train.get("training_settings")
+        facts["03_budget_fit"] = train.get("budget_fit")
+        facts["03_train_runtime_s"] = train.get("train_runtime_s")
+        facts["03_epochs"] = [{k: e.get(k) for k in ("epoch", "train_loss", "eval_loss", "peak_memory")}
+                              for e in train.get("epochs", [])]
+    except (OSError, ValueError):
+        pass
+    try:
+        sweep = runs.read_stage_metrics(run, "04_sweep")
+        facts["04_trials"] = [{k: t.get(k) for k in ("rung", "train_examples", "lora_r", "lora_alpha", "wall_time_s",
+                                                     "peak_gpu_gb")} for t in sweep.get("trials", [])]
+    except (OSError, ValueError):
+        pass
+    return facts
+
+
+def record_after(stages: dict[str, Any], run: str) -> None:
+    """Merge ``stages`` into the "after" part of the results file (pieces of a run add up)."""
+    import torch
+
+    from medcap_helpers.runs import environment_info, read_json, write_json
+
+    path = RESULTS / "full_profile.json"
+    results = read_json(path)
+    after = results.get("after", {"stages": {}})
+    after["stages"].update(stages)
+    after["total_seconds"] = sum(s.get("seconds") or 0.0 for s in after["stages"].values())
+    after["peak_process_gpu_gb"] = max((s.get("peak_process_gpu_gb") or 0.0 for s in after["stages"].values()),
+                                       default=None)
+    after["facts"] = stage_facts(run)
+    env = environment_info()
+    env["gpu"] = torch.cuda.get_device_name(0)
+    after["environment"] = env
+    results["after"] = after
+    write_json(path, results)
+    print(f"after: {after['total_seconds'] / 60:.1f} min so far -> {path}")
+
+
+# ----------------------------------------------------------------------------------------- check
+def check_levers(data_dir: str, run: str, n: int) -> dict[str, Any]:
+    """The levers against today's code path on the same slice, same process, 4 GB cap.
+
+    Generation: today's path (4-bit decoder with LoRA, batch 8) against the 16-bit decoder copy at the
+    budget's batch: reports/s, peak memory, and how many reports come out identical. Training: the same
+    40 steps with and without data-loader workers (the loss curves must be identical).
+    """
+    import torch
+
+    from medcap_helpers import data, model
+    from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
+    from medcap_helpers.train import train
+    from run_benchmarks import make_step_timer
+
+    context = cap_memory()
+    config = config_for(run, data_dir)
+    if not Path(run, "dataset").exists():
+        dd, report = data.build_dataset(config, progress=False)
+        data.save_dataset(dd, report, run)
+    dd, _ = data.load_saved_dataset(run)
+    base, processor = model.load_model_and_processor(config, dd)
+    peft_model = model.attach_lora(base, config)
+    with torch.no_grad():  # a trained-looking adapter, so that the merge in the copy matters
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02, generator=torch.Generator(param.device).manual_seed(0))
+    sample = study_inputs(dd["validation"].select(range(n)))
+    out: dict[str, Any] = {"cuda_context_gb": context, "studies": n}
+    reports = {}
+    for name, copy, batch in (("today: 4-bit decoder + LoRA, batch 8", False, 8),
+                              ("after: 16-bit decoder copy, budget batch", True,
+                               generation_batch_size(peft_model, config))):
+        generate_reports(peft_model, processor, [sample[i] for i in range(min(batch, n))], batch_size=batch,
+                         max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                         num_beams=config.num_beams, decoder_copy=copy, progress=False)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        reports[name], seconds = timed(lambda copy=copy, batch=batch: generate_reports(
+            peft_model, processor, sample, batch_size=batch, max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens, num_beams=config.num_beams, decoder_copy=copy, progress=False))
+        out[name] = {"batch": batch, "reports_per_s": n / seconds, **memory()}
+        print(name, out[name], flush=True)
+    first, second = reports.values()
+    out["identical_reports"] = sum(a == b for a, b in zip(first, second))
+    out["same_first_20_tokens"] = sum(a.split()[:20] == b.split()[:20] for a, b in zip(first, second))
+
+    rows = dd["train"].select(range(min(40 * config.effective_batch_size, len(dd["train"]))))
+    curves = {}
+    for workers in (0, None):
+        peft = model.attach_lora(peft_model.unload(), config)
+        timer = make_step_timer()
+        slice_config = config.replace(num_train_epochs=1.0, run_dir=str(Path(run) / f"slice_workers_{workers}"),
+                                      logging_steps=1, vram_budget_gb=None)
+        import medcap_helpers.train as train_module
+
+        original = train_module.dataloader_workers
+        if workers == 0:
+            train_module.dataloader_workers = lambda device: 0
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            result = train(slice_config, peft, processor, {"train": rows, "validation": dd["validation"].select(range(2))},
+                           callbacks_extra=[timer], max_generation_examples=2)
+        finally:
+            train_module.dataloader_workers = original
+        curves[workers] = [e["loss"] for e in result.log_history if "loss" in e]
+        step_s = statistics.median(timer.times[3:] or timer.times)
+        out[f"training workers={'auto' if workers is None else 0}"] = {
+            "samples_per_s": config.effective_batch_size / step_s, **memory(), "losses": curves[workers][:40]}
+        print(workers, out[f"training workers={'auto' if workers is None else 0}"], flush=True)
+        peft_model = peft
+    out["loss_curves_identical"] = curves[0] == curves[None]
+    out["largest_loss_difference"] = max(abs(a - b) for a, b in zip(curves[0], curves[None]))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- driver
 def run_stage(name: str, payload: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--stage", name, "--payload", json.dumps(payload)]
@@ -207,8 +377,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps timed in training")
     parser.add_argument("--stage")
     parser.add_argument("--payload", default="{}")
+    parser.add_argument("--after", metavar="STAGES", help="run these pipeline stages and record them as 'after'")
+    parser.add_argument("--check", action="store_true", help="the levers against today's path on one slice")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.after:
+        run = str(Path(args.run).with_name("medcap_rehearsal_after")) if "today" in args.run else args.run
+        record_after(run_after(args.after, run, args.data), run)
+        return
+    if args.check:
+        from medcap_helpers.runs import read_json, write_json
+
+        checked = check_levers(args.data, args.run, args.generate)
+        results = read_json(RESULTS / "full_profile.json")
+        results["check"] = checked
+        write_json(RESULTS / "full_profile.json", results)
+        return
     if args.stage:
         p = json.loads(args.payload)
         stages = {"data": lambda: stage_data(p["run"], p["data"]),
@@ -228,7 +412,7 @@ def main() -> None:
 def write(results: dict[str, Any]) -> None:
     import torch
 
-    from medcap_helpers.runs import environment_info, write_json
+    from medcap_helpers.runs import environment_info, read_json, write_json
 
     train, merge = results.get("train", {}), results.get("merge", {})
     stages = {"01_data": results.get("data", {}), "02_baseline": results.get("baselines", {}),
@@ -239,8 +423,10 @@ def write(results: dict[str, Any]) -> None:
     total = sum(s.get("seconds") or 0.0 for s in stages.values())
     env = environment_info()
     env["gpu"] = torch.cuda.get_device_name(0)
-    write_json(RESULTS / "full_profile.json", {
-        "part": "full_profile", "environment": env, "cap_gb": CAP_GB,
+    path = RESULTS / "full_profile.json"
+    previous = read_json(path) if path.exists() else {}  # keeps the "after" and "check" parts
+    write_json(path, {
+        **previous, "part": "full_profile", "environment": env, "cap_gb": CAP_GB,
         "profile": "rehearsal (= full with random BLIP-large, placeholder images, 75-token reports)",
         "today": {"stages": stages, "total_seconds": total}})
     print(f"today: {total / 3600:.1f} h in all -> {RESULTS / 'full_profile.json'}")

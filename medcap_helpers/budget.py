@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.devices import GB, is_out_of_memory, pick_device, release_memory
+from medcap_helpers.devices import GB, cap_gpu_memory, is_out_of_memory, pick_device, release_memory
 from medcap_helpers.errors import BudgetTooSmall
 from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
 from medcap_helpers.processing import CaptionCollator
@@ -165,7 +165,7 @@ def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train
                          margin: float = 0.1) -> tuple[MedcapConfig, BudgetFit | None]:
     """Apply ``config.vram_budget_gb``: probe settings on the GPU and return the updated config.
 
-    The allocator is capped at the budget (``torch.cuda.set_per_process_memory_fraction``) for the
+    The process is capped at the budget (:func:`~medcap_helpers.devices.cap_gpu_memory`) for the
     probe and the training that follows, so a bigger card behaves like the budgeted one. Returns
     ``(config, None)`` when no budget is set or there is no GPU to measure.
     """
@@ -175,9 +175,7 @@ def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train
     if device.type != "cuda":
         print(f"vram_budget_gb={config.vram_budget_gb} is ignored: there is no GPU to measure on this machine.")
         return config, None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total_gb = torch.cuda.get_device_properties(index).total_memory / GB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, config.vram_budget_gb / total_gb), index)
+    cap_gpu_memory(config.vram_budget_gb, device)
     collator = CaptionCollator(processor, config.max_target_tokens)
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),
                         lambda c: measure_training_step(model, collator, train_rows, c),

@@ -44,6 +44,7 @@ VISION_LORA_TARGETS = ("qkv", "projection", "fc1", "fc2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
 BEST_MODEL_METRICS = ("CIDEr", "CE micro-F1")
 """Validation metrics of generated reports that can choose the epoch training keeps."""
+SWEEP_STRATEGIES = ("halving", "grid")
 
 
 @dataclass
@@ -139,6 +140,13 @@ class MedcapConfig:
     # --- sweep ------------------------------------------------------------------------
     sweep_ranks: tuple[int, ...] = (4, 8, 16, 32)
     sweep_alphas: tuple[int, ...] = (16, 32, 64)
+    sweep_strategy: str = "halving"
+    """"halving": successive halving within ``sweep_budget_share`` of one training run; "grid": every
+    setting for ``sweep_epochs`` epochs (see :mod:`medcap_helpers.sweep`)."""
+    sweep_budget_share: float = 1.0
+    """Training examples of all halving trials together, as a share of one full training run."""
+    sweep_eval_examples: int | None = None
+    """Validation studies each trial generates and scores (None: all of them)."""
     sweep_epochs: float = 1.0
     sweep_vram_budget_gb: float = 4.0
 
@@ -256,6 +264,12 @@ class MedcapConfig:
             _positive_int("sweep_ranks entry", r)
         for a in self.sweep_alphas:
             _positive_int("sweep_alphas entry", a)
+        _choice("sweep_strategy", self.sweep_strategy, SWEEP_STRATEGIES)
+        if not (isinstance(self.sweep_budget_share, (int, float)) and self.sweep_budget_share > 0):
+            raise ConfigError(f"sweep_budget_share must be a positive share of one training run, got "
+                              f"{self.sweep_budget_share!r}.")
+        if self.sweep_eval_examples is not None:
+            _positive_int("sweep_eval_examples", self.sweep_eval_examples)
         if not self.sweep_epochs > 0:
             raise ConfigError(f"sweep_epochs must be > 0, got {self.sweep_epochs!r}.")
         if not self.sweep_vram_budget_gb > 0:
@@ -306,7 +320,8 @@ class MedcapConfig:
 
 
 _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
-             "vram_budget_gb", "cpu_threads", "min_new_tokens", "num_gpus"}
+             "vram_budget_gb", "cpu_threads", "min_new_tokens", "num_gpus",
+             "sweep_eval_examples"}
 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The smoke run must show learning on its placeholder images in a few CPU minutes (issue 12): 300
@@ -319,18 +334,20 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         smoke_num_reports=300, tiny_pretrain_epochs=3, num_train_epochs=20.0, per_device_train_batch_size=8,
         best_model_metric="CE micro-F1", gradient_accumulation_steps=1, learning_rate=5e-3,
         max_target_tokens=64, max_new_tokens=40, num_beams=1, logging_steps=5, bootstrap_samples=200,
-        lora_r=16, lora_alpha=64, sweep_ranks=(4, 16), sweep_alphas=(16, 64), sweep_epochs=3.0,
+        lora_r=16, lora_alpha=64, sweep_ranks=(4, 16), sweep_alphas=(16, 64), sweep_budget_share=0.6,
         lora_dropout=0.0,
     ),
     "full": dict(
         run_dir="runs/full", data_source="openi", data_path="data/NLMCXR_reports.tgz",
         images_dir="data/NLMCXR_png", split_mode="r2gen", views="both", model_name=BLIP_LARGE_ID, device="cuda",
-        num_train_epochs=5.0, per_device_train_batch_size=1, gradient_accumulation_steps=4,
-        learning_rate=2e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3,
-        # Fit batch size and checkpointing to a 4 GB card, keeping the effective batch: measured on the
-        # H200 under a 4 GB cap this trains ~17x faster than the seed's batch 1 x 4 with checkpointing
-        # (README, "Under a 4 GB cap"). --set vram_budget_gb=None keeps the seed's settings.
-        vram_budget_gb=4.0,
+        # Batches of 16 studies (the seed's 1 x 4 with 2e-4 is `--set per_device_train_batch_size=1 --set
+        # gradient_accumulation_steps=4 --set learning_rate=2e-4 --set vram_budget_gb=None`); the learning
+        # rate grows with the square root of the batch (Adam). vram_budget_gb fits micro-batch and
+        # checkpointing to a 4 GB card, keeping the batch of 16 (README, "Under a 4 GB cap"), and sizes the
+        # generation batches (at most eval_batch_size) to the same budget.
+        num_train_epochs=5.0, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+        learning_rate=4e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3, eval_batch_size=32,
+        vram_budget_gb=4.0, sweep_eval_examples=128,
     ),
 }
 # The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with

@@ -131,6 +131,20 @@ def process_gpu_gb() -> float | None:
         return None
 
 
+def cap_gpu_memory(budget_gb: float, device: torch.device | str) -> float:
+    """Cap PyTorch's allocator so that the whole process — CUDA context and library workspaces included,
+    as nvidia-smi counts it — stays within ``budget_gb``: a bigger card then behaves like the budgeted one.
+    Returns the allocator's cap in GB."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.empty(1, device=torch.device("cuda", index))  # creates the CUDA context, which the cap must leave room for
+    outside_allocator = max(0.0, (process_gpu_gb() or 0.0) - torch.cuda.memory_reserved(index) / GB)
+    total_gb = torch.cuda.get_device_properties(index).total_memory / GB
+    cap_gb = max(0.1, budget_gb - outside_allocator)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb / total_gb), index)
+    return cap_gb
+
+
 def memory_line(snapshot: dict[str, float]) -> str:
     """A snapshot as one readable line, e.g. ``peak RSS 1.23 GB, RSS 1.10 GB``."""
     labels = {"allocated_gb": "allocated", "reserved_gb": "reserved", "max_allocated_gb": "peak allocated",

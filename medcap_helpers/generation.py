@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import (
+    GB,
     OutOfMemory,
     is_out_of_memory,
     model_device,
@@ -211,8 +212,41 @@ def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_n
                          advice, note=f"{done} of {total} reports were generated before it failed.")
 
 
+def study_generation_bytes(model: Any, config: MedcapConfig, dtype_bytes: int = 2) -> int:
+    """Estimated GPU bytes one study takes while its reports are generated (beams included).
+
+    Dominated by the decoder's key/value caches: for every beam, each of the decoder's layers keeps the
+    keys and values of all image tokens (cross-attention) and of the tokens written so far
+    (self-attention); with BLIP-large, two views and three beams about 0.14 GB per study. Plus the image
+    tokens repeated per beam and the beam scores over the vocabulary. (Checked against measured peaks:
+    ``benchmarks/full_profile.py``.)
+    """
+    base = unwrap_model(model)
+    text, vision = base.config.text_config, base.config.vision_config
+    views = 2 if config.views == "both" else 1
+    image_tokens = views * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    caches = text.num_hidden_layers * 2 * (image_tokens + config.max_new_tokens + 1) * text.hidden_size * dtype_bytes
+    memory = image_tokens * vision.hidden_size * dtype_bytes
+    scores = 4 * text.vocab_size * 4
+    return config.num_beams * (caches + memory + scores)
+
+
+def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device | str | None = None,
+                          margin: float = 0.1) -> int:
+    """How many studies to generate at once: ``config.eval_batch_size``, or fewer when the GPU budget
+    (``config.vram_budget_gb``, less ``margin`` and what is allocated already) holds fewer (see
+    :func:`study_generation_bytes`; the decoder's 16-bit copy is counted). At least 1."""
+    device = torch.device(device) if device is not None else model_device(model)
+    if config.vram_budget_gb is None or device.type != "cuda":
+        return config.eval_batch_size
+    decoder = unwrap_model(model).text_decoder
+    copy_bytes = 2 * sum(p.numel() for p in decoder.parameters()) if needs_decoder_copy(model) else 0
+    free = config.vram_budget_gb * GB * (1 - margin) - torch.cuda.memory_allocated(device) - copy_bytes
+    return max(1, min(config.eval_batch_size, int(free // study_generation_bytes(model, config))))
+
+
 def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapConfig) -> list[str]:
     """A report for every row (study or image) of ``split`` with the config's generation settings."""
     return generate_reports(model, processor, study_inputs(split), max_new_tokens=config.max_new_tokens,
-                            num_beams=config.num_beams, batch_size=config.eval_batch_size,
+                            num_beams=config.num_beams, batch_size=generation_batch_size(model, config),
                             min_new_tokens=config.min_new_tokens)

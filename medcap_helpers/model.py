@@ -39,7 +39,7 @@ from medcap_helpers.config import (
     VISION_LORA_TARGETS,
     MedcapConfig,
 )
-from medcap_helpers.devices import compute_dtype, device_map_for, pick_device
+from medcap_helpers.devices import cap_gpu_memory, compute_dtype, device_map_for, pick_device
 from medcap_helpers.errors import ConfigError, ModelLoadError
 from medcap_helpers.pretrain import (
     PRETRAINING_FILE,
@@ -277,6 +277,8 @@ def load_base_model(config: MedcapConfig, model_path: str | Path | None = None,
     source = _resolve_model_source(config, model_path)
     device = device or pick_device(config)
     dtype = compute_dtype(config, device)
+    if device.type == "cuda" and config.vram_budget_gb is not None:
+        cap_gpu_memory(config.vram_budget_gb, device)
     # The weights that stay unquantized (embeddings, norms, the patch conv) load in the compute
     # dtype too: in fp32 they would make the NF4 model ~20% larger in memory and on disk.
     kwargs: dict[str, Any] = dict(use_safetensors=True, trust_remote_code=False, device_map=device_map_for(device),

@@ -1,13 +1,24 @@
-"""LoRA rank × alpha grid: one short training run per trial, under a VRAM budget.
+"""LoRA rank × alpha sweep under a VRAM budget: successive halving (default) or the whole grid.
 
-Each trial trains in ``<run_dir>/sweep/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
-(atomically); a rerun finds it and skips the trial. The chosen configuration (best validation
-``best_model_metric``, CIDEr or CE micro-F1, among trials that fit the budget) goes to
+**Successive halving** (``sweep_strategy="halving"``, Jamieson & Talwalkar, 2016): every (r, alpha)
+of the grid trains briefly on a small fixed sample of the training set; the better half (by
+validation ``best_model_metric``) trains again on twice as many examples, and so on until two are
+left, whose better one is chosen. The example budgets are set so that all trials together train on
+``sweep_budget_share`` x one full training run (:func:`halving_schedule`): with the full profile's 12
+settings, rungs of 12, 6, 3 and 2 trials. The trade-off: a setting that starts slowly but would end
+best can be dropped in the first rung. ``sweep_strategy="grid"`` trains every setting for
+``sweep_epochs`` epochs instead (12 x the cost, no early decisions).
+
+Each trial trains in ``<run_dir>/sweep/<rung>/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
+(atomically); a rerun finds it and skips the trial. Trials share one loaded base model (the adapter is
+removed after each). The chosen configuration (among trials that fit the budget) goes to
 ``<run_dir>/sweep/chosen.json``.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -17,9 +28,13 @@ from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
+from medcap_helpers.data import limit_rows
 from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
 from medcap_helpers.train import train, value_at_epoch
+
+TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+"""What the trials take over from stage 03's fit to the VRAM budget (``training_settings`` in its metrics)."""
 
 TrialRunner = Callable[[MedcapConfig], dict[str, Any]]
 
@@ -32,17 +47,74 @@ class SweepResult:
     budget_note: str = ""
 
     def table_rows(self) -> list[dict[str, Any]]:
-        keys = ("lora_r", "lora_alpha", "val_cider", "val_ce_micro_f1", "peak_gpu_gb", "peak_rss_gb",
-                "trainable_params", "wall_time_s", "feasible")
+        keys = ("rung", "train_examples", "lora_r", "lora_alpha", "val_cider", "val_ce_micro_f1", "peak_gpu_gb",
+                "peak_rss_gb", "trainable_params", "wall_time_s", "feasible")
         return [{k: t.get(k) for k in keys} for t in self.trials]
 
 
-def trial_dir(config: MedcapConfig, rank: int, alpha: int) -> Path:
-    return Path(config.run_dir) / "sweep" / f"r{rank}_alpha{alpha}"
+@dataclass(frozen=True)
+class Rung:
+    """One round of the sweep: ``trials`` settings, each trained on ``train_examples`` examples
+    (None: ``sweep_epochs`` epochs of the whole training set, the grid strategy)."""
+
+    index: int
+    trials: int
+    train_examples: int | None
+
+    @property
+    def name(self) -> str:
+        return f"rung{self.index}"
 
 
-def trial_config(config: MedcapConfig, rank: int, alpha: int) -> MedcapConfig:
-    """The config one trial trains with: its own run folder, the grid point, ``sweep_epochs`` epochs.
+def halving_schedule(n_settings: int, n_train: int, budget_examples: float) -> list[Rung]:
+    """Rungs of successive halving: ``n_settings`` trials, then half of them (rounded up) until two are
+    left; each rung's trials train on twice the examples of the previous rung's, and all trials together
+    on at most ``budget_examples`` (at least 1 example each; more than ``n_train`` means several epochs)."""
+    if n_settings < 1 or n_train < 1:
+        raise ValueError(f"The sweep needs settings and training examples (got {n_settings} and {n_train}).")
+    counts = [n_settings]
+    while counts[-1] > 2:
+        counts.append(math.ceil(counts[-1] / 2))
+    first = max(1, int(budget_examples // sum(c * 2 ** i for i, c in enumerate(counts))))
+    return [Rung(i, count, first * 2 ** i) for i, count in enumerate(counts)]
+
+
+def sweep_schedule(config: MedcapConfig, n_train: int) -> list[Rung]:
+    """The config's rungs: :func:`halving_schedule` within ``sweep_budget_share`` of one training run
+    (``n_train`` x ``num_train_epochs`` examples), or one rung with the whole grid."""
+    n_settings = len(config.sweep_ranks) * len(config.sweep_alphas)
+    if config.sweep_strategy == "grid":
+        return [Rung(0, n_settings, None)]
+    return halving_schedule(n_settings, n_train, config.sweep_budget_share * n_train * config.num_train_epochs)
+
+
+def schedule_markdown(config: MedcapConfig, n_train: int) -> str:
+    """The sweep's plan in words: settings, rungs, examples per trial, and what it costs."""
+    rungs = sweep_schedule(config, n_train)
+    grid = f"r in {list(config.sweep_ranks)} x alpha in {list(config.sweep_alphas)}"
+    if rungs[0].train_examples is None:
+        return (f"Grid: every setting of {grid} trains {config.sweep_epochs:g} epoch(s) on all {n_train} training "
+                f"examples ({rungs[0].trials} trials).")
+    total = sum(r.trials * (r.train_examples or 0) for r in rungs)
+    steps = "; ".join(f"{r.trials} trials x {r.train_examples} examples" for r in rungs)
+    return (f"Successive halving over {grid}: {steps}. All trials together train on {total:,} examples, "
+            f"{total / (n_train * config.num_train_epochs):.2f} x one full training run "
+            f"({n_train} examples x {config.num_train_epochs:g} epochs).")
+
+
+def trial_dir(config: MedcapConfig, rank: int, alpha: int, rung: Rung | None = None) -> Path:
+    folder = Path(config.run_dir) / "sweep"
+    if rung is not None and rung.train_examples is not None:
+        folder = folder / rung.name
+    return folder / f"r{rank}_alpha{alpha}"
+
+
+def trial_config(config: MedcapConfig, rank: int, alpha: int, rung: Rung | None = None,
+                 n_train: int | None = None) -> MedcapConfig:
+    """The config one trial trains with: its own run folder, the grid point, and the rung's examples
+    (``max_train_examples`` of a fixed sample, several epochs when the rung asks for more than
+    ``n_train``) or ``sweep_epochs`` epochs (grid). Stage 03's budget fit (batch, accumulation,
+    checkpointing) applies when 03 recorded one.
 
     With the tiny model every trial uses the main run's tiny model and processor (its folder becomes
     ``model_name``): a trial must not build a new random model with a new vocabulary in its own folder,
@@ -51,8 +123,27 @@ def trial_config(config: MedcapConfig, rank: int, alpha: int) -> MedcapConfig:
     model_name = config.model_name
     if model_name in LOCAL_MODELS:
         model_name = str(local_model_dir(config).resolve())
-    return config.replace(run_dir=str(trial_dir(config, rank, alpha)), lora_r=rank, lora_alpha=alpha,
-                          num_train_epochs=config.sweep_epochs, model_name=model_name)
+    epochs, examples = config.sweep_epochs, None
+    if rung is not None and rung.train_examples is not None:
+        if n_train is None:
+            raise ValueError("A halving rung needs n_train, the size of the training split.")
+        examples = min(rung.train_examples, n_train)
+        epochs = max(1.0, rung.train_examples / n_train)
+    return config.replace(run_dir=str(trial_dir(config, rank, alpha, rung)), lora_r=rank, lora_alpha=alpha,
+                          num_train_epochs=epochs, model_name=model_name, max_train_examples=examples,
+                          **fitted_training_settings(config))
+
+
+def fitted_training_settings(config: MedcapConfig) -> dict[str, Any]:
+    """The batch settings stage 03 fitted to the budget (empty when 03 recorded none)."""
+    try:
+        recorded = runs.read_stage_metrics(config.run_dir, "03_qlora_train")
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+    if not (config.vram_budget_gb and recorded.get("budget_fit")):
+        return {}
+    settings = recorded.get("training_settings") or {}
+    return {key: settings[key] for key in TRAINING_SETTINGS if key in settings}
 
 
 def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
@@ -60,31 +151,42 @@ def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
     return None if peak_gpu_gb is None else peak_gpu_gb <= budget_gb
 
 
-def run_sweep(config: MedcapConfig, run_trial: TrialRunner, force: bool = False) -> SweepResult:
-    """Run (or reuse) every trial of the grid; ``run_trial`` trains one config and returns its record.
+def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force: bool = False) -> SweepResult:
+    """Run (or reuse) the trials of :func:`sweep_schedule`; ``run_trial`` trains one config and returns its record.
 
     The record must hold ``val_cider``, ``trainable_params`` and ``peak_gpu_gb`` (None on CPU), and may hold
-    ``val_ce_micro_f1`` (CE micro-F1 at the epoch of the best CIDEr);
-    ``wall_time_s`` and the feasibility verdict are added here.
+    ``val_ce_micro_f1`` (CE micro-F1 at the epoch of the best CIDEr); ``rung``, ``train_examples``,
+    ``wall_time_s`` and the feasibility verdict are added here. Each rung keeps the better half of the
+    previous rung's feasible trials (by ``best_model_metric``); ``n_train`` is the training split's size.
     """
     trials: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for rank in config.sweep_ranks:
-        for alpha in config.sweep_alphas:
-            folder = trial_dir(config, rank, alpha)
+    survivors = [(rank, alpha) for rank in config.sweep_ranks for alpha in config.sweep_alphas]
+    rung_trials: list[dict[str, Any]] = []
+    for rung in sweep_schedule(config, n_train):
+        if rung.index > 0:
+            survivors = [(t["lora_r"], t["lora_alpha"]) for t in ranked_trials(rung_trials, config.best_model_metric)]
+            survivors = survivors[:rung.trials]
+        rung_trials = []
+        for rank, alpha in survivors:
+            folder = trial_dir(config, rank, alpha, rung)
             record_path = folder / "trial.json"
             if record_path.exists() and not force:
-                trials.append(runs.read_json(record_path))
-                skipped.append(folder.name)
+                rung_trials.append(runs.read_json(record_path))
+                skipped.append(str(folder.relative_to(Path(config.run_dir) / "sweep")))
                 continue
             start = time.perf_counter()
-            record = dict(run_trial(trial_config(config, rank, alpha)))
-            record.update(lora_r=rank, lora_alpha=alpha, wall_time_s=round(time.perf_counter() - start, 2),
+            record = dict(run_trial(trial_config(config, rank, alpha, rung, n_train)))
+            record.update(lora_r=rank, lora_alpha=alpha, rung=rung.index, train_examples=rung.train_examples,
+                          wall_time_s=round(time.perf_counter() - start, 2),
                           feasible=feasibility(record.get("peak_gpu_gb"), config.sweep_vram_budget_gb))
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
             runs.write_json(record_path, record)
-            trials.append(record)
-    chosen = choose_trial(trials, config.best_model_metric)
+            rung_trials.append(record)
+        trials.extend(rung_trials)
+        if not ranked_trials(rung_trials, config.best_model_metric):
+            break  # nothing feasible to carry on with
+    chosen = choose_trial(rung_trials, config.best_model_metric)
     if chosen is not None:
         runs.write_json(Path(config.run_dir) / "sweep" / "chosen.json", chosen)
     on_gpu = any(t.get("peak_gpu_gb") is not None for t in trials)
@@ -99,29 +201,56 @@ TRIAL_KEYS = {"CIDEr": "val_cider", "CE micro-F1": "val_ce_micro_f1"}
 """The trial record's key for each ``best_model_metric``."""
 
 
-def choose_trial(trials: list[dict[str, Any]], metric: str = "CIDEr") -> dict[str, Any] | None:
-    """Best validation ``metric`` (CIDEr, or CE micro-F1: ``config.best_model_metric``) among trials not known
-    to exceed the budget; ties go to the smaller rank. Trials that record no CE (a runner that scores CIDEr
-    only) are ranked by CIDEr."""
+def ranked_trials(trials: list[dict[str, Any]], metric: str = "CIDEr") -> list[dict[str, Any]]:
+    """Trials not known to exceed the budget, best validation ``metric`` first (CIDEr, or CE micro-F1:
+    ``config.best_model_metric``); ties go to the smaller rank. Trials that record no CE (a runner that
+    scores CIDEr only) are ranked by CIDEr."""
     key = TRIAL_KEYS[metric]
     if not any(t.get(key) is not None for t in trials):
         key = TRIAL_KEYS["CIDEr"]
     candidates = [t for t in trials if t.get("feasible") is not False and t.get(key) is not None]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda t: (t[key], -t["lora_r"], -t["lora_alpha"]))
+    return sorted(candidates, key=lambda t: (-t[key], t["lora_r"], t["lora_alpha"]))
+
+
+def choose_trial(trials: list[dict[str, Any]], metric: str = "CIDEr") -> dict[str, Any] | None:
+    """The first of :func:`ranked_trials` (None when no trial qualifies)."""
+    ranked = ranked_trials(trials, metric)
+    return ranked[0] if ranked else None
+
+
+def training_sample(rows: Any, size: int | None, seed: int) -> Any:
+    """A fixed random sample of ``size`` training rows (all of them when ``size`` is None or too big)."""
+    if size is None or size >= len(rows):
+        return rows
+    if hasattr(rows, "shuffle"):
+        return rows.shuffle(seed=seed).select(range(size))
+    return random.Random(seed).sample(list(rows), size)
 
 
 def trial_runner(dataset: Any) -> TrialRunner:
-    """Train one trial's config with the pipeline's own model loading, LoRA and Trainer code."""
+    """Train one trial's config with the pipeline's own model loading, LoRA and Trainer code.
+
+    The base model is loaded once and serves every trial: the trial's adapter is attached, trained and
+    removed again (``unload``). A trial trains on its rung's sample of the training set and is scored
+    on the first ``sweep_eval_examples`` validation studies.
+    """
+    loaded: dict[str, Any] = {}
 
     def run_trial(config: MedcapConfig) -> dict[str, Any]:
-        base, processor = load_model_and_processor(config, dataset)
-        result = train(config, attach_lora(base, config), processor, dataset, save_total_limit=1)
+        if loaded.get("model_name") != config.model_name:
+            loaded.clear()
+            loaded["model_name"] = config.model_name
+            loaded["base"], loaded["processor"] = load_model_and_processor(config, dataset)
+        rows = {"train": training_sample(dataset["train"], config.max_train_examples, config.seed),
+                "validation": limit_rows(dataset["validation"], config.sweep_eval_examples)}
+        peft_model = attach_lora(loaded["base"], config)
+        try:
+            result = train(config, peft_model, loaded["processor"], rows, save_total_limit=1)
+        finally:
+            loaded["base"] = peft_model.unload()
         peaks = result.peak_memory
         gpu = [p["max_reserved_gb"] for p in peaks if "max_reserved_gb" in p]
         rss = [p["peak_rss_gb"] for p in peaks if "peak_rss_gb" in p]
-        del base
         return {"val_cider": result.best_cider, "trainable_params": result.trainable_params,
                 "val_ce_micro_f1": value_at_epoch(result.history, result.best_epoch, "val_ce_micro_f1"),
                 "peak_gpu_gb": max(gpu) if gpu else None, "peak_rss_gb": max(rss) if rss else None,
@@ -131,11 +260,13 @@ def trial_runner(dataset: Any) -> TrialRunner:
 
 
 def results_markdown(result: SweepResult) -> str:
-    lines = ["| r | alpha | val CIDEr | val CE micro-F1 | trainable params | peak GPU (GB) | peak RSS (GB) | "
-             "time (s) | fits budget |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| rung | training examples | r | alpha | val CIDEr | val CE micro-F1 | trainable params | peak GPU (GB) | "
+             "peak RSS (GB) | time (s) | fits budget |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for t in result.trials:
         fits = {True: "yes", False: "**no**", None: "n/a (CPU)"}[t.get("feasible")]
-        lines.append(f"| {t['lora_r']} | {t['lora_alpha']} | {_num(t.get('val_cider'), 3)} | "
+        examples = "all" if t.get("train_examples") is None else f"{t['train_examples']:,}"
+        lines.append(f"| {t.get('rung', 0)} | {examples} | {t['lora_r']} | {t['lora_alpha']} | "
+                     f"{_num(t.get('val_cider'), 3)} | "
                      f"{_num(t.get('val_ce_micro_f1'), 3)} | "
                      f"{t.get('trainable_params', 0):,} | {_num(t.get('peak_gpu_gb'), 2)} | "
                      f"{_num(t.get('peak_rss_gb'), 2)} | {_num(t.get('wall_time_s'), 1)} | {fits} |")

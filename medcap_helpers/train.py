@@ -15,6 +15,7 @@ every epoch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ from medcap_helpers.devices import (
     release_memory,
     reset_peak_memory,
 )
-from medcap_helpers.generation import generate_reports, study_inputs
+from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
 from medcap_helpers.metrics import (
     CE_MACRO_F1,
     CE_MICRO_F1,
@@ -249,7 +250,8 @@ class MedcapTrainer(Trainer):
         with self.accelerator.split_between_processes(rows) as share:
             share_predictions = generate_reports(self.model, self.processor, study_inputs(share),
                                                  max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
-                                                 batch_size=config.eval_batch_size, device=self.args.device,
+                                                 batch_size=generation_batch_size(self.model, config, self.args.device),
+                                                 device=self.args.device,
                                                  min_new_tokens=config.min_new_tokens)
         predictions = gather_object(share_predictions)
         self.last_predictions = predictions
@@ -260,6 +262,12 @@ class MedcapTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------------------- arguments
+def dataloader_workers(device: torch.device) -> int:
+    """Image-decoding worker processes for training on ``device``: none on the CPU (the cores train),
+    up to 8 on a GPU, leaving one core for the training loop."""
+    return 0 if device.type != "cuda" else max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
 def training_arguments(config: MedcapConfig, output_dir: str | Path, device: torch.device,
                        save_total_limit: int = 2) -> TrainingArguments:
     """``TrainingArguments`` from ``config``: per-epoch eval/save, best epoch by ``eval_cider``.
@@ -309,7 +317,10 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         logging_steps=config.logging_steps,
         report_to=[],
         disable_tqdm=False,
-        dataloader_num_workers=0,
+        # On a GPU, worker processes decode and resize the next batches' images while the GPU trains.
+        dataloader_num_workers=dataloader_workers(device),
+        dataloader_persistent_workers=dataloader_workers(device) > 0,
+        dataloader_pin_memory=on_cuda,
         ddp_find_unused_parameters=False,  # data-parallel: every LoRA weight gets a gradient every step
         **version_specific,
     )

@@ -141,11 +141,19 @@ def test_03_training_records_epochs_memory_and_adapter(smoke_run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_04_sweep_grid_and_choice(smoke_run: dict) -> None:
+def test_04_sweep_halving_and_choice(smoke_run: dict) -> None:
+    from medcap_helpers.sweep import sweep_schedule
+
     m = smoke_run["metrics"]["04_sweep"]
     config = smoke_run["config"]
-    assert len(m["trials"]) == len(config.sweep_ranks) * len(config.sweep_alphas)
-    assert m["chosen"]["lora_r"] in config.sweep_ranks
+    n_train = smoke_run["metrics"]["01_data"]["split_sizes"]["train"]["examples"]
+    rungs = sweep_schedule(config, n_train)
+    assert [sum(t["rung"] == r.index for t in m["trials"]) for r in rungs] == [r.trials for r in rungs]
+    assert len([t for t in m["trials"] if t["rung"] == 0]) == len(config.sweep_ranks) * len(config.sweep_alphas)
+    # The whole sweep trains on at most sweep_budget_share of one training run.
+    assert sum(t["train_examples"] for t in m["trials"]) <= config.sweep_budget_share * n_train * config.num_train_epochs
+    last = [t for t in m["trials"] if t["rung"] == rungs[-1].index]
+    assert (m["chosen"]["lora_r"], m["chosen"]["lora_alpha"]) in [(t["lora_r"], t["lora_alpha"]) for t in last]
     assert "can't be measured on the CPU" in m["budget_note"]
     trainable = {t["lora_r"]: t["trainable_params"] for t in m["trials"]}
     assert trainable[max(trainable)] > trainable[min(trainable)]  # more rank, more parameters

@@ -1,28 +1,42 @@
-"""The sweep's bookkeeping: trials recorded, reruns skip finished trials, budget verdicts."""
+"""The sweep's bookkeeping: trials recorded, reruns skip finished trials, budget verdicts, halving rungs."""
 
 from __future__ import annotations
 
+import pytest
+
+from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.sweep import choose_trial, run_sweep
+from medcap_helpers.sweep import (
+    choose_trial,
+    halving_schedule,
+    run_sweep,
+    schedule_markdown,
+    training_sample,
+    trial_config,
+)
 
 
-def make_runner(peak_gpu_gb):
+def make_runner(peak_gpu_gb, score=None):
     calls: list[tuple[int, int]] = []
+    score = score or (lambda c: c.lora_r / 100 + c.lora_alpha / 1000)
 
     def run_trial(config: MedcapConfig) -> dict:
         calls.append((config.lora_r, config.lora_alpha))
-        assert config.num_train_epochs == config.sweep_epochs
+        if config.sweep_strategy == "grid":
+            assert config.num_train_epochs == config.sweep_epochs and config.max_train_examples is None
         assert config.run_dir.endswith(f"r{config.lora_r}_alpha{config.lora_alpha}")
-        return {"val_cider": config.lora_r / 100 + config.lora_alpha / 1000,
-                "trainable_params": config.lora_r * 1000, "peak_gpu_gb": peak_gpu_gb(config)}
+        return {"val_cider": score(config), "trainable_params": config.lora_r * 1000,
+                "peak_gpu_gb": peak_gpu_gb(config), "examples_seen": config.max_train_examples,
+                "epochs": config.num_train_epochs}
 
     return run_trial, calls
 
 
 def test_rerunning_the_sweep_skips_finished_trials(tmp_path) -> None:
-    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_ranks=(4, 8), sweep_alphas=(16, 32))
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_ranks=(4, 8), sweep_alphas=(16, 32),
+                                       sweep_strategy="grid")
     runner, calls = make_runner(lambda c: None)
-    first = run_sweep(config, runner)
+    first = run_sweep(config, runner, n_train=100)
     assert len(calls) == 4 and first.skipped == []
     assert first.chosen["lora_r"] == 8 and first.chosen["lora_alpha"] == 32
     assert all(t["feasible"] is None for t in first.trials)  # CPU: budget can't be measured
@@ -31,7 +45,7 @@ def test_rerunning_the_sweep_skips_finished_trials(tmp_path) -> None:
     # A half-finished trial (no trial.json) runs again; finished ones are read back.
     (tmp_path / "sweep" / "r8_alpha32" / "trial.json").unlink()
     runner2, calls2 = make_runner(lambda c: None)
-    second = run_sweep(config, runner2)
+    second = run_sweep(config, runner2, n_train=100)
     assert calls2 == [(8, 32)]
     assert sorted(second.skipped) == ["r4_alpha16", "r4_alpha32", "r8_alpha16"]
     assert [t["val_cider"] for t in second.trials] == [t["val_cider"] for t in first.trials]
@@ -39,9 +53,9 @@ def test_rerunning_the_sweep_skips_finished_trials(tmp_path) -> None:
 
 def test_trials_over_budget_are_infeasible_and_not_chosen(tmp_path) -> None:
     config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_ranks=(4, 32), sweep_alphas=(16,),
-                                       sweep_vram_budget_gb=4.0)
+                                       sweep_vram_budget_gb=4.0, sweep_strategy="grid")
     runner, _ = make_runner(lambda c: 5.0 if c.lora_r == 32 else 3.0)
-    result = run_sweep(config, runner)
+    result = run_sweep(config, runner, n_train=100)
     verdicts = {t["lora_r"]: t["feasible"] for t in result.trials}
     assert verdicts == {4: True, 32: False}
     assert result.chosen["lora_r"] == 4  # the better-scoring r=32 exceeds the budget
@@ -57,9 +71,8 @@ def test_choose_trial_prefers_smaller_rank_on_ties() -> None:
 
 def test_tiny_model_trials_reuse_the_main_runs_model(tmp_path) -> None:
     from medcap_helpers.processing import local_model_dir
-    from medcap_helpers.sweep import trial_config
 
-    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path))
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_strategy="grid")
     trial = trial_config(config, 16, 64)
     assert (trial.lora_r, trial.lora_alpha, trial.num_train_epochs) == (16, 64, config.sweep_epochs)
     assert trial.run_dir.endswith("r16_alpha64")
@@ -67,3 +80,76 @@ def test_tiny_model_trials_reuse_the_main_runs_model(tmp_path) -> None:
     assert trial.model_name == str(local_model_dir(config).resolve())
     hub = config.replace(model_name="Salesforce/blip-image-captioning-large")
     assert trial_config(hub, 4, 16).model_name == hub.model_name
+
+
+def test_halving_schedule_halves_the_trials_doubles_their_examples_and_stays_within_budget() -> None:
+    rungs = halving_schedule(12, n_train=2069, budget_examples=10345)
+    assert [r.trials for r in rungs] == [12, 6, 3, 2]
+    assert [r.train_examples for r in rungs] == [198, 396, 792, 1584]
+    assert sum(r.trials * r.train_examples for r in rungs) <= 10345
+    assert [r.trials for r in halving_schedule(4, 10, 100)] == [4, 2]
+    assert [r.trials for r in halving_schedule(2, 10, 100)] == [2]
+    assert halving_schedule(5, 10, 1)[0].train_examples == 1  # a tiny budget still trains every trial
+    with pytest.raises(ValueError):
+        halving_schedule(0, 10, 100)
+
+
+def test_halving_keeps_the_better_half_each_rung_and_chooses_from_the_last(tmp_path) -> None:
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_ranks=(4, 8, 16), sweep_alphas=(16, 32),
+                                       num_train_epochs=2.0, sweep_budget_share=1.0)
+    # Each rung's leader falls behind once the trials train longer: only the last rung decides.
+    score = {(16, 32): [0.9, 0.2, 0.1], (8, 32): [0.8, 0.5, 0.6], (16, 16): [0.7, 0.6, 0.3]}
+    rung_of = {}
+
+    def scored(c: MedcapConfig) -> float:
+        key = (c.lora_r, c.lora_alpha)
+        rung_of[key] = rung_of.get(key, -1) + 1
+        return score.get(key, [0.1, 0.1, 0.1])[rung_of[key]]
+
+    runner, _ = make_runner(lambda c: None, scored)
+    result = run_sweep(config, runner, n_train=40)
+    # 6 settings, then 3, then 2, on 4, 8 and 16 examples: 6*4 + 3*8 + 2*16 = 80 = 2 epochs of 40
+    assert [t["rung"] for t in result.trials] == [0] * 6 + [1] * 3 + [2] * 2
+    assert [t["train_examples"] for t in result.trials] == [4] * 6 + [8] * 3 + [16] * 2
+    assert sum(t["train_examples"] for t in result.trials) <= 40 * config.num_train_epochs
+    assert [(t["lora_r"], t["lora_alpha"]) for t in result.trials if t["rung"] == 1] == [(16, 32), (8, 32), (16, 16)]
+    assert [(t["lora_r"], t["lora_alpha"]) for t in result.trials if t["rung"] == 2] == [(16, 16), (8, 32)]
+    assert (result.chosen["lora_r"], result.chosen["lora_alpha"]) == (8, 32)  # best of the last rung only
+    assert runs.read_json(tmp_path / "sweep" / "chosen.json")["lora_r"] == 8
+    assert "11 trials" not in schedule_markdown(config, 40) and "6 trials x 4 examples" in schedule_markdown(config, 40)
+
+    # A rerun reads every finished trial back and trains nothing.
+    rerun_runner, rerun_calls = make_runner(lambda c: None, scored)
+    again = run_sweep(config, rerun_runner, n_train=40)
+    assert rerun_calls == [] and len(again.skipped) == 11 and again.chosen == result.chosen
+
+
+def test_a_rung_beyond_the_training_set_trains_several_epochs_on_all_of_it(tmp_path) -> None:
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path))
+    rung = halving_schedule(4, n_train=210, budget_examples=0.6 * 210 * 20)[1]
+    trial = trial_config(config, 4, 16, rung, n_train=210)
+    assert rung.train_examples == 630
+    assert (trial.max_train_examples, trial.num_train_epochs) == (210, 3.0)
+    assert trial.run_dir.endswith("sweep/rung1/r4_alpha16")
+    with pytest.raises(ValueError):
+        trial_config(config, 4, 16, rung)
+
+
+def test_trials_train_with_the_batch_settings_03_fitted_to_the_budget(tmp_path) -> None:
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), vram_budget_gb=4.0)
+    assert trial_config(config, 4, 16).per_device_train_batch_size == config.per_device_train_batch_size
+    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "gradient_checkpointing": True,
+                "learning_rate": 1.0}
+    runs.write_stage_metrics(tmp_path, "03_qlora_train", {"training_settings": settings, "budget_fit": {"chosen": {}}})
+    trial = trial_config(config, 4, 16)
+    assert (trial.per_device_train_batch_size, trial.gradient_accumulation_steps, trial.gradient_checkpointing) == \
+        (4, 2, True)
+    assert trial.learning_rate == config.learning_rate, "only the batch settings are taken over"
+
+
+def test_training_sample_is_fixed_by_the_seed_and_never_larger_than_the_split() -> None:
+    rows = [{"text": str(i)} for i in range(50)]
+    first = training_sample(rows, 10, seed=3)
+    assert first == training_sample(rows, 10, seed=3) and len({r["text"] for r in first}) == 10
+    assert first != training_sample(rows, 10, seed=4)
+    assert training_sample(rows, 80, seed=3) is rows and training_sample(rows, None, seed=3) is rows
