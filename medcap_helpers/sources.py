@@ -1,4 +1,5 @@
-"""Data sources: IU X-Ray from any of its copies, read into :class:`Example` rows and a :class:`DataReport`.
+"""Data sources: IU X-Ray from any of its copies, and MIMIC-CXR in R2Gen's layout, read into
+:class:`Example` rows and a :class:`DataReport`.
 
 Sources (``config.data_source``):
 
@@ -6,6 +7,10 @@ Sources (``config.data_source``):
   ``CXR<uid>_IM-....png`` (Kaggle ``.dcm.png`` names are accepted too).
 * ``r2gen``  ``annotation.json`` + ``images_dir`` (default ``<annotation dir>/images``) holding
   ``<study>/<n>.png``; ``split_mode="r2gen"`` keeps its train/val/test split.
+* ``mimic_r2gen`` R2Gen's MIMIC-CXR ``annotation.json`` (one entry per image, the study's report in each)
+  + ``images_dir`` (default ``<annotation dir>/images``) holding ``p10/p10000032/s50414267/<dicom id>.jpg``;
+  studies are keyed by ``study_id``, ``split_mode="r2gen"`` keeps the file's split. Read by the same code
+  as ``r2gen`` (:data:`R2GEN_LAYOUTS`). Users bring the credentialed data (PhysioNet).
 * ``kaggle`` folder with ``indiana_reports.csv``, ``indiana_projections.csv`` and ``images_normalized/``.
 * ``xrv_reports`` the 3,955 XMLs bundled with ``torchxrayvision``: text only (statistics, tokenizer).
 * ``hub``    ``datasets.load_dataset(hub_dataset_id)`` with its columns mapped (see :func:`hub_rows`).
