@@ -110,7 +110,7 @@ def test_random_split_keeps_every_study_apart(mimic: tuple[Path, dict[str, int]]
     assert sum(s["studies"] for s in report.split_sizes.values()) == 5
 
 
-def test_clear_errors(mimic: tuple[Path, dict[str, int]], synthetic_iu, tmp_path: Path) -> None:  # noqa: ANN001
+def test_clear_errors(mimic: tuple[Path, dict[str, int]], synthetic_iu, tmp_path: Path) -> None:
     root, _ = mimic
     annotation = root / "annotation.json"
     with pytest.raises(ConfigError, match="needs data_path"):
