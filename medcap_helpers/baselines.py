@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,12 @@ from tqdm.auto import tqdm
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.generation import generate_for_split, study_inputs
 from medcap_helpers.images import open_rgb
-from medcap_helpers.metrics import normalize_report
+from medcap_helpers.metrics import normalize_report, paired_differences
 from medcap_helpers.pipeline import progress_bars_enabled
+
+
+CONSTANT_SYSTEM = "constant (most frequent report)"
+"""The baseline every model is compared with: the same report for every image."""
 
 
 def most_frequent_report(train_texts: Sequence[str]) -> str:
@@ -143,7 +147,15 @@ def baseline_systems(base_model: Any, processor: Any, train_split: Any, test_spl
     test_embeddings = image_embeddings(base_model, processor, study_inputs(test_split), config.eval_batch_size)
     return {
         "zero-shot base": zero_shot,
-        "constant (most frequent report)": constant_baseline(train_texts, len(test_split)),
+        CONSTANT_SYSTEM: constant_baseline(train_texts, len(test_split)),
         "nearest neighbour (base vision embedding)": nearest_neighbour_baseline(
             train_embeddings, train_texts, test_embeddings),
     }
+
+
+def differences_from_constant(systems: Mapping[str, Sequence[str]], split: Any,
+                              config: MedcapConfig) -> list[dict[str, Any]]:
+    """Paired-bootstrap differences (:func:`medcap_helpers.metrics.paired_differences`) of every other system
+    against the constant report, on ``split``'s studies."""
+    return paired_differences(systems, split, config, [(name, CONSTANT_SYSTEM) for name in systems
+                                                       if name != CONSTANT_SYSTEM])

@@ -276,10 +276,8 @@ def demo_captioners(config: MedcapConfig) -> dict[str, Captioner]:
 
 
 def captions_markdown(captions: Mapping[str, str]) -> str:
-    """Captions of one image by each model, as a small table."""
-    lines = ["| model | report |", "|---|---|"]
-    lines += [f"| {name} | {caption.replace('|', '/') or '(empty)'} |" for name, caption in captions.items()]
-    return "\n".join(lines)
+    """Captions of one image by each model, one bullet per model."""
+    return "\n".join(f"- **{name}**: {caption or '(empty)'}" for name, caption in captions.items())
 
 
 # --- the Voilà page (``medcap demo``) -------------------------------------------------------------

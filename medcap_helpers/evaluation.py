@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medcap_helpers import runs
+from medcap_helpers.baselines import CONSTANT_SYSTEM
 from medcap_helpers.checkpoints import (
     is_adapter_dir,
     load_adapter_model,
@@ -39,7 +40,6 @@ PUBLISHED_FILE = "published_iu_xray.json"
 
 MERGED_SYSTEM = "fine-tuned, merged NF4"
 ADAPTER_SYSTEM = "fine-tuned (adapter on 4-bit base)"
-CONSTANT_SYSTEM = "constant (most frequent report)"
 
 
 @dataclass
@@ -113,6 +113,11 @@ def published_results() -> dict[str, Any]:
     return json.loads(resources.files("medcap_helpers").joinpath(PUBLISHED_FILE).read_text())
 
 
+def same_protocol(config: MedcapConfig) -> bool:
+    """Whether this run follows the published results' protocol (R2Gen split, both views, FINDINGS)."""
+    return config.split_mode == "r2gen" and config.views == "both" and config.target == "findings"
+
+
 def published_markdown(table: dict[str, dict[str, Any]], config: MedcapConfig) -> str:
     """Published systems beside this run's baselines and models, one metric set, so a run can be placed."""
     published = published_results()
@@ -124,7 +129,7 @@ def published_markdown(table: dict[str, dict[str, Any]], config: MedcapConfig) -
     for name, row in table.items():
         cells = " | ".join("–" if row.get(c) is None else f"{row[c]:.3f}" for c in columns)
         lines.append(f"| {name} | this run | {cells} |")
-    same = config.split_mode == "r2gen" and config.views == "both" and config.target == "findings"
+    same = same_protocol(config)
     lines += ["", f"Published: {published['protocol']}. {published['note']}",
               "This run follows the same protocol." if same else
               "**This run does not follow that protocol** (split, views or target differ), so its figures are "

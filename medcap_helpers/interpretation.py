@@ -383,13 +383,20 @@ def before_after(before: Sequence[str], after: Sequence[str], references: Sequen
 
 
 # ----------------------------------------------------------------------------------------------- 04
-def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] | None, metric_key: str,
-                 noise: float) -> str:
-    """The sweep in words: the spread of the trials' validation metric against the noise, and the choice.
+def trial_key(metric: str) -> str:
+    """The key a sweep trial record keeps ``metric`` under: ``CIDEr`` -> ``val_cider``, ``CE micro-F1`` ->
+    ``val_ce_micro_f1``."""
+    return "val_" + re.sub(r"[^a-z0-9]+", "_", metric.lower()).strip("_")
 
-    ``metric_key`` is the trial records' key of the selection metric (``val_cider``, ``val_ce_micro_f1``);
-    ``noise`` the metric's epoch-to-epoch change in 03 (:func:`epoch_noise`).
+
+def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] | None, metric: str,
+                 noise: float) -> str:
+    """The sweep in words: the spread of the trials' validation ``metric`` against the noise, and the choice.
+
+    ``trials`` are the sweep's trial records (validation scores under :func:`trial_key`); ``noise`` is how
+    much the metric moves between epochs of one training run in 03 (:func:`epoch_noise`).
     """
+    metric_key = trial_key(metric)
     scored = [t for t in trials if t.get(metric_key) is not None]
     if not scored or not chosen:
         return _reading("No trial finished, so nothing was chosen.")
@@ -398,7 +405,7 @@ def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] 
     close = sum(abs(v - best) <= noise for v in values) - 1
     label = ", ".join(f"{k}={chosen[k]}" for k in ("lora_r", "lora_alpha") if k in chosen)
     sentences = [f"{len(scored)} trials score between {min(values):.3f} and {max(values):.3f} on validation "
-                 f"({metric_key}); the chosen one ({label}) has {best:.3f}."]
+                 f"{metric}; the chosen one ({label}) has {best:.3f}."]
     if max(values) - min(values) <= noise or close > 0:
         sentences.append(f"{close} other trial(s) lie within {noise:.3f} of it, the amount this metric moves "
                          "between two epochs of one training run (03): the ranking is made on noise. Prefer the "
