@@ -329,10 +329,11 @@ def _selection_scores(history: Sequence[Mapping[str, Any]], metric: str) -> list
 
 
 def epoch_noise(history: Sequence[Mapping[str, Any]], metric: str) -> float:
-    """How much the validation ``metric`` moves between consecutive epochs (mean absolute change): a
-    difference below it cannot be told from noise. 0 with fewer than two epochs."""
-    scores = _selection_scores(history, metric)
-    return float(np.mean(np.abs(np.diff(scores)))) if len(scores) > 1 else 0.0
+    """How much the validation ``metric`` moves between consecutive epochs once learning has slowed (mean
+    absolute change over the second half of training): a difference below it cannot be told from noise.
+    0 with fewer than two epochs."""
+    changes = np.abs(np.diff(_selection_scores(history, metric)))
+    return float(np.mean(changes[len(changes) // 2:])) if changes.size else 0.0
 
 
 def training_history(history: Sequence[Mapping[str, Any]], best_epoch: float, metric: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from medcap_helpers.atomic import write_text
 from medcap_helpers.config import STAGES
+from medcap_helpers.interpretation import differences_markdown
 from medcap_helpers.metrics import collapse_markdown, format_table
 
 
@@ -28,6 +29,10 @@ def summary_markdown(run_dir: str | Path) -> str:
     final = _read(run_dir / "metrics" / "06_eval_and_demo.json")
     if final.get("test_table"):
         parts += ["## Test set", "", format_table(final["test_table"]), ""]
+        if final.get("test_differences"):
+            parts += ["Paired differences (95% paired-bootstrap intervals over the same test studies; a difference "
+                      "is established only when its interval excludes 0):", "",
+                      differences_markdown(final["test_differences"]), ""]
         if final.get("ce_statement"):
             parts += [final["ce_statement"], ""]
         if final.get("test_note"):
