@@ -104,14 +104,15 @@ def report_lengths(token_lengths: Sequence[int], max_target_tokens: int, max_new
                     f"{training[0].upper()}{training[1:]}; {generation}.")
 
 
-def template_sentences(top: Sequence[Mapping[str, Any]]) -> str:
-    """How dominant the normal template is, from the most frequent sentences."""
+def template_sentences(top: Sequence[tuple[str, int, float]]) -> str:
+    """How dominant the normal template is, from the most frequent sentences
+    (:func:`medcap_helpers.data.top_sentences`: sentence, reports containing it, share)."""
     if not top:
         return _reading("No sentences to count.")
-    first = top[0]
-    normal = [row for row in top if not findings.positive_classes(row["sentence"]) - {"No Finding"}]
+    sentence, _, share = top[0]
+    normal = [s for s, _, _ in top if not findings.positive_classes(s) - {"No Finding"}]
     return _reading(
-        f"The most frequent sentence, \"{first['sentence']}\", is in {_pct(first['share'])} of all reports, and "
+        f"The most frequent sentence, \"{sentence}\", is in {_pct(share)} of all reports, and "
         f"{len(normal)} of the top {len(top)} sentences name no abnormal finding.",
         "A report stitched from them matches the n-grams of most normal studies, so n-gram metrics reward "
         "the template; clinical efficacy (CE), which asks for the findings, does not.")

@@ -16,7 +16,21 @@ def _save(fig: Any, path: str | Path | None) -> Any:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110, bbox_inches="tight")
+    _show_now(fig)
     return fig
+
+
+def _show_now(fig: Any) -> None:
+    """In a notebook with the inline backend, show the figure where it is made, not when the cell ends, so
+    the interpretation a cell prints after it comes after it (the figure is then closed: shown once)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover
+        return
+    if get_ipython() is not None and "inline" in plt.get_backend():
+        display(fig)
+        plt.close(fig)
 
 
 def _wrap(text: str, width: int = 48, max_lines: int = 6) -> str:

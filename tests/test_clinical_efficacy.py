@@ -189,6 +189,11 @@ def test_ce_comparison_sentence_comes_from_the_numbers() -> None:
                       "0.600 [0.500, 0.700] vs 0.300 [0.200, 0.400] (+0.300). The 95% intervals do not overlap.")
     table["constant"][f"{CE_MICRO_F1}_ci_high"] = 0.55
     assert "intervals overlap, so this test set does not establish" in ce_comparison(table, "model", "constant")
+    paired = {"point": 0.3, "low": 0.05, "high": 0.5}
+    assert "paired-bootstrap interval of the difference, [+0.050, +0.500], excludes 0" in ce_comparison(
+        table, "model", "constant", difference=paired)
+    assert "includes 0, so this test set does not establish" in ce_comparison(
+        table, "model", "constant", difference={"point": 0.3, "low": -0.05, "high": 0.5})
     assert "names the findings worse than" in ce_comparison(table, "constant", "model")
     assert ce_comparison(table, "model", "missing") == ""
 
@@ -412,14 +417,17 @@ def test_best_epoch_follows_the_chosen_metric() -> None:
 def test_the_final_merge_is_chosen_by_the_same_metric_as_the_epoch() -> None:
     from medcap_helpers.merge import FINAL_CANDIDATES, choose_final
 
-    validation = {FINAL_CANDIDATES["merged-nf4"]: {"CIDEr": 0.5, CE_MICRO_F1: 0.49},
-                  FINAL_CANDIDATES["merged-dequantized-nf4"]: {"CIDEr": 0.6, CE_MICRO_F1: 0.38}}
-    assert choose_final(validation) == "merged-dequantized-nf4"
-    assert choose_final(validation, CE_MICRO_F1) == "merged-nf4"
-    outcome = MergeOutcome(checkpoints={}, validation={"adapter on 4-bit base": {"CIDEr": 0.5, CE_MICRO_F1: 0.5},
-                                                       **validation},
-                           final_name="merged-nf4", final_dir=Path("x"), metric=CE_MICRO_F1)
-    assert "the higher validation CE micro-F1 after re-quantization" in degradation_markdown(outcome)
+    default = FINAL_CANDIDATES["merged-dequantized-nf4"]
+
+    def compared(metric: str, low: float) -> dict:
+        return {"system": FINAL_CANDIDATES["merged-nf4"], "baseline": default, "metric": metric,
+                "point": low + 0.05, "low": low, "high": low + 0.1}
+
+    adapter = {"system": FINAL_CANDIDATES["adapter"], "baseline": default, "point": 0.0, "low": -0.1, "high": 0.1}
+    differences = [compared("CIDEr", -0.05), compared(CE_MICRO_F1, 0.02),
+                   dict(adapter, metric="CIDEr"), dict(adapter, metric=CE_MICRO_F1)]
+    assert choose_final(differences) == "merged-dequantized-nf4"
+    assert choose_final(differences, CE_MICRO_F1) == "merged-nf4"
 
 
 def test_the_sweep_chooses_by_the_same_metric() -> None:

@@ -19,8 +19,7 @@ def difference(system: str, baseline: str, point: float, low: float, high: float
 
 
 def test_every_interpretation_starts_with_the_reading_mark() -> None:
-    texts = [say.report_lengths([10, 20, 30], 64, 40), say.template_sentences([{"sentence": "the lungs are clear",
-                                                                                  "reports": 3, "share": 0.1}]),
+    texts = [say.report_lengths([10, 20, 30], 64, 40), say.template_sentences([("the lungs are clear", 3, 0.1)]),
              say.dataset_splits({"test": {"studies": 60}, "validation": {"studies": 30}}, True),
              say.sample_images(False, 4), say.examples({"reference": ["Cardiomegaly."], "model": ["Normal."]})]
     assert all(text.startswith(say.READING) for text in texts)

@@ -118,24 +118,26 @@ def test_merge_onto_an_unquantized_base_is_the_adapter_exactly(tmp_path):
     torch.testing.assert_close(logits(merged_model, batch), reference, rtol=1e-5, atol=1e-5)
 
 
-def _validation(dequantized: float, on_16bit: float) -> dict[str, dict[str, float]]:
-    return {"adapter on 4-bit base": {"CIDEr": 9.0},  # never a candidate, however high
-            FINAL_CANDIDATES["merged-dequantized-nf4"]: {"CIDEr": dequantized, "BLEU-4": 0.0},
-            FINAL_CANDIDATES["merged-nf4"]: {"CIDEr": on_16bit, "BLEU-4": 1.0}}
+def _differences(adapter: tuple[float, float, float], on_16bit: tuple[float, float, float],
+                 metric: str = "CIDEr") -> list[dict]:
+    """Paired validation differences of the two other candidates against the dequantized merge."""
+    default = FINAL_CANDIDATES["merged-dequantized-nf4"]
+    return [{"system": FINAL_CANDIDATES[name], "baseline": default, "metric": metric,
+             "point": point, "low": low, "high": high}
+            for name, (point, low, high) in (("adapter", adapter), ("merged-nf4", on_16bit))]
 
 
-@pytest.mark.parametrize("dequantized, on_16bit, expected", [
-    (0.50, 0.40, "merged-dequantized-nf4"),
-    (0.40, 0.50, "merged-nf4"),
-    (0.00, 1e-9, "merged-nf4"),
-    (0.45, 0.45, "merged-dequantized-nf4"),  # a tie goes to the merge that reproduced the trained weights
+@pytest.mark.parametrize("adapter, on_16bit, expected", [
+    ((0.0, -0.1, 0.1), (0.0, -0.1, 0.1), "merged-dequantized-nf4"),  # nothing beats the cheapest: keep it
+    ((0.0, -0.1, 0.1), (0.10, 0.01, 0.2), "merged-nf4"),
+    ((0.30, 0.05, 0.5), (0.0, -0.1, 0.1), "adapter"),  # the lossless adapter, when it is clearly better
+    ((0.90, -0.1, 1.9), (0.0, -0.1, 0.1), "merged-dequantized-nf4"),  # a big point estimate inside the noise
 ])
-def test_final_model_is_the_candidate_with_the_higher_validation_cider(dequantized, on_16bit, expected):
-    assert choose_final(_validation(dequantized, on_16bit)) == expected
+def test_final_model_switches_from_the_cheapest_only_on_an_established_difference(adapter, on_16bit, expected):
+    assert choose_final(_differences(adapter, on_16bit)) == expected
 
 
-def test_final_model_choice_needs_both_candidates_scored():
-    validation = _validation(0.5, 0.4)
-    del validation[FINAL_CANDIDATES["merged-nf4"]]
-    with pytest.raises(KeyError):
-        choose_final(validation)
+def test_final_model_choice_needs_every_candidate_compared():
+    differences = _differences((0.0, -0.1, 0.1), (0.0, -0.1, 0.1))[:1]
+    with pytest.raises(ValueError, match="merged onto 16-bit base"):
+        choose_final(differences)
