@@ -174,7 +174,7 @@ def test_05_nf4_checkpoint_is_smaller_and_loads_in_a_fresh_process(smoke_run: di
         "assert any('4bit' in type(x).__name__ for x in m.modules()), 'not 4-bit'\n"
         "out = m.generate(**p(images=Image.open(sys.argv[2]).convert('RGB'), return_tensors='pt'), max_new_tokens=12)\n"
         "print('CAPTION:', p.decode(out[0], skip_special_tokens=True))\n")
-    done = subprocess.run([sys.executable, "-c", script, m["final_dir"], str(image)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script, m["merged_dir"], str(image)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "CAPTION:" in done.stdout

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from medcap_helpers.merge import FINAL_CANDIDATES
+from medcap_helpers.merge import ADAPTER_CANDIDATE, FINAL_CANDIDATES, FINAL_RULE, MERGES, choose_final
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +31,34 @@ def test_06_test_table_has_the_five_systems_with_intervals_and_the_test_split_si
         assert row["n_studies"] == test_size["studies"], name
 
 
-def test_05_final_model_is_the_candidate_with_the_higher_validation_score(smoke_run: dict) -> None:
+def test_05_final_model_follows_the_noise_aware_rule_and_06_scores_it(smoke_run: dict) -> None:
     m = smoke_run["metrics"]["05_merge_requant"]
     metric = m["final_chosen_by"]
-    cider = {name: m["validation"][label][metric] for name, label in FINAL_CANDIDATES.items()}
-    assert set(cider) == {"merged-nf4", "merged-dequantized-nf4"}
-    best = max(cider.values())
-    assert cider[m["final_model"]] == best, (m["final_model"], cider)
-    if cider["merged-nf4"] == cider["merged-dequantized-nf4"]:
-        assert m["final_model"] == "merged-dequantized-nf4"  # ties go to the merge of the trained weights
-    assert Path(m["final_dir"]) == smoke_run["dir"] / m["final_model"]
-    assert smoke_run["metrics"]["06_eval_and_demo"]["final_model_dir"] == m["final_dir"]
+    assert set(m["validation"]) == set(FINAL_CANDIDATES.values())
+    differences = m["validation_differences"]
+    assert choose_final(differences, metric) == m["final_model"]
+    assert choose_final(differences, metric, candidates=MERGES) == m["merged_model"]
+    assert m["final_rule"] == FINAL_RULE.format(metric=metric)
+    for difference in differences:  # each paired interval brackets its point difference
+        assert difference["low"] <= difference["point"] <= difference["high"], difference
+    expected_dir = "adapter" if m["final_model"] == ADAPTER_CANDIDATE else m["final_model"]
+    assert Path(m["final_dir"]) == smoke_run["dir"] / expected_dir
+    assert Path(m["merged_dir"]) == smoke_run["dir"] / m["merged_model"]
+    final = smoke_run["metrics"]["06_eval_and_demo"]
+    assert final["final_model_dir"] == m["final_dir"]
+    assert final["final_system"] == ("fine-tuned (adapter on 4-bit base)" if expected_dir == "adapter"
+                                     else "fine-tuned, merged NF4")
+
+
+def test_06_and_summary_show_paired_differences_against_the_constant_report(smoke_run: dict) -> None:
+    final = smoke_run["metrics"]["06_eval_and_demo"]
+    pairs = {(d["system"], d["baseline"], d["metric"]) for d in final["test_differences"]}
+    for system in TEST_TABLE_ROWS[3:]:
+        assert (system, "constant (most frequent report)", "CE micro-F1") in pairs
+    assert {d["system"] for d in smoke_run["metrics"]["02_baseline"]["test_differences"]} == {
+        "zero-shot base", "nearest neighbour (base vision embedding)"}
+    summary = (smoke_run["dir"] / "summary.md").read_text()
+    assert "Paired differences" in summary and "| constant (most frequent report) | CE micro-F1 |" in summary
 
 
 def test_03_best_epoch_is_the_argmax_of_the_selection_metric_and_is_what_ships(smoke_run: dict) -> None:
@@ -70,3 +87,33 @@ def test_every_relative_link_in_summary_md_exists(smoke_run: dict) -> None:
         assert f"metrics/{stage}.json" in relative and f"notebooks/{stage}.ipynb" in relative, stage
     figures = sorted(p.name for p in (run_dir / "figures").glob("*.png"))
     assert figures and [t for t in relative if t.startswith("figures/")] == [f"figures/{f}" for f in figures]
+
+
+def test_an_adapter_final_model_loads_for_06_and_the_demo(smoke_run: dict, tmp_path: Path) -> None:
+    """When 05 chooses the unmerged adapter, 06, the demo and the cards load and name it as such."""
+    import shutil
+
+    from medcap_helpers import cards, runs
+    from medcap_helpers.checkpoints import is_adapter_dir, load_final_model
+    from medcap_helpers.demo import demo_captioners
+    from medcap_helpers.evaluation import ADAPTER_SYSTEM, final_model_dir, final_system
+    from medcap_helpers.generation import generate_reports
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["dir"], run, symlinks=True, ignore=shutil.ignore_patterns("kernel-ipc-*", ".lock*"))
+    recorded = runs.read_stage_metrics(run, "05_merge_requant")
+    runs.write_stage_metrics(run, "05_merge_requant", {**recorded, "final_model": ADAPTER_CANDIDATE,
+                                                       "final_dir": "/moved/away/adapter"})
+    assert final_model_dir(run) == str(run / "adapter") and is_adapter_dir(final_model_dir(run))
+    assert final_system(run) == ADAPTER_SYSTEM
+    config = smoke_run["config"].replace(run_dir=str(run))
+    model, processor = load_final_model(config, final_model_dir(run))
+    assert type(model).__name__ == "PeftModel"
+    from PIL import Image
+    report = generate_reports(model, processor, [Image.new("RGB", (64, 64), (90, 90, 90))], max_new_tokens=12,
+                              num_beams=1, batch_size=1, progress=False)[0]
+    assert isinstance(report, str) and report.strip()
+    assert list(demo_captioners(config)) == ["base model", "fine-tuned (adapter on 4-bit base)"]
+    written = cards.write_model_cards(run)
+    assert "this run's **final model**" in written["adapter"].read_text()
+    assert "not this run's final model" in written["merged"].read_text()
