@@ -67,6 +67,8 @@ def difference_sentence(difference: Mapping[str, Any]) -> str:
     """One sentence on one paired difference: the number, its interval, and whether it is established."""
     what = (f"{difference['system']} against {difference['baseline']}: {difference['metric']} "
             f"{_interval(difference)}")
+    if difference["low"] == difference["high"] == 0:
+        return f"{what}: the two score the same on every resample (they name the same findings, or none)."
     if established(difference):
         return f"{what}, an interval that excludes 0: a real {'gain' if difference['low'] > 0 else 'loss'}."
     return f"{what}, an interval that includes 0: this split cannot tell the two apart."
@@ -171,9 +173,13 @@ def baselines(table: Mapping[str, Mapping[str, Any]], differences: Sequence[Mapp
         sentences.append("A report that is the same for every image tops CIDEr because CIDEr-D's tf-idf comes from "
                          "the test references, and the normal template's sentences are in most of them: matching "
                          "the majority is rewarded, naming a finding is not. That is why CE sits beside it.")
-    for difference in differences:
-        if difference["baseline"] == constant:
-            sentences.append(difference_sentence(difference))
+    against = [d for d in differences if d["baseline"] == constant]
+    real = [f"{d['system']} on {d['metric']} ({verdict(d)}, {_interval(d)})" for d in against if established(d)]
+    noise = [f"{d['system']} on {d['metric']}" for d in against if not established(d)]
+    if real:
+        sentences.append("Against the constant report the paired intervals establish: " + "; ".join(real) + ".")
+    if noise:
+        sentences.append("Inside the noise (interval includes 0): " + ", ".join(noise) + ".")
     sentences.append("A fine-tuned model has to beat the constant report with an interval of the difference above "
                      "0, on CE at least, before it has learned more than the template.")
     return _reading(*sentences)
@@ -247,7 +253,7 @@ def published_position(table: Mapping[str, Mapping[str, Any]], published: Mappin
 
 # ----------------------------------------------------------------------------------------------- 03
 def quantization_markdown(model: Any) -> str:
-    """The ``BitsAndBytesConfig`` a model was actually loaded with, as a small table (or why there is none)."""
+    """The ``BitsAndBytesConfig`` a model was actually loaded with, one line per setting (or why there is none)."""
     base = model
     while hasattr(base, "get_base_model") and base is not base.get_base_model():
         base = base.get_base_model()
@@ -255,13 +261,13 @@ def quantization_markdown(model: Any) -> str:
     if config is None:
         return "The base model is not quantized: it is held in 16 or 32 bits (`load_in_4bit=False`)."
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    rows = [("load_in_4bit", "weights of every linear layer stored in 4 bits"),
-            ("bnb_4bit_quant_type", "the 16 levels: NF4, placed at normal quantiles"),
-            ("bnb_4bit_use_double_quant", "the per-block absmax constants quantized too (8 bit)"),
-            ("bnb_4bit_compute_dtype", "dtype each weight is dequantized to for its matmul"),
-            ("llm_int8_skip_modules", "modules kept in 16 bits")]
-    lines = ["| BitsAndBytesConfig | value | what it does |", "|---|---|---|"]
-    lines += [f"| `{key}` | `{values.get(key)}` | {meaning} |" for key, meaning in rows if key in values]
+    meanings = [("load_in_4bit", "every linear layer's weights stored in 4 bits"),
+                ("bnb_4bit_quant_type", "the 16 levels (NF4: placed at a normal distribution's quantiles)"),
+                ("bnb_4bit_use_double_quant", "the per-block absmax constants quantized to 8 bits too"),
+                ("bnb_4bit_compute_dtype", "the dtype each weight is dequantized to for its matmul"),
+                ("llm_int8_skip_modules", "modules left unquantized")]
+    lines = ["The `BitsAndBytesConfig` this model was loaded with:", ""]
+    lines += [f"- `{key}` = `{values[key]}`: {meaning}" for key, meaning in meanings if key in values]
     return "\n".join(lines)
 
 

@@ -72,7 +72,8 @@ def test_baselines_explain_a_constant_report_with_the_best_cider() -> None:
                    difference("nearest", "constant", 0.24, 0.1, 0.35, CE_MICRO_F1)]
     text = say.baselines(table, differences, "constant")
     assert "highest CIDEr is the constant's (0.440)" in text and "tf-idf" in text
-    assert "nearest against constant: CE micro-F1 +0.240 [+0.100, +0.350], an interval that excludes 0" in text
+    assert "establish: nearest on CE micro-F1 (better, +0.240 [+0.100, +0.350])" in text
+    assert "Inside the noise (interval includes 0): nearest on CIDEr." in text
 
 
 def test_collapse_names_the_systems_that_write_one_report() -> None:

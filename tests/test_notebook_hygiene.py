@@ -39,9 +39,11 @@ def outputs(cell: Any) -> Iterator[tuple[str, str]]:
         elif WIDGET in output.get("data", {}):
             plain = output.data.get("text/plain", "")
             yield ("progress" if TQDM_TEXT.search(plain) else "widget"), plain
-        else:
-            for mime, data in output.get("data", {}).items():
-                yield mime, data if isinstance(data, str) else "".join(data)
+        else:  # the richest representation; text/plain is only the fallback of markdown, HTML and figures
+            data = output.get("data", {})
+            mime = next((m for m in ("image/png", "text/markdown", "text/html") if m in data), "text/plain")
+            text = data.get(mime, "")
+            yield mime, text if isinstance(text, str) else "".join(text)
 
 
 def is_result(kind: str, text: str) -> bool:
