@@ -386,7 +386,7 @@ def before_after(before: Sequence[str], after: Sequence[str], references: Sequen
         f"Before training the {n} reports are {len(set(before))} distinct and {named_before} name a finding; after "
         f"training {len(set(after))} distinct and {named_after} name a finding, against {named_reference} of the "
         f"{n} references.",
-        "Three examples show the change of style (report-like text instead of a caption); whether the findings are "
+        f"{n} examples show the change of style (report-like text instead of a caption); whether the findings are "
         "right is what the validation CE in the table above measures.")
 
 

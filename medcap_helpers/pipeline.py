@@ -165,6 +165,46 @@ def progress_bars_enabled() -> bool:
     return not headless()
 
 
+PROGRESS_WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@contextmanager
+def progress_hidden() -> Iterator[None]:
+    """Around a long step in a notebook: under ``medcap run`` (:func:`headless`) drop the progress displays
+    the step makes (tqdm's widgets, the Trainer's HTML progress table) and keep everything else it shows, in
+    order; in a notebook a person runs, change nothing (the bars are useful there). Outside IPython, a no-op.
+    """
+    shell = _ipython()
+    if not headless() or shell is None:
+        yield
+        return
+    from IPython.utils.capture import capture_output
+
+    captured = capture_output(stdout=False, stderr=False, display=True)
+    outputs = captured.__enter__()
+    try:
+        yield
+    finally:  # shown even when the step fails: what it displayed up to the error helps
+        captured.__exit__(None, None, None)
+        for output in outputs.outputs:
+            if not _is_progress_display(output.data):
+                output.display()
+
+
+def _ipython() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return None
+    return get_ipython()
+
+
+def _is_progress_display(data: dict[str, Any]) -> bool:
+    plain = str(data.get("text/plain", ""))
+    return (PROGRESS_WIDGET in data and ("%|" in plain or "FloatProgress" in plain)) \
+        or "<progress" in str(data.get("text/html", ""))
+
+
 def quiet_libraries() -> None:
     """Offline-friendly defaults and less noise in notebook outputs.
 
