@@ -218,24 +218,41 @@ def examples(columns: Mapping[str, Sequence[str]]) -> str:
                     "measure it.")
 
 
+def _verdicts(differences: Sequence[Mapping[str, Any]], label: str) -> list[str]:
+    """Two sentences: which of ``differences`` the paired intervals establish, which are inside the noise."""
+    real = [f"{d['metric']} {_interval(d)} ({verdict(d)})" for d in differences if established(d)]
+    noise = [f"{d['metric']} {_interval(d)}" for d in differences if not established(d)]
+    return ([f"{label}, established: " + "; ".join(real) + "."] if real else []) + \
+        ([f"{label}, inside the noise (interval includes 0): " + "; ".join(noise) + "."] if noise else [])
+
+
 def final_results(table: Mapping[str, Mapping[str, Any]], differences: Sequence[Mapping[str, Any]],
                   final_system: str, constant: str, metric: str) -> str:
-    """06's verdict: the final model against the constant report and the other systems, with paired intervals."""
-    sentences = [f"The final model is the {final_system} (chosen in 05 on validation {metric})."]
-    for name in dict.fromkeys((metric, CE_MICRO_F1, "CIDEr")):
-        difference = _find(differences, final_system, constant, name)
-        if difference:
-            sentences.append(difference_sentence(difference))
-    others = [d for d in differences if d["baseline"] != constant and final_system in (d["system"], d["baseline"])]
-    sentences += [difference_sentence(d) for d in others]
+    """06's verdict: the final model against the constant report and against the other fine-tuned row, with
+    paired intervals, and whether the test split confirms 05's validation choice."""
+    sentences = [f"The final model is the row \"{final_system}\", chosen in 05 on validation {metric}."]
+    sentences += _verdicts([d for d in differences if d["system"] == final_system and d["baseline"] == constant],
+                           "Against the constant report")
+    between = [d for d in differences if d["baseline"] != constant and final_system in (d["system"], d["baseline"])]
+    if between:
+        other = next(d["baseline"] if d["system"] == final_system else d["system"] for d in between)
+        sentences += _verdicts(between, f"Against \"{other}\"")
+        on_metric = next((d for d in between if d["metric"] == metric), None)
+        if on_metric is not None:
+            final_better = on_metric["low"] > 0 if on_metric["system"] == final_system else on_metric["high"] < 0
+            if not established(on_metric):
+                sentences.append(f"On {metric} the test split does not separate the two fine-tuned rows: whichever "
+                                 "05 preferred, the choice between them was made on noise.")
+            elif final_better:
+                sentences.append(f"The test split confirms 05's choice on {metric}.")
+            else:
+                sentences.append(f"The test split reverses 05's choice on {metric}: the validation difference "
+                                 "was noise, a lesson in selecting on small validation sets.")
     below = [name for name, row in table.items()
              if name != constant and "CIDEr" in row and row["CIDEr"] < table.get(constant, {}).get("CIDEr", 0.0)]
     if below:
-        sentences.append(f"Below the constant report on CIDEr: {', '.join(below)}; on this metric writing the "
+        sentences.append(f"Below the constant report on CIDEr: {', '.join(below)}. On this metric writing the "
                          "template is hard to beat, which is why CE decides whether a model learned findings.")
-    if any(not established(d) for d in differences if d["baseline"] != constant):
-        sentences.append("Where 05's choice and this table disagree inside the noise, the choice was made on noise: "
-                         "validation differences that small do not carry over to new studies.")
     return _reading(*sentences)
 
 

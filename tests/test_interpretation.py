@@ -119,3 +119,18 @@ def test_summary_shows_the_paired_differences(tmp_path: Path) -> None:
         "test_differences": [difference("model", "constant", -0.04, -0.2, 0.1)]})
     text = summary_markdown(tmp_path)
     assert "Paired differences" in text and "| model | constant | CIDEr | -0.040 [-0.200, +0.100] | inside the noise |" in text
+
+
+@pytest.mark.parametrize(("interval", "expected"), [
+    ((0.1, 0.05, 0.2), "confirms 05's choice"),
+    ((-0.1, -0.2, -0.05), "reverses 05's choice"),
+    ((0.003, -0.1, 0.1), "made on noise"),
+])
+def test_final_results_say_whether_the_test_split_confirms_the_choice(interval: tuple, expected: str) -> None:
+    table = {"constant": {"CIDEr": 0.44}, "adapter": {"CIDEr": 0.40}, "merged": {"CIDEr": 0.24}}
+    differences = [difference("adapter", "constant", 0.15, 0.07, 0.24, CE_MICRO_F1),
+                   difference("adapter", "merged", *interval, metric=CE_MICRO_F1)]
+    text = say.final_results(table, differences, "adapter", "constant", CE_MICRO_F1)
+    assert expected in text
+    assert "Against the constant report, established: CE micro-F1 +0.150 [+0.070, +0.240] (better)." in text
+    assert "Below the constant report on CIDEr: adapter, merged." in text
