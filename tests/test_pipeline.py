@@ -50,3 +50,48 @@ def test_summary_of_a_partial_run_lists_what_exists(tmp_path) -> None:
     runs.write_stage_metrics(tmp_path, "01_data", {"examples": 3})
     text = summary_markdown(tmp_path)
     assert "Smoke sample" in text and "metrics/01_data.json" in text and "| torch |" in text
+
+
+def test_only_settings_that_differ_from_the_profile_are_injected() -> None:
+    from medcap_helpers.pipeline import injected_parameters
+
+    smoke = absolute_paths(MedcapConfig.from_profile("smoke", run_dir="/tmp/medcap-run"))
+    assert injected_parameters(smoke) == {"RUN_DIR": "/tmp/medcap-run"}
+    full = MedcapConfig.from_profile("full", run_dir="/tmp/medcap-run", lora_r=4, sweep_ranks=(4, 8))
+    parameters = injected_parameters(full)
+    assert parameters["PROFILE"] == "full"
+    assert parameters["OVERRIDES"] == {"lora_r": 4, "sweep_ranks": [4, 8]}
+    rebuilt = MedcapConfig.from_profile("full", run_dir="/tmp/medcap-run", **parameters["OVERRIDES"])
+    assert rebuilt.to_dict() == MedcapConfig.from_dict(full.to_dict()).to_dict()  # nothing lost
+
+
+def test_progress_hidden_drops_progress_displays_only_under_medcap_run(monkeypatch) -> None:
+    from IPython.core.displaypub import CapturingDisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import publish_display_data
+
+    from medcap_helpers.pipeline import HEADLESS_ENV, PROGRESS_WIDGET, progress_hidden
+
+    shell = InteractiveShell.instance()
+    try:
+        seen = CapturingDisplayPublisher()
+        monkeypatch.setattr(shell, "display_pub", seen)
+
+        def step() -> None:
+            publish_display_data({PROGRESS_WIDGET: {"model_id": "m"}, "text/plain": "Generating reports:  0%|  | 0/9"})
+            publish_display_data({"text/html": "<progress value='1' max='9'></progress>", "text/plain": "HTML"})
+            publish_display_data({"text/markdown": "| epoch |\n|---:|\n| 1 |"})
+
+        monkeypatch.setenv(HEADLESS_ENV, "1")
+        with progress_hidden():
+            step()
+        assert [o["data"] for o in seen.outputs] == [{"text/markdown": "| epoch |\n|---:|\n| 1 |"}]
+        assert shell.display_pub is seen  # restored
+
+        seen.outputs.clear()
+        monkeypatch.delenv(HEADLESS_ENV)
+        with progress_hidden():  # a person's notebook keeps its bars
+            step()
+        assert len(seen.outputs) == 3
+    finally:
+        InteractiveShell.clear_instance()
