@@ -359,6 +359,99 @@ def check_levers(data_dir: str, run: str, n: int) -> dict[str, Any]:
     return out
 
 
+def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
+    """What the "after" projection needs, through the pipeline's own functions under the 4 GB cap:
+    the budget fit and its training rate, generation at the budget's batch, the profiler's view of one
+    generation batch, and how far the 16-bit decoder copy's logits are from the 4-bit path's."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from medcap_helpers import budget, data, model
+    from medcap_helpers.generation import decoder_for_generation, generate_reports, generation_batch_size, study_inputs
+    from medcap_helpers.model import unwrap_model
+    from medcap_helpers.multiview import view_tokens
+    from medcap_helpers.processing import CaptionCollator, pixel_batch
+    from medcap_helpers.train import train
+    from run_benchmarks import make_step_timer
+
+    config = config_for(run, data_dir)
+    dd, _ = data.load_saved_dataset(run)
+    base, processor = model.load_model_and_processor(config, dd)
+    peft_model = model.attach_lora(base, config)
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02, generator=torch.Generator(param.device).manual_seed(0))
+        rows = [dd["validation"][i] for i in range(16)]
+        batch = CaptionCollator(processor, config.max_target_tokens)(rows)
+        batch = {k: v.to("cuda") for k, v in batch.items()}
+        peft_model.eval()
+        memory_tokens = view_tokens(unwrap_model(peft_model), batch["pixel_values"])
+        decoder = unwrap_model(peft_model).text_decoder
+        reference = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            encoder_hidden_states=memory_tokens).logits.float()
+        copy = decoder_for_generation(peft_model)
+        copied = copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      encoder_hidden_states=memory_tokens.to(copy.dtype)).logits.float()
+        keep = batch["attention_mask"].bool()
+        top2 = reference.topk(2, dim=-1).values
+        clear = keep & ((top2[..., 0] - top2[..., 1]) > 0.1)
+        same = reference.argmax(-1) == copied.argmax(-1)
+        out["decoder_copy_logits"] = {
+            "max_abs_difference": float((reference - copied).abs()[keep].max()),
+            "mean_abs_difference": float((reference - copied).abs()[keep].mean()),
+            "logit_std": float(reference[keep].std()),
+            "top1_agreement": float(same[keep].float().mean()),
+            "top1_agreement_where_margin_over_0.1": float(same[clear].float().mean()) if clear.any() else None,
+            "positions": int(keep.sum()), "positions_with_margin_over_0.1": int(clear.sum())}
+        print(out["decoder_copy_logits"], flush=True)
+        del copy
+    peft_model.train()
+    fitted, fit = budget.fit_config_to_budget(config, peft_model, processor, dd["train"])
+    out["budget_fit"] = fit.to_dict() if fit else None
+    train_rows = dd["train"].select(range(min(30 * fitted.effective_batch_size, len(dd["train"]))))
+    timer = make_step_timer()
+    torch.cuda.reset_peak_memory_stats()
+    model.enable_gradient_checkpointing(peft_model) if fitted.gradient_checkpointing else \
+        unwrap_model(peft_model).gradient_checkpointing_disable()
+    train(fitted.replace(num_train_epochs=1.0, run_dir=str(Path(run) / "fitted_slice")), peft_model, processor,
+          {"train": train_rows, "validation": dd["validation"].select(range(2))}, callbacks_extra=[timer],
+          max_generation_examples=2)
+    step_s = statistics.median(timer.times[3:] or timer.times)
+    out["training_fitted"] = {"samples_per_s": fitted.effective_batch_size / step_s, **memory(),
+                              "settings": fitted.describe() if hasattr(fitted, "describe") else
+                              (fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps,
+                               fitted.gradient_checkpointing)}
+    print(out["training_fitted"], flush=True)
+    sample = study_inputs(dd["validation"].select(range(n)))
+    size = generation_batch_size(peft_model, config)
+    generate_reports(peft_model, processor, [sample[i] for i in range(size)], batch_size=size,
+                     max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                     num_beams=config.num_beams, progress=False)
+    torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: generate_reports(peft_model, processor, sample, batch_size=size,
+                                                max_new_tokens=config.max_new_tokens,
+                                                min_new_tokens=config.min_new_tokens, num_beams=config.num_beams,
+                                                progress=False))
+    out["generation"] = {"batch": size, "reports_per_s": n / seconds, **memory()}
+    print(out["generation"], flush=True)
+    pixels = pixel_batch(processor, [sample[i] for i in range(size)]).to("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, seconds = timed(lambda: generate_reports(peft_model, processor, [sample[i] for i in range(size)],
+                                                    batch_size=size, max_new_tokens=20, min_new_tokens=20,
+                                                    num_beams=config.num_beams, progress=False))
+    del pixels
+    out["profile_20_steps_s"] = seconds
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50)
+    out["profile_by_cpu"] = table
+    out["profile_by_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12,
+                                                       max_name_column_width=50)
+    print(table, flush=True)
+    print(out["profile_by_cuda"], flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- driver
 def run_stage(name: str, payload: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--stage", name, "--payload", json.dumps(payload)]
@@ -379,18 +472,19 @@ def main() -> None:
     parser.add_argument("--payload", default="{}")
     parser.add_argument("--after", metavar="STAGES", help="run these pipeline stages and record them as 'after'")
     parser.add_argument("--check", action="store_true", help="the levers against today's path on one slice")
+    parser.add_argument("--rates", action="store_true", help="budget fit, rates and a profile of generation")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.after:
         run = str(Path(args.run).with_name("medcap_rehearsal_after")) if "today" in args.run else args.run
         record_after(run_after(args.after, run, args.data), run)
         return
-    if args.check:
+    if args.check or args.rates:
         from medcap_helpers.runs import read_json, write_json
 
-        checked = check_levers(args.data, args.run, args.generate)
+        checked = (check_levers if args.check else check_rates)(args.data, args.run, args.generate)
         results = read_json(RESULTS / "full_profile.json")
-        results["check"] = checked
+        results["check" if args.check else "rates"] = checked
         write_json(RESULTS / "full_profile.json", results)
         return
     if args.stage:

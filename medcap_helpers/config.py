@@ -347,7 +347,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         # generation batches (at most eval_batch_size) to the same budget.
         num_train_epochs=5.0, per_device_train_batch_size=16, gradient_accumulation_steps=1,
         learning_rate=4e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3, eval_batch_size=32,
-        vram_budget_gb=4.0, sweep_eval_examples=128,
+        vram_budget_gb=4.0, sweep_eval_examples=64,
     ),
 }
 # The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with
