@@ -422,15 +422,18 @@ def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] 
     much the metric moves between epochs of one training run in 03 (:func:`epoch_noise`).
     """
     metric_key = trial_key(metric)
-    scored = [t for t in trials if t.get(metric_key) is not None]
-    if not scored or not chosen:
+    if not chosen or chosen.get(metric_key) is None:
         return _reading("No trial finished, so nothing was chosen.")
-    values = [float(t[metric_key]) for t in scored]
+    # Compare like with like: a successive-halving sweep's last rung (trials record their "rung"); a grid's
+    # trials all have none, so all of them.
+    scored = [t for t in trials if t.get(metric_key) is not None and t.get("rung") == chosen.get("rung")]
+    values = [float(t[metric_key]) for t in scored] or [float(chosen[metric_key])]
     best = float(chosen[metric_key])
-    close = sum(abs(v - best) <= noise for v in values) - 1
+    close = max(0, sum(abs(v - best) <= noise for v in values) - 1)
     label = ", ".join(f"{k}={chosen[k]}" for k in ("lora_r", "lora_alpha") if k in chosen)
-    sentences = [f"{len(scored)} trials score between {min(values):.3f} and {max(values):.3f} on validation "
-                 f"{metric}; the chosen one ({label}) has {best:.3f}."]
+    stage = "in the final rung" if chosen.get("rung") is not None else "in the sweep"
+    sentences = [f"{len(values)} trials {stage} score between {min(values):.3f} and {max(values):.3f} on "
+                 f"validation {metric}; the chosen one ({label}) has {best:.3f}."]
     if max(values) - min(values) <= noise or close > 0:
         sentences.append(f"{close} other trial(s) lie within {noise:.3f} of it, the amount this metric moves "
                          "between two epochs of one training run (03): the ranking is made on noise. Prefer the "

@@ -64,6 +64,10 @@ def test_sweep_choice_calls_a_tie_a_tie() -> None:
     assert "made on noise" in say.sweep_choice(trials, chosen, CE_MICRO_F1, noise=0.05)
     assert "leads the others" in say.sweep_choice(trials, chosen, CE_MICRO_F1, noise=0.001)
     assert "No trial finished" in say.sweep_choice([], None, CE_MICRO_F1, noise=0.1)
+    halving = [dict(t, rung=0) for t in trials] + [dict(trials[1], rung=1, val_ce_micro_f1=0.5),
+                                                   dict(trials[0], rung=1, val_ce_micro_f1=0.3)]
+    text = say.sweep_choice(halving, halving[2], CE_MICRO_F1, noise=0.05)
+    assert "2 trials in the final rung score between 0.300 and 0.500" in text and "leads the others" in text
 
 
 def test_baselines_explain_a_constant_report_with_the_best_cider() -> None:
