@@ -22,7 +22,6 @@ from medcap_helpers.images import open_rgb
 from medcap_helpers.metrics import normalize_report, paired_differences
 from medcap_helpers.pipeline import progress_bars_enabled
 
-
 CONSTANT_SYSTEM = "constant (most frequent report)"
 """The baseline every model is compared with: the same report for every image."""
 

@@ -20,7 +20,12 @@ from medcap_helpers import runs
 from medcap_helpers.atomic import write_text
 from medcap_helpers.config import BLIP_LARGE_ID, TINY_MODEL, MedcapConfig
 from medcap_helpers.errors import StageNotRun
-from medcap_helpers.evaluation import ADAPTER_SYSTEM, MERGED_SYSTEM, final_system, merged_model_dir
+from medcap_helpers.evaluation import (
+    ADAPTER_SYSTEM,
+    MERGED_SYSTEM,
+    final_system,
+    merged_model_dir,
+)
 from medcap_helpers.metrics import TABLE_COLUMNS, format_table
 
 CARD_NAME = "README.md"

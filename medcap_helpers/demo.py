@@ -42,7 +42,11 @@ import ipywidgets as widgets
 from PIL import Image
 
 from medcap_helpers import runs
-from medcap_helpers.checkpoints import is_adapter_dir, load_final_model, load_processor_from
+from medcap_helpers.checkpoints import (
+    is_adapter_dir,
+    load_final_model,
+    load_processor_from,
+)
 from medcap_helpers.config import STAGES, MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
 from medcap_helpers.errors import ImageLoadError, MedcapError, StageNotRun

@@ -167,8 +167,8 @@ def baselines(table: Mapping[str, Mapping[str, Any]], differences: Sequence[Mapp
               constant: str) -> str:
     """02's baselines: who wins which metric, and whether any beats the constant report beyond noise."""
     best_cider, best_ce = _row_metric(table, "CIDEr"), _row_metric(table, CE_MICRO_F1)
-    sentences = [f"The highest CIDEr is the {best_cider}'s ({table[best_cider]['CIDEr']:.3f}), the highest CE "
-                 f"micro-F1 the {best_ce}'s ({table[best_ce][CE_MICRO_F1]:.3f})."]
+    sentences = [(f"The highest CIDEr is the {best_cider}'s ({table[best_cider]['CIDEr']:.3f}), the highest CE "
+                  f"micro-F1 the {best_ce}'s ({table[best_ce][CE_MICRO_F1]:.3f}).")]
     if best_cider == constant:
         sentences.append("A report that is the same for every image tops CIDEr because CIDEr-D's tf-idf comes from "
                          "the test references, and the normal template's sentences are in most of them: matching "
@@ -311,9 +311,9 @@ def lora_markdown(model: Any) -> str:
     """The ``LoraConfig`` in use and the layers it matched (A is r × d_in, B is d_out × r)."""
     config = next(iter(model.peft_config.values()))
     layers = lora_layers(model)
-    lines = [f"`LoraConfig`: r = {config.r}, lora_alpha = {config.lora_alpha} (updates scaled by α/r = "
-             f"{config.lora_alpha / config.r:g}), dropout = {config.lora_dropout}, bias = `{config.bias}`, "
-             f"target_modules = `{config.target_modules}`.", "",
+    lines = [(f"`LoraConfig`: r = {config.r}, lora_alpha = {config.lora_alpha} (updates scaled by α/r = "
+              f"{config.lora_alpha / config.r:g}), dropout = {config.lora_dropout}, bias = `{config.bias}`, "
+              f"target_modules = `{config.target_modules}`."), "",
              f"It matched {sum(g['count'] for g in layers)} linear layers (N = layer index):", "",
              "| layer | how many | A (r × d_in) | B (d_out × r) |", "|---|---:|---|---|"]
     lines += [f"| `{g['module']}` | {g['count']} | {g['A'][0]} × {g['A'][1]} | {g['B'][0]} × {g['B'][1]} |"
@@ -432,8 +432,8 @@ def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] 
     close = max(0, sum(abs(v - best) <= noise for v in values) - 1)
     label = ", ".join(f"{k}={chosen[k]}" for k in ("lora_r", "lora_alpha") if k in chosen)
     stage = "in the final rung" if chosen.get("rung") is not None else "in the sweep"
-    sentences = [f"{len(values)} trials {stage} score between {min(values):.3f} and {max(values):.3f} on "
-                 f"validation {metric}; the chosen one ({label}) has {best:.3f}."]
+    sentences = [(f"{len(values)} trials {stage} score between {min(values):.3f} and {max(values):.3f} on "
+                  f"validation {metric}; the chosen one ({label}) has {best:.3f}.")]
     if max(values) - min(values) <= noise or close > 0:
         sentences.append(f"{close} other trial(s) lie within {noise:.3f} of it, the amount this metric moves "
                          "between two epochs of one training run (03): the ranking is made on noise. Prefer the "

@@ -43,7 +43,12 @@ from medcap_helpers.devices import (
     reset_peak_memory,
 )
 from medcap_helpers.generation import generate_for_split, generate_reports
-from medcap_helpers.metrics import CE_MICRO_F1, format_table, paired_differences, score_systems
+from medcap_helpers.metrics import (
+    CE_MICRO_F1,
+    format_table,
+    paired_differences,
+    score_systems,
+)
 from medcap_helpers.model import (
     base_model_source,
     load_base_model,

@@ -30,8 +30,8 @@ def summary_markdown(run_dir: str | Path) -> str:
     if final.get("test_table"):
         parts += ["## Test set", "", format_table(final["test_table"]), ""]
         if final.get("test_differences"):
-            parts += ["Paired differences (95% paired-bootstrap intervals over the same test studies; a difference "
-                      "is established only when its interval excludes 0):", "",
+            parts += [("Paired differences (95% paired-bootstrap intervals over the same test studies; a difference "
+                       "is established only when its interval excludes 0):"), "",
                       differences_markdown(final["test_differences"]), ""]
         if final.get("ce_statement"):
             parts += [final["ce_statement"], ""]

@@ -75,7 +75,7 @@ def test_png_upload_is_captioned_by_every_captioner(demo: CaptionDemo) -> None:
 
 def test_direct_value_assignment_fires_the_observer(demo: CaptionDemo) -> None:
     # kernel-side values hold last_modified as a datetime (set_state converts the browser's milliseconds)
-    entry = {**upload_entry("direct.png", png_bytes()), "last_modified": dt.datetime.now(dt.timezone.utc)}
+    entry = {**upload_entry("direct.png", png_bytes()), "last_modified": dt.datetime.now(dt.UTC)}
     demo.upload.value = (entry,)
     assert demo.last_result["captions"]["base"] == "12x8 RGB"
 

@@ -12,7 +12,13 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from medcap_helpers.merge import ADAPTER_CANDIDATE, FINAL_CANDIDATES, FINAL_RULE, MERGES, choose_final
+from medcap_helpers.merge import (
+    ADAPTER_CANDIDATE,
+    FINAL_CANDIDATES,
+    FINAL_RULE,
+    MERGES,
+    choose_final,
+)
 
 pytestmark = pytest.mark.slow
 
