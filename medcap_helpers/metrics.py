@@ -26,6 +26,10 @@ What the numbers are (pycocoevalcap 1.2):
   its reference's; micro sums tp/fp/fn over all 14 classes, macro averages the classes the references
   name. Its 95% interval resamples studies and recomputes micro-F1 from the resample's summed counts
   (:func:`bootstrap_micro_f1_ci`): micro-F1 is not a mean of per-example scores.
+
+Comparing two systems scored on the same studies: :func:`paired_difference_ci` resamples the studies once
+per bootstrap sample and scores both systems on it, giving the interval of their *difference*; overlapping
+per-system intervals are the wrong test (they ignore that both systems find the same studies hard).
 """
 
 from __future__ import annotations
