@@ -19,6 +19,7 @@ from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import GB, cap_gpu_memory, is_out_of_memory, pick_device, release_memory
 from medcap_helpers.errors import BudgetTooSmall
 from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
+from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.processing import CaptionCollator
 
 
@@ -145,7 +146,7 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
             if step == 1:
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            model(**batch).loss.backward()
+            caption_outputs(model, batch).loss.backward()  # two-view batches too
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)

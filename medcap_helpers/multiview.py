@@ -35,6 +35,13 @@ def multiview_forward(model: Any, pixel_values: torch.Tensor, input_ids: torch.T
                                             labels=labels, reduction="mean")
 
 
+def caption_outputs(model: Any, batch: dict[str, torch.Tensor]) -> Any:
+    """The model's outputs (``.loss``: mean over the batch) for a collated batch of one or several views."""
+    if batch["pixel_values"].ndim == 5:
+        return multiview_forward(model, **batch)
+    return model(**batch)
+
+
 @torch.no_grad()
 def multiview_generate(model: Any, pixel_values: torch.Tensor, decoder: Any = None, **generate_kwargs: Any) -> torch.Tensor:
     """BLIP's ``generate`` (start from ``[DEC]``, stop on ``[SEP]``) on the views' tokens; token ids out.

@@ -56,7 +56,7 @@ from medcap_helpers.model import (
     remove_input_grad_hooks,
     trainable_parameters,
 )
-from medcap_helpers.multiview import multiview_forward
+from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
 
@@ -221,7 +221,7 @@ class MedcapTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
         if inputs["pixel_values"].ndim == 5:  # two-view studies: one memory of both views' tokens
-            outputs = multiview_forward(model, **inputs)
+            outputs = caption_outputs(model, inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)

@@ -130,3 +130,17 @@ def test_qlora_trains_and_generates_on_two_view_studies(tmp_path: Path) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(e["val_cider"] is not None for e in result.history)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_caption_outputs_takes_one_view_or_several(tiny) -> None:
+    """The loss the Trainer and the budget probe compute: BLIP's own for one view, the views' joint memory
+    for a (batch, views, ...) batch — the probe once called BLIP directly and failed on two views."""
+    model, processor, config = tiny
+    rows = synthetic_rows()[:2]
+    batch = CaptionCollator(processor, config.max_target_tokens)(rows)
+    two_views = dict(batch, pixel_values=torch.stack([batch["pixel_values"], batch["pixel_values"].flip(0)], dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(multiview.caption_outputs(model, batch).loss, model(**batch).loss)
+        expected = multiview.multiview_forward(model, **two_views).loss
+        torch.testing.assert_close(multiview.caption_outputs(model, two_views).loss, expected)
+        assert not torch.allclose(expected, model(**batch).loss)
