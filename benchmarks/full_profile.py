@@ -406,7 +406,10 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
             "top1_agreement_where_margin_over_0.1": float(same[clear].float().mean()) if clear.any() else None,
             "positions": int(keep.sum()), "positions_with_margin_over_0.1": int(clear.sum())}
         print(out["decoder_copy_logits"], flush=True)
-        del copy
+        del copy, reference, copied, memory_tokens, batch, top2, clear, same, keep
+    from medcap_helpers.devices import release_memory
+
+    release_memory()  # the fit below must see only what the pipeline's stage 03 holds
     peft_model.train()
     fitted, fit = budget.fit_config_to_budget(config, peft_model, processor, dd["train"])
     out["budget_fit"] = fit.to_dict() if fit else None
@@ -436,6 +439,8 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
                                                 progress=False))
     out["generation"] = {"batch": size, "reports_per_s": n / seconds, **memory()}
     print(out["generation"], flush=True)
+    if os.environ.get("MEDCAP_SKIP_PROFILE"):
+        return out
     pixels = pixel_batch(processor, [sample[i] for i in range(size)]).to("cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         _, seconds = timed(lambda: generate_reports(peft_model, processor, [sample[i] for i in range(size)],
