@@ -40,6 +40,9 @@ PUBLISHED_FILE = "published_iu_xray.json"
 
 MERGED_SYSTEM = "fine-tuned, merged NF4"
 ADAPTER_SYSTEM = "fine-tuned (adapter on 4-bit base)"
+FINAL_LABELS = {MERGED_SYSTEM: "fine-tuned model (merged NF4, the final model)",
+                ADAPTER_SYSTEM: "fine-tuned model (adapter on its 4-bit base, the final model)"}
+"""How the CE sentence names the final model, per table row."""
 
 
 @dataclass
@@ -61,7 +64,7 @@ class FinalEvaluation:
         paired = next((d for d in self.differences if d["system"] == self.final_system
                        and d["baseline"] == CONSTANT_SYSTEM and d["metric"] == CE_MICRO_F1), None)
         return ce_comparison(self.table, self.final_system, CONSTANT_SYSTEM,
-                             labels=(f"final model ({self.final_system})", "constant report"), difference=paired)
+                             labels=(FINAL_LABELS[self.final_system], "constant report"), difference=paired)
 
     def stage_metrics(self) -> dict[str, Any]:
         note = ("Smoke sample: placeholder images generated from real report text; these numbers say "

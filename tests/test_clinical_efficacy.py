@@ -275,8 +275,9 @@ def test_smoke_run_fine_tuned_model_names_findings_better_than_the_constant_repo
         assert row[f"{CE_MICRO_F1}_ci_low"] <= row[CE_MICRO_F1] <= row[f"{CE_MICRO_F1}_ci_high"]
         assert set(row[CE_CLASSES]) == set(findings.CLASSES)
     final = smoke_run["metrics"]["06_eval_and_demo"]
-    assert final["ce_statement"].startswith("The fine-tuned model (merged NF4, the final model) names the "
-                                            "findings better than the constant report: CE micro-F1 ")
+    assert final["ce_statement"].startswith("The fine-tuned model (")
+    assert "the final model) names the findings better than the constant report: CE micro-F1 " in final["ce_statement"]
+    assert "paired-bootstrap interval of the difference" in final["ce_statement"]
     summary = (smoke_run["dir"] / "summary.md").read_text()
     assert final["ce_statement"] in summary and "CE micro-F1" in summary.splitlines()[
         next(i for i, line in enumerate(summary.splitlines()) if line.startswith("| system |"))]
