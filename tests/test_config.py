@@ -14,9 +14,16 @@ def test_profiles_differ_where_they_should() -> None:
     smoke, full = MedcapConfig.from_profile("smoke"), MedcapConfig.from_profile("full")
     assert (smoke.model_name, smoke.data_source, smoke.device) == (TINY_MODEL, "smoke", "cpu")
     assert (full.model_name, full.data_source, full.device) == (BLIP_LARGE_ID, "openi", "cuda")
-    # The seed project's training settings are the full profile's defaults.
+    # Batches of 16 studies, the learning rate scaled from the seed's (batch 4, 2e-4) by the square root of the
+    # batch; the same epochs and schedule. The 4 GB budget fits micro-batch and checkpointing, not the batch.
     assert (full.per_device_train_batch_size, full.gradient_accumulation_steps, full.learning_rate,
-            full.num_train_epochs, full.lr_scheduler_type) == (1, 4, 2e-4, 5.0, "cosine")
+            full.num_train_epochs, full.lr_scheduler_type) == (16, 1, 4e-4, 5.0, "cosine")
+    assert full.learning_rate == pytest.approx(2e-4 * (full.effective_batch_size / 4) ** 0.5)
+    assert full.vram_budget_gb == 4.0 and full.sweep_strategy == "halving" and full.sweep_budget_share == 1.0
+    # The seed's settings stay one override away.
+    seed = MedcapConfig.from_profile("full", per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                                     learning_rate=2e-4, vram_budget_gb=None)
+    assert (seed.effective_batch_size, seed.vram_budget_gb) == (4, None)
     assert full.lora_r == 8 and full.lora_alpha == 32 and full.lora_target_modules == ("query", "value", "dense")
 
 
@@ -24,6 +31,9 @@ def test_profiles_differ_where_they_should() -> None:
     ("overrides", "message"),
     [
         ({"lora_r": 0}, "lora_r must be a whole number >= 1"),
+        ({"sweep_strategy": "random"}, "sweep_strategy='random' is not one of 'halving', 'grid'"),
+        ({"sweep_budget_share": 0}, "sweep_budget_share must be a positive share of one training run"),
+        ({"sweep_eval_examples": 0}, "sweep_eval_examples must be a whole number >= 1"),
         ({"learning_rate": -1e-4}, "learning_rate must be a number in (0, 1)"),
         ({"lora_target_modules": ("query", "attn")}, "Unknown LoRA target module(s) ['attn']"),
         ({"split_ratios": (0.5, 0.5, 0.5)}, "split_ratios must sum to 1"),
