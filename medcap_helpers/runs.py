@@ -169,6 +169,26 @@ def save_predictions(run_dir: str | Path, split_name: str, systems: dict[str, Se
     return write_json(path, stored)
 
 
+BEST_EPOCH_PREDICTIONS = "validation_best_epoch.json"
+
+
+def save_best_epoch_predictions(run_dir: str | Path, image_ids: Sequence[str], reports: Sequence[str],
+                                checkpoint: str) -> Path:
+    """The validation reports training generated with the adapter it kept (stage 05 reuses them)."""
+    path = Path(run_dir) / "predictions" / BEST_EPOCH_PREDICTIONS
+    write_json(path, {"image_id": list(image_ids), "reports": list(reports), "checkpoint": checkpoint})
+    return path
+
+
+def load_best_epoch_predictions(run_dir: str | Path, image_ids: Sequence[str]) -> list[str] | None:
+    """:func:`save_best_epoch_predictions`' reports when they cover exactly ``image_ids``, else None."""
+    path = Path(run_dir) / "predictions" / BEST_EPOCH_PREDICTIONS
+    if not path.exists():
+        return None
+    stored = read_json(path)
+    return list(stored["reports"]) if stored.get("image_id") == list(image_ids) else None
+
+
 def load_predictions(run_dir: str | Path, split_name: str, image_ids: Sequence[str]) -> dict[str, list[str]]:
     path = predictions_path(run_dir, split_name)
     if not path.exists():

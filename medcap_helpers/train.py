@@ -199,6 +199,7 @@ class MedcapTrainer(Trainer):
         self.medcap_config = medcap_config
         self.scorer = scorer
         self.last_predictions: list[str] = []
+        self.predictions_by_step: dict[int, list[str]] = {}
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.add_callback(_EpochTrainLossCallback(self))
@@ -255,6 +256,7 @@ class MedcapTrainer(Trainer):
                                                  min_new_tokens=config.min_new_tokens)
         predictions = gather_object(share_predictions)
         self.last_predictions = predictions
+        self.predictions_by_step[self.state.global_step] = predictions
         scores = scorer(predictions, text_column(rows))  # caption_scores normalises both sides alike
         metrics = {f"{prefix}_{metric_log_key(name)}": float(value) for name, value in scores.items()}
         metrics[f"{prefix}_mean_report_words"] = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
@@ -444,6 +446,7 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     writes_files = trainer.is_world_process_zero()  # data-parallel: process 0 writes, the others only train
     if writes_files:
         save_adapter(trainer.model, processor, adapter_dir)
+        _save_best_epoch_predictions(trainer, run_dir, generation_rows, val_rows)
     trainable, total, share = trainable_parameters(trainer.model)
     result = TrainResult(
         history=history, best_epoch=best_epoch, best_cider=best_cider, adapter_dir=adapter_dir,
@@ -465,6 +468,22 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
             "val_examples_generated": len(generation_rows), "val_prediction_samples": trainer.last_predictions[:5],
         })
     return result
+
+
+def _save_best_epoch_predictions(trainer: MedcapTrainer, run_dir: Path, generation_rows: Any, val_rows: Any) -> None:
+    """Keep the kept epoch's validation reports, so stage 05 need not generate them again (only when they
+    cover the whole validation split and this process generated them: not after a resume past that epoch)."""
+    best = trainer.state.best_model_checkpoint
+    if best is None or len(generation_rows) != len(val_rows):
+        return
+    reports = trainer.predictions_by_step.get(int(Path(best).name.rsplit("-", 1)[-1]))
+    if hasattr(val_rows, "column_names"):
+        image_ids = list(val_rows.with_format(None).select_columns(["image_id"])["image_id"]) \
+            if "image_id" in val_rows.column_names else []
+    else:
+        image_ids = [row.get("image_id") for row in val_rows]
+    if reports is not None and image_ids and None not in image_ids:
+        runs.save_best_epoch_predictions(run_dir, image_ids, reports, Path(best).name)
 
 
 def _training_oom(error: BaseException, config: MedcapConfig, checkpoints_dir: Path) -> OutOfMemory:

@@ -35,7 +35,7 @@ def synthetic_rows() -> list[dict]:
     for i, text in enumerate(REPORTS):
         image = Image.new("RGB", (96, 96), COLOURS[i])
         ImageDraw.Draw(image).rectangle([i * 8, i * 8, i * 8 + 30, i * 8 + 30], fill=COLOURS[(i + 3) % 8])
-        rows.append({"image": image, "text": text, "study_id": f"s{i}"})
+        rows.append({"image": image, "text": text, "study_id": f"s{i}", "image_id": f"i{i}"})
     return rows
 
 
@@ -126,6 +126,17 @@ def test_run_folder_holds_adapter_and_train_metrics(overfit):
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["wall_time_s"] > 0
     assert result.peak_memory and all("peak_rss_gb" in p for p in result.peak_memory)
+
+
+def test_the_kept_epochs_validation_reports_are_saved_for_stage_05(overfit):
+    config, model, processor, rows, result = overfit
+    ids = [row["image_id"] for row in rows]
+    saved = runs.load_best_epoch_predictions(config.run_path, ids)
+    assert saved is not None and len(saved) == len(rows)
+    # They are the reports the kept adapter writes: stage 05 need not generate them again.
+    assert saved == generation.generate_reports(model, processor, [row["image"] for row in rows],
+                                                max_new_tokens=config.max_new_tokens, progress=False)
+    assert runs.load_best_epoch_predictions(config.run_path, ids[::-1]) is None, "other studies: not reused"
 
 
 def test_saved_adapter_reloads_onto_a_fresh_four_bit_base(overfit):
