@@ -464,8 +464,10 @@ def checkpoint_sizes(sizes_bytes: Mapping[str, int]) -> str:
 
 def merge_choice(differences: Sequence[Mapping[str, Any]], final_label: str, rule: str) -> str:
     """05's choice in words: the paired validation differences against the default, the rule, the outcome."""
-    sentences = [f"The rule: {rule}"]
-    sentences += [difference_sentence(d) for d in differences]
+    sentences = [f"The rule: {rule[0].lower()}{rule[1:]}"]
+    for system in dict.fromkeys(d["system"] for d in differences):
+        mine = [d for d in differences if d["system"] == system]
+        sentences += _verdicts(mine, f"\"{system}\" against \"{mine[0]['baseline']}\"")
     noise_only = all(not established(d) for d in differences)
     sentences.append(f"Final model: **{final_label}**." + (
         " No candidate differs from the default beyond the noise, so the cheapest one to serve is kept: picking the "
