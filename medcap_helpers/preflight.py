@@ -51,6 +51,12 @@ def _cuda(config: MedcapConfig) -> list[Check]:
     checks.append(Check("free GPU memory", status, f"{free / GB:.1f} of {total / GB:.1f} GB free; budget "
                         f"{budget:.1f} GB", "" if status == OK else "close other programs using the GPU "
                         "(nvidia-smi) or lower --vram-budget-gb"))
+    visible = torch.cuda.device_count()
+    if config.num_gpus is not None and config.num_gpus > visible:
+        checks.append(Check("GPUs", FAIL, f"num_gpus={config.num_gpus} but {visible} visible",
+                            f"use --gpus {visible} or fewer (or check CUDA_VISIBLE_DEVICES)"))
+    else:
+        checks.append(Check("GPUs", OK, f"training on {config.num_gpus or visible} of {visible}"))
     if config.load_in_4bit:
         checks.append(_bitsandbytes_on_gpu())
     return checks

@@ -40,7 +40,7 @@ def ensure_run_dir(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"  # per process: data-parallel processes check at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

@@ -77,3 +77,15 @@ def test_a_full_run_stops_at_the_preflight_without_a_gpu(tmp_path: Path, capsys:
     err = capsys.readouterr().err
     assert status == 2 and "[FAIL] CUDA GPU" in err and "To fix:" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics").exists()  # nothing ran
+
+
+def test_more_gpus_than_visible_fails_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = preflight.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
+    monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    config = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False)
+    assert by_name(preflight._cuda(config))["GPUs"].detail == "training on 2 of 2"
+    too_many = by_name(preflight._cuda(config.replace(num_gpus=4)))["GPUs"]
+    assert too_many.status == preflight.FAIL and "--gpus 2" in too_many.fix
