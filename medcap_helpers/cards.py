@@ -38,7 +38,14 @@ _DATASETS = {
     "r2gen": "IU X-Ray (Open-i) in the R2Gen layout and split",
     "kaggle": "IU X-Ray (Open-i), the Kaggle copy",
     "xrv_reports": "IU X-Ray (Open-i) report XMLs bundled with torchxrayvision",
+    "mimic_r2gen": "MIMIC-CXR (PhysioNet, credentialed access) in the R2Gen layout and split",
 }
+MIMIC_LICENSE = ("- MIMIC-CXR (PhysioNet): PhysioNet Credentialed Health Data License 1.5.0 and its data use "
+                 "agreement. **Do not share or upload these weights**: a model trained on MIMIC-CXR may only go to "
+                 "people bound by the same agreement.")
+IU_LICENSE = ("- IU X-Ray / Open-i (Indiana University, via the U.S. National Library of Medicine): CC BY-NC-ND 4.0 — "
+              "attribution, **non-commercial**, no derivatives. Weights trained on it are shared here for "
+              "non-commercial research only; check the data license before any other use.")
 
 
 def write_model_cards(run_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -70,7 +77,7 @@ def base_model_id(config: MedcapConfig) -> str | None:
 def card_metadata(config: MedcapConfig, table: dict[str, dict[str, Any]], kind: str, run_name: str) -> ModelCardData:
     """The YAML front matter: hub fields and a model-index with the system's test figures."""
     system = MERGED_SYSTEM if kind == "merged" else ADAPTER_SYSTEM
-    dataset = _DATASETS.get(config.data_source, f"{config.hub_dataset_id} (IU X-Ray)")
+    dataset = _DATASETS.get(config.data_source) or f"{config.hub_dataset_id} (IU X-Ray)"
     results = []
     row = table.get(system, {})
     for column in TABLE_COLUMNS:
@@ -162,9 +169,7 @@ def model_card(config: MedcapConfig, table: dict[str, dict[str, Any]], final: di
         "## Licenses", "",
         "- BLIP (Salesforce) code and weights: BSD-3-Clause."
         + (" (The smoke model has no BLIP weights.)" if tiny else ""),
-        ("- IU X-Ray / Open-i (Indiana University, via the U.S. National Library of Medicine): CC BY-NC-ND 4.0 — "
-         "attribution, **non-commercial**, no derivatives. Weights trained on it are shared here for "
-         "non-commercial research only; check the data license before any other use."),
+        MIMIC_LICENSE if config.data_source == "mimic_r2gen" else IU_LICENSE,
         "- medcap, the code that trained it: Apache-2.0.", "",
         "## Environment", "",
         (f"medcap run `{run_name}`, git commit `{environment.get('git_commit')}`, {packages}; "

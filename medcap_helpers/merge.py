@@ -33,8 +33,10 @@ from medcap_helpers.checkpoints import (
     save_checkpoint,
     saved_checkpoint,
 )
+from medcap_helpers import runs
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.data import VALIDATION, limit_rows
+from medcap_helpers.sources import column_values
 from medcap_helpers.devices import (
     compute_dtype,
     device_map_for,
@@ -213,9 +215,14 @@ def merge_and_requantize(config: MedcapConfig, dataset: Any) -> MergeOutcome:
             checkpoints[s].path, run / t, processor, quantization_config(compute), device_map))
 
     predictions: dict[str, list[str]] = {}
-    adapter_model = load_adapter_model(config, adapter_dir)
-    predictions[ADAPTER_LABEL] = generate_for_split(adapter_model, processor, val, config)
-    del adapter_model
+    # Training generated these reports with the adapter it kept (same weights): not generated twice.
+    from_training = runs.load_best_epoch_predictions(run, column_values(val, "image_id"))
+    if from_training is not None:
+        predictions[ADAPTER_LABEL] = from_training
+    else:
+        adapter_model = load_adapter_model(config, adapter_dir)
+        predictions[ADAPTER_LABEL] = generate_for_split(adapter_model, processor, val, config)
+        del adapter_model
     for name in MERGES:
         nf4_model, nf4_processor = load_captioner(checkpoints[name].path, device_map=device_map)
         predictions[FINAL_CANDIDATES[name]] = generate_for_split(nf4_model, nf4_processor, val, config)

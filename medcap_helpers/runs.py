@@ -180,6 +180,11 @@ def save_best_epoch_predictions(run_dir: str | Path, image_ids: Sequence[str], r
     return path
 
 
+def forget_best_epoch_predictions(run_dir: str | Path) -> None:
+    """Training starts: reports of an earlier training must not pass for this one's."""
+    (Path(run_dir) / "predictions" / BEST_EPOCH_PREDICTIONS).unlink(missing_ok=True)
+
+
 def load_best_epoch_predictions(run_dir: str | Path, image_ids: Sequence[str]) -> list[str] | None:
     """:func:`save_best_epoch_predictions`' reports when they cover exactly ``image_ids``, else None."""
     path = Path(run_dir) / "predictions" / BEST_EPOCH_PREDICTIONS

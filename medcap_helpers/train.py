@@ -426,6 +426,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
 
     remove_incomplete_checkpoints(checkpoints_dir)
     resume = last_complete_checkpoint(checkpoints_dir)
+    if trainer.is_world_process_zero():
+        runs.forget_best_epoch_predictions(run_dir)
     start = time.perf_counter()
     oom: OutOfMemory | None = None
     try:

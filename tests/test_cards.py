@@ -107,3 +107,14 @@ def test_cards_of_the_smoke_run(smoke_run: dict, tmp_path: Path) -> None:
     assert values["CIDEr"] == table[MERGED_SYSTEM]["CIDEr"]
     assert table_block(written["adapter"].read_text()) == table_block((run / "summary.md").read_text())
     assert "# Model Card for Model ID" not in written["adapter"].read_text()
+
+
+def test_a_mimic_trained_model_says_not_to_share_it(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run", model_name=BLIP_LARGE_ID)
+    config = MedcapConfig.load(run / "config.json")
+    table = runs.read_stage_metrics(run, "06_eval_and_demo")["test_table"]
+    mimic = config.replace(data_source="mimic_r2gen", data_path=str(tmp_path / "annotation.json"))
+    text = cards.model_card(mimic, table, {}, {}, "adapter", "run")
+    assert "MIMIC-CXR (PhysioNet" in text and "Do not share or upload these weights" in text
+    assert "CC BY-NC-ND" not in text and "(IU X-Ray)" not in text
+    assert "CC BY-NC-ND" in cards.model_card(config, table, {}, {}, "adapter", "run")
