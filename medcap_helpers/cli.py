@@ -22,11 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medcap_helpers import demo, preflight
-from medcap_helpers.config import PROFILES, MedcapConfig, field_names
-from medcap_helpers.errors import ConfigError, MedcapError, StageFailed
-from medcap_helpers.pipeline import resolve_config, run_pipeline
-from medcap_helpers.summary import final_table_text
+from medcap_helpers import pipeline
+
+pipeline.quiet_libraries()  # before bitsandbytes loads: no import-time kernel-package note on the terminal
+
+from medcap_helpers import demo, preflight  # noqa: E402
+from medcap_helpers.config import PROFILES, MedcapConfig, field_names  # noqa: E402
+from medcap_helpers.errors import ConfigError, MedcapError, StageFailed  # noqa: E402
+from medcap_helpers.pipeline import resolve_config, run_pipeline  # noqa: E402
+from medcap_helpers.summary import final_table_text  # noqa: E402
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
