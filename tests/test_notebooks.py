@@ -198,3 +198,13 @@ def test_rerun_skips_finished_stages(smoke_run: dict) -> None:
     outcomes = run_pipeline(smoke_run["config"], progress=False)
     assert [o.status for o in outcomes] == ["skipped"] * len(STAGES)
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.slow
+def test_05_reuses_the_validation_reports_03_generated_with_the_kept_adapter(smoke_run: dict) -> None:
+    from medcap_helpers import runs as run_files
+
+    m3, m5 = smoke_run["metrics"]["03_qlora_train"], smoke_run["metrics"]["05_merge_requant"]
+    assert (smoke_run["dir"] / "predictions" / run_files.BEST_EPOCH_PREDICTIONS).exists()
+    adapter = m5["validation"]["adapter on 4-bit base"]
+    assert adapter["CIDEr"] == m3["best_val_cider"] and adapter["CE micro-F1"] == m3["best_val_ce_micro_f1"]
