@@ -137,13 +137,19 @@ def nearest_neighbour_baseline(train_embeddings: np.ndarray | torch.Tensor, trai
     return [train_texts[i] for i in nearest]
 
 
+EMBEDDING_BATCH = 16
+"""Studies per batch through the vision tower for the nearest neighbour: the tower is compute-bound, so a
+bigger batch gains nothing, while its activations grow with it (``eval_batch_size`` sizes generation)."""
+
+
 def baseline_systems(base_model: Any, processor: Any, train_split: Any, test_split: Any,
                      config: MedcapConfig) -> dict[str, list[str]]:
     """Zero-shot base captions, the constant most-frequent report and nearest-neighbour retrieval."""
     train_texts = list(train_split["text"])
     zero_shot = generate_for_split(base_model, processor, test_split, config)
-    train_embeddings = image_embeddings(base_model, processor, study_inputs(train_split), config.eval_batch_size)
-    test_embeddings = image_embeddings(base_model, processor, study_inputs(test_split), config.eval_batch_size)
+    embed_batch = min(config.eval_batch_size, EMBEDDING_BATCH)
+    train_embeddings = image_embeddings(base_model, processor, study_inputs(train_split), embed_batch)
+    test_embeddings = image_embeddings(base_model, processor, study_inputs(test_split), embed_batch)
     return {
         "zero-shot base": zero_shot,
         CONSTANT_SYSTEM: constant_baseline(train_texts, len(test_split)),

@@ -12,6 +12,7 @@ logits agree); it costs the copy's memory (about 0.3 GB at BLIP-large size).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,47 @@ def _effective_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     return dequantize_module_weight(module).detach(), module.bias
 
 
+class SharedMemoryCrossAttention(nn.Module):
+    """A decoder layer's cross-attention whose keys and values are computed once per study and shared by
+    the study's beams.
+
+    Beam search copies each study's image tokens once per beam, and BLIP's own cross-attention then keeps
+    keys and values for every copy: identical, and most of generation's memory. Here they are computed
+    from one copy per study (beams are contiguous rows, and reordering beams never crosses studies) and the
+    beams' queries attend to them together. BLIP's cross-attention uses no attention mask, and neither
+    does this one; the arithmetic is the same.
+    """
+
+    def __init__(self, attention: nn.Module, num_beams: int) -> None:
+        super().__init__()
+        self.attention, self.num_beams = attention, num_beams
+        self.source: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, encoder_hidden_states: torch.Tensor | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        attention = self.attention.self
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+        if encoder_hidden_states is not self.source:  # a new batch: its studies' keys and values
+            memory = encoder_hidden_states[:: self.num_beams]
+            studies, tokens = memory.shape[:2]
+            self.keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2)
+            self.values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2)
+            self.source = encoder_hidden_states
+        studies = self.keys.shape[0]
+        rows, length = hidden_states.shape[:2]
+        beams = rows // studies
+        # The beams' queries side by side, as if one longer sequence per study.
+        query = attention.query(hidden_states).view(studies, beams, length, heads, size)
+        query = query.permute(0, 3, 1, 2, 4).reshape(studies, heads, beams * length, size)
+        scores = torch.matmul(query, self.keys.transpose(-1, -2)) / math.sqrt(size)
+        context = torch.matmul(scores.softmax(dim=-1), self.values)
+        context = context.view(studies, heads, beams, length, size).permute(0, 2, 3, 1, 4)
+        context = context.reshape(rows, length, heads * size)
+        return self.attention.output(context, hidden_states), None
+
+
 def _generation_dtype(decoder: nn.Module) -> torch.dtype:
     """The dtype the decoder's 4-bit layers compute in (else its parameters' floating dtype)."""
     for module in decoder.modules():
@@ -111,8 +153,10 @@ def needs_decoder_copy(model: Any) -> bool:
 
 
 @torch.no_grad()
-def decoder_for_generation(model: Any) -> nn.Module:
-    """A plain 16-bit copy of ``model``'s text decoder, 4-bit weights dequantized and LoRA merged.
+def decoder_for_generation(model: Any, num_beams: int = 1) -> nn.Module:
+    """A plain 16-bit copy of ``model``'s text decoder, 4-bit weights dequantized and LoRA merged, whose
+    cross-attention keeps one set of keys and values per study for its ``num_beams`` beams
+    (:class:`SharedMemoryCrossAttention`).
 
     Every linear layer of the copy holds exactly the weight its source multiplies by, in the dtype
     the source computes in; other parameters and buffers are copied as they are. The model itself is
@@ -138,6 +182,9 @@ def decoder_for_generation(model: Any) -> nn.Module:
         buffer.copy_(source.get_buffer(name))
     copy.tie_weights()
     copy.generation_config = source.generation_config
+    for layer in copy.bert.encoder.layer:
+        if hasattr(layer, "crossattention"):
+            layer.crossattention = SharedMemoryCrossAttention(layer.crossattention, num_beams)
     return copy.to(dtype).eval()
 
 
@@ -162,7 +209,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     was_training = model.training
     model.eval()
     base = unwrap_model(model)
-    decoder = decoder_for_generation(model) if decoder_copy and needs_decoder_copy(model) else base.text_decoder
+    decoder = (decoder_for_generation(model, num_beams) if decoder_copy and needs_decoder_copy(model)
+               else base.text_decoder)
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
@@ -212,23 +260,28 @@ def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_n
                          advice, note=f"{done} of {total} reports were generated before it failed.")
 
 
-def study_generation_bytes(model: Any, config: MedcapConfig, dtype_bytes: int = 2) -> int:
+def study_generation_bytes(model: Any, config: MedcapConfig, dtype_bytes: int = 2,
+                           shared_cross_attention: bool = True) -> int:
     """Estimated GPU bytes one study takes while its reports are generated (beams included).
 
-    Dominated by the decoder's key/value caches: for every beam, each of the decoder's layers keeps the
-    keys and values of all image tokens (cross-attention) and of the tokens written so far
-    (self-attention); with BLIP-large, two views and three beams about 0.14 GB per study. Plus the image
-    tokens repeated per beam and the beam scores over the vocabulary. (Checked against measured peaks:
-    ``benchmarks/full_profile.py``.)
+    Dominated by the decoder's key/value caches: each of the decoder's layers keeps the keys and values
+    of all image tokens (cross-attention: once per study with :class:`SharedMemoryCrossAttention`, else
+    once per beam) and, for every beam, of the tokens written so far (self-attention); with
+    BLIP-large, two views and three beams about 0.05 GB per study shared, 0.14 GB per beam. Plus the
+    image tokens repeated per beam and the beam scores over the vocabulary. (Checked against measured
+    peaks: ``benchmarks/full_profile.py``.)
     """
     base = unwrap_model(model)
     text, vision = base.config.text_config, base.config.vision_config
     views = 2 if config.views == "both" else 1
     image_tokens = views * ((vision.image_size // vision.patch_size) ** 2 + 1)
-    caches = text.num_hidden_layers * 2 * (image_tokens + config.max_new_tokens + 1) * text.hidden_size * dtype_bytes
-    memory = image_tokens * vision.hidden_size * dtype_bytes
-    scores = 4 * text.vocab_size * 4
-    return config.num_beams * (caches + memory + scores)
+    beams = config.num_beams
+    layer_bytes = text.num_hidden_layers * 2 * text.hidden_size * dtype_bytes  # keys and values, every layer
+    cross = layer_bytes * image_tokens * (1 if shared_cross_attention else beams)
+    written = layer_bytes * (config.max_new_tokens + 1) * beams
+    memory = image_tokens * vision.hidden_size * dtype_bytes * beams
+    scores = 4 * text.vocab_size * 4 * beams
+    return cross + written + memory + scores
 
 
 def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device | str | None = None,
@@ -242,7 +295,8 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
     decoder = unwrap_model(model).text_decoder
     copy_bytes = 2 * sum(p.numel() for p in decoder.parameters()) if needs_decoder_copy(model) else 0
     free = config.vram_budget_gb * GB * (1 - margin) - torch.cuda.memory_allocated(device) - copy_bytes
-    return max(1, min(config.eval_batch_size, int(free // study_generation_bytes(model, config))))
+    per_study = study_generation_bytes(model, config, shared_cross_attention=copy_bytes > 0)
+    return max(1, min(config.eval_batch_size, int(free // per_study)))
 
 
 def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapConfig) -> list[str]:
