@@ -110,20 +110,25 @@ class SharedMemoryCrossAttention(nn.Module):
     def __init__(self, attention: nn.Module, num_beams: int) -> None:
         super().__init__()
         self.attention, self.num_beams = attention, num_beams
-        self.source: torch.Tensor | None = None
+        self.rows = 0
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the last batch's keys and values: call before generating for another batch (transformers
+        hands the image tokens over anew at every step, so a new batch cannot be told by its tensor)."""
+        self.keys = self.values = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, encoder_hidden_states: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
         attention = self.attention.self
         heads, size = attention.num_attention_heads, attention.attention_head_size
-        if encoder_hidden_states is not self.source:  # a new batch: its studies' keys and values
+        if self.keys is None or self.rows != encoder_hidden_states.shape[0]:  # a new batch (see reset)
             memory = encoder_hidden_states[:: self.num_beams]
             studies, tokens = memory.shape[:2]
             self.keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2)
             self.values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2)
-            self.source = encoder_hidden_states
+            self.rows = encoder_hidden_states.shape[0]
         studies = self.keys.shape[0]
         rows, length = hidden_states.shape[:2]
         beams = rows // studies
@@ -226,6 +231,9 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                     pixel_values = pixel_batch(processor, batch).to(device)
                     if pixel_values.ndim == 4:
                         pixel_values = pixel_values.unsqueeze(1)
+                    for module in decoder.modules():
+                        if isinstance(module, SharedMemoryCrossAttention):
+                            module.reset()
                     output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is handled
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):

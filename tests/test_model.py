@@ -297,7 +297,9 @@ def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tin
     with peft_model.disable_adapter(), torch.no_grad():  # the adapter matters, so its merge was tested
         assert not torch.allclose(decoder(input_ids=ids, encoder_hidden_states=memory).logits, expected, atol=1e-2)
     images = [row["image"] for row in _rows()]
-    fast = generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False)
+    # Two batches of two studies: the shared cross-attention must forget the first batch's image tokens.
+    fast = generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False,
+                                       batch_size=2)
     slow = generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False,
                                        decoder_copy=False)
     assert fast == slow
