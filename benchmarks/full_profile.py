@@ -411,6 +411,25 @@ def check_levers(data_dir: str, run: str, n: int) -> dict[str, Any]:
     return out
 
 
+def generation_only(peft_model: Any, processor: Any, config: Any, dd: Any, n: int) -> dict[str, Any]:
+    """Reports/s and peak memory at the budget's generation batch (after a warm-up batch)."""
+    import torch
+
+    from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
+
+    cap_memory()
+    sample = study_inputs(dd["validation"].select(range(n)))
+    size = generation_batch_size(peft_model, config)
+    settings = dict(batch_size=size, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
+                    num_beams=config.num_beams, progress=False)
+    generate_reports(peft_model, processor, [sample[i] for i in range(min(size, 8))], **settings)
+    torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: generate_reports(peft_model, processor, sample, **settings))
+    result = {"batch": size, "reports_per_s": n / seconds, **memory()}
+    print(result, flush=True)
+    return result
+
+
 def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
     """What the "after" projection needs, through the pipeline's own functions under the 4 GB cap:
     the budget fit and its training rate, generation at the budget's batch, the profiler's view of one
@@ -462,6 +481,8 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
     from medcap_helpers.devices import release_memory
 
     release_memory()  # the fit below must see only what the pipeline's stage 03 holds
+    if os.environ.get("MEDCAP_SKIP_TRAINING"):  # generation only (the training figures are measured already)
+        return {**out, "generation": generation_only(peft_model, processor, config, dd, n)}
     peft_model.train()
     fitted, fit = budget.fit_config_to_budget(config, peft_model, processor, dd["train"])
     out["budget_fit"] = fit.to_dict() if fit else None
