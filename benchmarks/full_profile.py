@@ -417,7 +417,6 @@ def generation_only(peft_model: Any, processor: Any, config: Any, dd: Any, n: in
 
     from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
 
-    cap_memory()
     sample = study_inputs(dd["validation"].select(range(n)))
     size = generation_batch_size(peft_model, config)
     settings = dict(batch_size=size, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
@@ -446,6 +445,9 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
     from run_benchmarks import make_step_timer
 
     config = config_for(run, data_dir)
+    if not Path(run, "dataset").exists():
+        built, report = data.build_dataset(config, progress=False)
+        data.save_dataset(built, report, run)
     dd, _ = data.load_saved_dataset(run)
     base, processor = model.load_model_and_processor(config, dd)
     peft_model = model.attach_lora(base, config)
