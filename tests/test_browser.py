@@ -377,6 +377,9 @@ def test_voila_demo_page_captions_uploads_and_is_usable_by_keyboard(
         assert "show_page" not in body and page.locator(".jp-InputArea").count() == 0, "code is shown"
         assert "127.0.0.1" in (folder / "voila.log").read_text()
 
+        # The button is disabled while the page's kernel is busy (loading the models on a loaded machine).
+        page.wait_for_function("!document.querySelector('button.medcap-upload-button').disabled",
+                               timeout=UPLOAD_TIMEOUT_MS)
         for _ in range(20):  # keyboard: Tab reaches the upload button, Enter opens the file chooser
             if page.evaluate("document.activeElement?.classList.contains('medcap-upload-button')"):
                 break
