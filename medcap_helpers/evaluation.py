@@ -18,15 +18,8 @@ from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.baselines import CONSTANT_SYSTEM
-from medcap_helpers.checkpoints import (
-    is_adapter_dir,
-    load_adapter_model,
-    load_captioner,
-    load_processor_from,
-)
+from medcap_helpers.checkpoints import is_adapter_dir
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.devices import device_map_for, pick_device
-from medcap_helpers.generation import generate_for_split
 from medcap_helpers.metrics import (
     CE_MICRO_F1,
     DIFFERENCE_METRICS,
@@ -35,6 +28,7 @@ from medcap_helpers.metrics import (
     paired_differences,
     score_systems,
 )
+from medcap_helpers.sharding import generate_sharded
 
 PUBLISHED_FILE = "published_iu_xray.json"
 
@@ -147,14 +141,9 @@ def final_evaluation(config: MedcapConfig, dataset: Any) -> FinalEvaluation:
     test = dataset["test"]
     image_ids = list(test["image_id"])
     systems = dict(runs.load_predictions(run, "test", image_ids))
-    adapter_dir = run / "adapter"
-    processor = load_processor_from(adapter_dir)
-    adapter_model = load_adapter_model(config, adapter_dir)
-    systems[ADAPTER_SYSTEM] = generate_for_split(adapter_model, processor, test, config)
-    del adapter_model
-    merged, merged_processor = load_captioner(merged_model_dir(run), device_map=device_map_for(pick_device(config)))
-    systems[MERGED_SYSTEM] = generate_for_split(merged, merged_processor, test, config)
-    del merged
+    # In shares on every GPU when stage 03 trained on several (num_gpus), else in this process.
+    systems[ADAPTER_SYSTEM] = generate_sharded(config, run / "adapter", "test", test)
+    systems[MERGED_SYSTEM] = generate_sharded(config, merged_model_dir(run), "test", test)
     runs.save_predictions(run, "test", {k: v for k, v in systems.items() if k.startswith("fine-tuned")}, image_ids)
     table = score_systems(systems, test, config)
     final = final_system(run)

@@ -17,20 +17,28 @@ removed after each). The chosen configuration (among trials that fit the budget)
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medcap_helpers import runs
 from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
-from medcap_helpers.data import limit_rows
+from medcap_helpers.data import limit_rows, load_saved_dataset
+from medcap_helpers.devices import pick_device
+from medcap_helpers.distributed import training_processes
+from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
+from medcap_helpers.sharding import visible_gpu
 from medcap_helpers.train import train, value_at_epoch
 
 TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
@@ -151,14 +159,19 @@ def feasibility(peak_gpu_gb: float | None, budget_gb: float) -> bool | None:
     return None if peak_gpu_gb is None else peak_gpu_gb <= budget_gb
 
 
-def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force: bool = False) -> SweepResult:
+def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force: bool = False,
+              processes: int | None = None) -> SweepResult:
     """Run (or reuse) the trials of :func:`sweep_schedule`; ``run_trial`` trains one config and returns its record.
 
     The record must hold ``val_cider``, ``trainable_params`` and ``peak_gpu_gb`` (None on CPU), and may hold
     ``val_ce_micro_f1`` (CE micro-F1 at the epoch of the best CIDEr); ``rung``, ``train_examples``,
     ``wall_time_s`` and the feasibility verdict are added here. Each rung keeps the better half of the
     previous rung's feasible trials (by ``best_model_metric``); ``n_train`` is the training split's size.
+    With ``processes`` > 1 (default: one per training GPU, ``num_gpus``) a rung's trials run in that many
+    processes at once, one per GPU (:func:`run_trials_in_processes`; they train with the pipeline's own
+    :func:`trial_runner` on the run's saved dataset, not with ``run_trial``).
     """
+    processes = processes or training_processes(config)
     trials: list[dict[str, Any]] = []
     skipped: list[str] = []
     survivors = [(rank, alpha) for rank in config.sweep_ranks for alpha in config.sweep_alphas]
@@ -167,22 +180,15 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
         if rung.index > 0:
             survivors = [(t["lora_r"], t["lora_alpha"]) for t in ranked_trials(rung_trials, config.best_model_metric)]
             survivors = survivors[:rung.trials]
-        rung_trials = []
-        for rank, alpha in survivors:
-            folder = trial_dir(config, rank, alpha, rung)
-            record_path = folder / "trial.json"
-            if record_path.exists() and not force:
-                rung_trials.append(runs.read_json(record_path))
-                skipped.append(str(folder.relative_to(Path(config.run_dir) / "sweep")))
-                continue
-            start = time.perf_counter()
-            record = dict(run_trial(trial_config(config, rank, alpha, rung, n_train)))
-            record.update(lora_r=rank, lora_alpha=alpha, rung=rung.index, train_examples=rung.train_examples,
-                          wall_time_s=round(time.perf_counter() - start, 2),
-                          feasible=feasibility(record.get("peak_gpu_gb"), config.sweep_vram_budget_gb))
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
-            runs.write_json(record_path, record)
-            rung_trials.append(record)
+        done = [s for s in survivors if (trial_dir(config, *s, rung) / "trial.json").exists() and not force]
+        skipped += [str(trial_dir(config, *s, rung).relative_to(Path(config.run_dir) / "sweep")) for s in done]
+        pending = [s for s in survivors if s not in done]
+        if processes > 1 and len(pending) > 1:
+            run_trials_in_processes(config, rung, n_train, pending, processes)
+        else:
+            for rank, alpha in pending:
+                record_trial(config, rank, alpha, rung, n_train, run_trial)
+        rung_trials = [runs.read_json(trial_dir(config, *s, rung) / "trial.json") for s in survivors]
         trials.extend(rung_trials)
         if not ranked_trials(rung_trials, config.best_model_metric):
             break  # nothing feasible to carry on with
@@ -195,6 +201,51 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
             f"No GPU: the {config.sweep_vram_budget_gb:g} GB VRAM budget can't be measured on the CPU, "
             "so no trial is marked infeasible (peak RSS is shown instead).")
     return SweepResult(trials=trials, chosen=chosen, skipped=skipped, budget_note=note)
+
+
+def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_train: int,
+                 run_trial: TrialRunner) -> dict[str, Any]:
+    """Train one trial and write its ``trial.json`` (last, atomically: a rerun skips it)."""
+    folder = trial_dir(config, rank, alpha, rung)
+    start = time.perf_counter()
+    record = dict(run_trial(trial_config(config, rank, alpha, rung, n_train)))
+    record.update(lora_r=rank, lora_alpha=alpha, rung=rung.index, train_examples=rung.train_examples,
+                  wall_time_s=round(time.perf_counter() - start, 2),
+                  feasible=feasibility(record.get("peak_gpu_gb"), config.sweep_vram_budget_gb))
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
+    runs.write_json(folder / "trial.json", record)
+    return record
+
+
+def run_trials_in_processes(config: MedcapConfig, rung: Rung, n_train: int, settings: list[tuple[int, int]],
+                            processes: int) -> None:
+    """The rung's trials ``settings`` spread over ``processes`` processes (``python -m medcap_helpers.sweep``),
+    one per GPU (``CUDA_VISIBLE_DEVICES``), each loading the base model once and training its trials in
+    turn; trials are dealt round-robin. Raises :class:`~medcap_helpers.errors.StageFailed` when a process
+    fails (the trials it finished are kept)."""
+    job = Path(config.run_dir) / "sweep" / f"{rung.name}-job.json"
+    shares = [settings[i::processes] for i in range(processes) if settings[i::processes]]
+    runs.write_json(job, {"config": config.to_dict(), "n_train": n_train, "rung": asdict(rung), "shares": shares})
+    on_gpu = pick_device(config).type == "cuda"
+    workers = [subprocess.Popen([sys.executable, "-m", "medcap_helpers.sweep", str(job), str(index)],
+                                env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {})),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for index in range(len(shares))]
+    outputs = [worker.communicate()[0] for worker in workers]
+    for index, (worker, output) in enumerate(zip(workers, outputs)):
+        if worker.returncode != 0:
+            raise StageFailed(f"Sweep process {index} (trials {shares[index]}) exited with {worker.returncode}; "
+                              f"finished trials are kept, a rerun does the rest:\n{output[-2000:]}")
+
+
+def run_share_of_trials(job: Path, index: int) -> None:
+    """One process of :func:`run_trials_in_processes`: its share of the rung's trials, in turn."""
+    spec = runs.read_json(job)
+    config = MedcapConfig.from_dict(spec["config"])
+    rung = Rung(**spec["rung"])
+    run_trial = trial_runner(load_saved_dataset(config.run_dir)[0])
+    for rank, alpha in spec["shares"][index]:
+        record_trial(config, rank, alpha, rung, spec["n_train"], run_trial)
 
 
 TRIAL_KEYS = {"CIDEr": "val_cider", "CE micro-F1": "val_ce_micro_f1"}
@@ -280,3 +331,15 @@ def results_markdown(result: SweepResult) -> str:
 
 def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One process's share of a sweep rung (started by medcap).")
+    parser.add_argument("job", type=Path)
+    parser.add_argument("index", type=int)
+    args = parser.parse_args(argv)
+    run_share_of_trials(args.job, args.index)
+
+
+if __name__ == "__main__":
+    main()

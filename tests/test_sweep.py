@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medcap_helpers import runs
@@ -153,3 +155,28 @@ def test_training_sample_is_fixed_by_the_seed_and_never_larger_than_the_split() 
     assert first == training_sample(rows, 10, seed=3) and len({r["text"] for r in first}) == 10
     assert first != training_sample(rows, 10, seed=4)
     assert training_sample(rows, 80, seed=3) is rows and training_sample(rows, None, seed=3) is rows
+
+
+@pytest.mark.slow
+def test_a_rungs_trials_in_two_processes_record_what_one_process_records(smoke_run: dict, tmp_path: Path) -> None:
+    """One process per GPU in a real sweep; here two CPU processes, each training its trial of the rung."""
+    import shutil
+
+    from medcap_helpers.data import load_saved_dataset
+    from medcap_helpers.sweep import trial_runner
+
+    results = {}
+    for processes in (1, 2):
+        run = tmp_path / f"run{processes}"
+        shutil.copytree(smoke_run["dir"], run, symlinks=True,
+                        ignore=shutil.ignore_patterns("kernel-ipc-*", ".lock*", "sweep"))
+        config = MedcapConfig.load(run / "config.json").replace(
+            run_dir=str(run), sweep_ranks=(4,), sweep_alphas=(16, 64), sweep_budget_share=0.05)
+        dataset = load_saved_dataset(run)[0]
+        results[processes] = run_sweep(config, trial_runner(dataset), n_train=len(dataset["train"]),
+                                       processes=processes)
+    one, two = results[1], results[2]
+    assert [(t["lora_r"], t["lora_alpha"]) for t in two.trials] == [(4, 16), (4, 64)]
+    keys = ("val_cider", "val_ce_micro_f1", "trainable_params", "train_examples")
+    assert [{k: t[k] for k in keys} for t in two.trials] == [{k: t[k] for k in keys} for t in one.trials]
+    assert (tmp_path / "run2" / "sweep" / "rung0-job.json").exists()

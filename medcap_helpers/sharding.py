@@ -1,0 +1,113 @@
+"""Report generation spread over GPUs: one process per GPU, each writing a contiguous share of a split.
+
+:func:`generate_sharded` is what stage 06 calls for the test split. With one process (the CPU, one
+GPU, ``num_gpus=1``) it loads the model and generates in this process, as before. With more it starts
+one ``python -m medcap_helpers.sharding`` process per GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU):
+each reads the run's saved dataset, loads the model folder on its GPU (an adapter on the 4-bit base, or
+a merged model), generates the reports of its share — contiguous, the first shares one study longer
+when the split does not divide evenly — and writes them to ``<run>/distributed/<job>/share-<i>.json``.
+The caller reads the shares back in order. No process talks to another, so no process group is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medcap_helpers import runs
+from medcap_helpers.checkpoints import load_final_model
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.data import load_saved_dataset
+from medcap_helpers.devices import device_map_for, pick_device
+from medcap_helpers.distributed import training_processes
+from medcap_helpers.errors import StageFailed
+from medcap_helpers.generation import generate_for_split
+
+
+def share_bounds(n_rows: int, processes: int) -> list[tuple[int, int]]:
+    """Contiguous ``(start, stop)`` shares of ``n_rows`` rows, the first ``n_rows % processes`` one row longer
+    (the split accelerate's ``split_between_processes`` makes)."""
+    size, extra = divmod(n_rows, processes)
+    bounds, start = [], 0
+    for index in range(processes):
+        stop = start + size + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def generate_in_process(config: MedcapConfig, model_dir: str | Path, split: Any) -> list[str]:
+    """The reports of every row of ``split`` by the model in ``model_dir`` (adapter or merged), in this process."""
+    model, processor = load_final_model(config, model_dir, device_map=device_map_for(pick_device(config)))
+    reports = generate_for_split(model, processor, split, config)
+    del model
+    return reports
+
+
+def generate_sharded(config: MedcapConfig, model_dir: str | Path, split_name: str, split: Any,
+                     processes: int | None = None) -> list[str]:
+    """The reports of ``split`` (the run's saved ``split_name`` split) by the model in ``model_dir``, generated
+    by ``processes`` processes (default: one per training GPU, :func:`~medcap_helpers.distributed.training_processes`)
+    and returned in row order."""
+    processes = processes or training_processes(config)
+    if processes == 1 or len(split) < processes:
+        return generate_in_process(config, model_dir, split)
+    job = Path(config.run_dir) / "distributed" / f"generate-{split_name}-{Path(model_dir).name}"
+    job.mkdir(parents=True, exist_ok=True)
+    runs.write_json(job / "job.json", {"config": config.to_dict(), "model_dir": str(model_dir),
+                                       "split": split_name, "processes": processes})
+    on_gpu = pick_device(config).type == "cuda"
+    workers = []
+    for index in range(processes):
+        (job / f"share-{index}.json").unlink(missing_ok=True)
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {}))
+        workers.append(subprocess.Popen([sys.executable, "-m", "medcap_helpers.sharding", str(job), str(index)],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [worker.communicate()[0] for worker in workers]
+    failed = [(i, w.returncode, out) for i, (w, out) in enumerate(zip(workers, outputs)) if w.returncode != 0]
+    if failed:
+        index, code, output = failed[0]
+        raise StageFailed(f"Generating the {split_name} reports on {processes} processes failed: process {index} "
+                          f"exited with {code}:\n{output[-2000:]}")
+    reports: list[str] = []
+    for index in range(processes):
+        reports.extend(runs.read_json(job / f"share-{index}.json")["reports"])
+    if len(reports) != len(split):
+        raise StageFailed(f"The shares hold {len(reports)} reports for {len(split)} {split_name} rows.")
+    return reports
+
+
+def visible_gpu(index: int) -> str:
+    """The ``index``-th GPU this process may use, as ``CUDA_VISIBLE_DEVICES`` names it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
+def run_share(job: Path, index: int) -> Path:
+    """One process's share: load, generate, write ``share-<index>.json`` (atomically)."""
+    spec = runs.read_json(job / "job.json")
+    config = MedcapConfig.from_dict(spec["config"])
+    dataset, _ = load_saved_dataset(config.run_dir)
+    split = dataset[spec["split"]]
+    start, stop = share_bounds(len(split), spec["processes"])[index]
+    reports = generate_in_process(config, spec["model_dir"], split.select(range(start, stop)))
+    path = job / f"share-{index}.json"
+    runs.write_json(path, {"start": start, "stop": stop, "reports": reports})
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One share of a sharded report generation (started by medcap).")
+    parser.add_argument("job", type=Path)
+    parser.add_argument("index", type=int)
+    args = parser.parse_args(argv)
+    run_share(args.job, args.index)
+
+
+if __name__ == "__main__":
+    main()
