@@ -432,8 +432,10 @@ def sweep_choice(trials: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] 
     close = max(0, sum(abs(v - best) <= noise for v in values) - 1)
     label = ", ".join(f"{k}={chosen[k]}" for k in ("lora_r", "lora_alpha") if k in chosen)
     stage = "in the final rung" if chosen.get("rung") is not None else "in the sweep"
-    sentences = [(f"{len(values)} trials {stage} score between {min(values):.3f} and {max(values):.3f} on "
-                  f"validation {metric}; the chosen one ({label}) has {best:.3f}.")]
+    spread = (f"all score {best:.3f}" if max(values) == min(values) else
+              f"score between {min(values):.3f} and {max(values):.3f}")
+    sentences = [(f"{len(values)} trials {stage} {spread} on validation {metric}; the chosen one ({label}) has "
+                  f"{best:.3f}.")]
     if max(values) - min(values) <= noise or close > 0:
         sentences.append(f"{close} other trial(s) lie within {noise:.3f} of it, the amount this metric moves "
                          "between two epochs of one training run (03): the ranking is made on noise. Prefer the "

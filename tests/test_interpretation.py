@@ -68,6 +68,9 @@ def test_sweep_choice_calls_a_tie_a_tie() -> None:
                                                    dict(trials[0], rung=1, val_ce_micro_f1=0.3)]
     text = say.sweep_choice(halving, halving[2], CE_MICRO_F1, noise=0.05)
     assert "2 trials in the final rung score between 0.300 and 0.500" in text and "leads the others" in text
+    tied = say.sweep_choice([dict(t, val_ce_micro_f1=0.444) for t in trials], dict(chosen, val_ce_micro_f1=0.444),
+                            CE_MICRO_F1, noise=0.02)
+    assert "2 trials in the sweep all score 0.444" in tied and "made on noise" in tied
 
 
 def test_baselines_explain_a_constant_report_with_the_best_cider() -> None:
