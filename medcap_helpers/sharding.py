@@ -15,7 +15,7 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +61,39 @@ def generate_sharded(config: MedcapConfig, model_dir: str | Path, split_name: st
     job.mkdir(parents=True, exist_ok=True)
     runs.write_json(job / "job.json", {"config": config.to_dict(), "model_dir": str(model_dir),
                                        "split": split_name, "processes": processes})
-    on_gpu = pick_device(config).type == "cuda"
-    workers = []
     for index in range(processes):
         (job / f"share-{index}.json").unlink(missing_ok=True)
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {}))
-        workers.append(subprocess.Popen([sys.executable, "-m", "medcap_helpers.sharding", str(job), str(index)],
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [worker.communicate()[0] for worker in workers]
-    failed = [(i, w.returncode, out) for i, (w, out) in enumerate(zip(workers, outputs)) if w.returncode != 0]
-    if failed:
-        index, code, output = failed[0]
-        raise StageFailed(f"Generating the {split_name} reports on {processes} processes failed: process {index} "
-                          f"exited with {code}:\n{output[-2000:]}")
+    run_in_processes("medcap_helpers.sharding", job / "job.json", processes, pick_device(config).type == "cuda",
+                     f"Generating the {split_name} reports on {processes} processes")
     reports: list[str] = []
     for index in range(processes):
         reports.extend(runs.read_json(job / f"share-{index}.json")["reports"])
     if len(reports) != len(split):
         raise StageFailed(f"The shares hold {len(reports)} reports for {len(split)} {split_name} rows.")
     return reports
+
+
+def run_in_processes(module: str, job: Path, count: int, on_gpu: bool, doing: str) -> None:
+    """``python -m <module> <job> <i>`` for each ``i`` < ``count`` at once, each on its own GPU
+    (``CUDA_VISIBLE_DEVICES``) when ``on_gpu``; waits for all. :class:`~medcap_helpers.errors.StageFailed`
+    names the first process that failed, with the end of its output."""
+    workers = [subprocess.Popen([sys.executable, "-m", module, str(job), str(index)],
+                                env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {})),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for index in range(count)]
+    outputs = [worker.communicate()[0] for worker in workers]
+    for index, (worker, output) in enumerate(zip(workers, outputs)):
+        if worker.returncode != 0:
+            raise StageFailed(f"{doing} failed: process {index} exited with {worker.returncode}:\n{output[-2000:]}")
+
+
+def job_main(run: Callable[[Path, int], Any], description: str, argv: Sequence[str] | None = None) -> None:
+    """The command line of one process of :func:`run_in_processes`: ``<job file> <index>``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("job", type=Path)
+    parser.add_argument("index", type=int)
+    args = parser.parse_args(argv)
+    run(args.job, args.index)
 
 
 def visible_gpu(index: int) -> str:
@@ -89,25 +103,17 @@ def visible_gpu(index: int) -> str:
 
 
 def run_share(job: Path, index: int) -> Path:
-    """One process's share: load, generate, write ``share-<index>.json`` (atomically)."""
-    spec = runs.read_json(job / "job.json")
+    """One process's share: load, generate, write ``share-<index>.json`` (atomically) beside ``job``."""
+    spec = runs.read_json(job)
     config = MedcapConfig.from_dict(spec["config"])
     dataset, _ = load_saved_dataset(config.run_dir)
     split = dataset[spec["split"]]
     start, stop = share_bounds(len(split), spec["processes"])[index]
     reports = generate_in_process(config, spec["model_dir"], split.select(range(start, stop)))
-    path = job / f"share-{index}.json"
+    path = job.parent / f"share-{index}.json"
     runs.write_json(path, {"start": start, "stop": stop, "reports": reports})
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="One share of a sharded report generation (started by medcap).")
-    parser.add_argument("job", type=Path)
-    parser.add_argument("index", type=int)
-    args = parser.parse_args(argv)
-    run_share(args.job, args.index)
-
-
 if __name__ == "__main__":
-    main()
+    job_main(run_share, "One share of a sharded report generation (started by medcap).")

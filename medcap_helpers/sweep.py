@@ -17,13 +17,9 @@ removed after each). The chosen configuration (among trials that fit the budget)
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,10 +31,9 @@ from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
 from medcap_helpers.data import limit_rows, load_saved_dataset
 from medcap_helpers.devices import pick_device
 from medcap_helpers.distributed import training_processes
-from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
-from medcap_helpers.sharding import visible_gpu
+from medcap_helpers.sharding import job_main, run_in_processes
 from medcap_helpers.train import train, value_at_epoch
 
 TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
@@ -226,16 +221,9 @@ def run_trials_in_processes(config: MedcapConfig, rung: Rung, n_train: int, sett
     job = Path(config.run_dir) / "sweep" / f"{rung.name}-job.json"
     shares = [settings[i::processes] for i in range(processes) if settings[i::processes]]
     runs.write_json(job, {"config": config.to_dict(), "n_train": n_train, "rung": asdict(rung), "shares": shares})
-    on_gpu = pick_device(config).type == "cuda"
-    workers = [subprocess.Popen([sys.executable, "-m", "medcap_helpers.sweep", str(job), str(index)],
-                                env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {})),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for index in range(len(shares))]
-    outputs = [worker.communicate()[0] for worker in workers]
-    for index, (worker, output) in enumerate(zip(workers, outputs)):
-        if worker.returncode != 0:
-            raise StageFailed(f"Sweep process {index} (trials {shares[index]}) exited with {worker.returncode}; "
-                              f"finished trials are kept, a rerun does the rest:\n{output[-2000:]}")
+    run_in_processes("medcap_helpers.sweep", job, len(shares), pick_device(config).type == "cuda",
+                     f"The sweep's {rung.name} in {len(shares)} processes (finished trials are kept, a rerun does "
+                     "the rest)")
 
 
 def run_share_of_trials(job: Path, index: int) -> None:
@@ -333,13 +321,6 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="One process's share of a sweep rung (started by medcap).")
-    parser.add_argument("job", type=Path)
-    parser.add_argument("index", type=int)
-    args = parser.parse_args(argv)
-    run_share_of_trials(args.job, args.index)
-
 
 if __name__ == "__main__":
-    main()
+    job_main(run_share_of_trials, "One process's share of a sweep rung (started by medcap).")
