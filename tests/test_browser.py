@@ -380,14 +380,26 @@ def test_voila_demo_page_captions_uploads_and_is_usable_by_keyboard(
         # The button is disabled while the page's kernel is busy (loading the models on a loaded machine).
         page.wait_for_function("!document.querySelector('button.medcap-upload-button').disabled",
                                timeout=UPLOAD_TIMEOUT_MS)
-        for _ in range(20):  # keyboard: Tab reaches the upload button, Enter opens the file chooser
-            if page.evaluate("document.activeElement?.classList.contains('medcap-upload-button')"):
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        # Keyboard: Tab reaches the upload button, Enter opens the file chooser. On a loaded machine the page
+        # can still be rendering its last outputs, which may move the focus between the Tab and the Enter:
+        # then the Tabs start again (three tries, each one the whole keyboard path).
+        for _ in range(3):
+            for _ in range(20):
+                if page.evaluate("document.activeElement?.classList.contains('medcap-upload-button')"):
+                    break
+                page.keyboard.press("Tab")
+            else:
+                pytest.fail("Tab never reaches the upload button")
+            try:
+                with page.expect_file_chooser(timeout=20_000) as chooser:
+                    page.keyboard.press("Enter")
                 break
-            page.keyboard.press("Tab")
+            except PlaywrightTimeout:
+                continue
         else:
-            pytest.fail("Tab never reaches the upload button")
-        with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Enter")
+            pytest.fail("Enter on the focused upload button never opened the file chooser")
         chooser.value.set_files([])  # cancelled: nothing happens
         assert button.is_enabled()
 
