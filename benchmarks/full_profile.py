@@ -346,23 +346,13 @@ def check_levers(data_dir: str, run: str, n: int) -> dict[str, Any]:
     """
     import torch
 
-    from medcap_helpers import data, model
+    from medcap_helpers import model
     from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
     from medcap_helpers.train import train
     from run_benchmarks import make_step_timer
 
     context = cap_memory()
-    config = config_for(run, data_dir)
-    if not Path(run, "dataset").exists():
-        dd, report = data.build_dataset(config, progress=False)
-        data.save_dataset(dd, report, run)
-    dd, _ = data.load_saved_dataset(run)
-    base, processor = model.load_model_and_processor(config, dd)
-    peft_model = model.attach_lora(base, config)
-    with torch.no_grad():  # a trained-looking adapter, so that the merge in the copy matters
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02, generator=torch.Generator(param.device).manual_seed(0))
+    config, dd, peft_model, processor = rehearsal_peft_model(run, data_dir)
     sample = study_inputs(dd["validation"].select(range(n)))
     out: dict[str, Any] = {"cuda_context_gb": context, "studies": n}
     reports = {}
@@ -411,6 +401,27 @@ def check_levers(data_dir: str, run: str, n: int) -> dict[str, Any]:
     return out
 
 
+def rehearsal_peft_model(run: str, data_dir: str) -> tuple[Any, Any, Any, Any]:
+    """(config, dataset, LoRA model, processor) on the rehearsal, the dataset built in ``run`` when missing;
+    LoRA B is drawn at random (a trained-looking adapter, so that the merge in the decoder copy matters)."""
+    import torch
+
+    from medcap_helpers import data, model
+
+    config = config_for(run, data_dir)
+    if not Path(run, "dataset").exists():
+        built, report = data.build_dataset(config, progress=False)
+        data.save_dataset(built, report, run)
+    dd, _ = data.load_saved_dataset(run)
+    base, processor = model.load_model_and_processor(config, dd)
+    peft_model = model.attach_lora(base, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02, generator=torch.Generator(param.device).manual_seed(0))
+    return config, dd, peft_model, processor
+
+
 def generation_only(peft_model: Any, processor: Any, config: Any, dd: Any, n: int) -> dict[str, Any]:
     """Reports/s and peak memory at the budget's generation batch (after a warm-up batch)."""
     import torch
@@ -436,7 +447,7 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from medcap_helpers import budget, data, model
+    from medcap_helpers import budget, model
     from medcap_helpers.generation import decoder_for_generation, generate_reports, generation_batch_size, study_inputs
     from medcap_helpers.model import unwrap_model
     from medcap_helpers.multiview import view_tokens
@@ -444,18 +455,9 @@ def check_rates(data_dir: str, run: str, n: int) -> dict[str, Any]:
     from medcap_helpers.train import train
     from run_benchmarks import make_step_timer
 
-    config = config_for(run, data_dir)
-    if not Path(run, "dataset").exists():
-        built, report = data.build_dataset(config, progress=False)
-        data.save_dataset(built, report, run)
-    dd, _ = data.load_saved_dataset(run)
-    base, processor = model.load_model_and_processor(config, dd)
-    peft_model = model.attach_lora(base, config)
+    config, dd, peft_model, processor = rehearsal_peft_model(run, data_dir)
     out: dict[str, Any] = {}
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02, generator=torch.Generator(param.device).manual_seed(0))
         rows = [dd["validation"][i] for i in range(16)]
         batch = CaptionCollator(processor, config.max_target_tokens)(rows)
         batch = {k: v.to("cuda") for k, v in batch.items()}

@@ -216,6 +216,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     base = unwrap_model(model)
     decoder = (decoder_for_generation(model, num_beams) if decoder_copy and needs_decoder_copy(model)
                else base.text_decoder)
+    shared_cross_attention = [m for m in decoder.modules() if isinstance(m, SharedMemoryCrossAttention)]
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
@@ -231,9 +232,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                     pixel_values = pixel_batch(processor, batch).to(device)
                     if pixel_values.ndim == 4:
                         pixel_values = pixel_values.unsqueeze(1)
-                    for module in decoder.modules():
-                        if isinstance(module, SharedMemoryCrossAttention):
-                            module.reset()
+                    for module in shared_cross_attention:
+                        module.reset()
                     output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is handled
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
@@ -246,7 +246,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 reports.extend(" ".join(t.split()) for t in texts)
                 bar.update(len(batch))
     finally:
-        del decoder
+        del decoder, shared_cross_attention
         model.train(was_training)
     if oom is not None:  # raised here, outside the except block, so the failed batch's tensors are freed
         release_memory()

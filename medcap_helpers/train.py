@@ -479,9 +479,8 @@ def _save_best_epoch_predictions(trainer: MedcapTrainer, run_dir: Path, generati
     if best is None or len(generation_rows) != len(val_rows):
         return
     reports = trainer.predictions_by_step.get(int(Path(best).name.rsplit("-", 1)[-1]))
-    if hasattr(val_rows, "column_names"):
-        image_ids = list(val_rows.with_format(None).select_columns(["image_id"])["image_id"]) \
-            if "image_id" in val_rows.column_names else []
+    if hasattr(val_rows, "column_names"):  # column access, as text_column does: no image is decoded
+        image_ids = list(val_rows["image_id"]) if "image_id" in val_rows.column_names else []
     else:
         image_ids = [row.get("image_id") for row in val_rows]
     if reports is not None and image_ids and None not in image_ids:
