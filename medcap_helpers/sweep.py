@@ -3,25 +3,31 @@
 **Successive halving** (``sweep_strategy="halving"``, Jamieson & Talwalkar, 2016): every (r, alpha)
 of the grid trains briefly on a small fixed sample of the training set; the better half (by
 validation ``best_model_metric``) trains again on twice as many examples, and so on until two are
-left, whose better one is chosen. The example budgets are set so that all trials together train on
+left, whose better one is chosen. A half is rounded up to an even number (12, 6, 4, 2), so that every
+rung splits evenly between two GPUs. The example budgets are set so that all trials together train on
 ``sweep_budget_share`` x one full training run (:func:`halving_schedule`): with the full profile's 12
-settings, rungs of 12, 6, 3 and 2 trials. The trade-off: a setting that starts slowly but would end
+settings, rungs of 12, 6, 4 and 2 trials. The trade-off: a setting that starts slowly but would end
 best can be dropped in the first rung. ``sweep_strategy="grid"`` trains every setting for
 ``sweep_epochs`` epochs instead (12 x the cost, no early decisions).
 
 Each trial trains in ``<run_dir>/sweep/<rung>/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
 (atomically); a rerun finds it and skips the trial. Trials share one loaded base model (the adapter is
-removed after each). The chosen configuration (among trials that fit the budget) goes to
+removed after each); with several GPUs, one process per GPU serves the whole sweep. The chosen configuration (among trials that fit the budget) goes to
 ``<run_dir>/sweep/chosen.json``.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import queue
 import random
 import shutil
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +37,10 @@ from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
 from medcap_helpers.data import limit_rows, load_saved_dataset
 from medcap_helpers.devices import pick_device
 from medcap_helpers.distributed import training_processes
+from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
-from medcap_helpers.sharding import job_main, run_in_processes
+from medcap_helpers.sharding import visible_gpu
 from medcap_helpers.train import train, value_at_epoch
 
 TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
@@ -70,14 +77,14 @@ class Rung:
 
 
 def halving_schedule(n_settings: int, n_train: int, budget_examples: float) -> list[Rung]:
-    """Rungs of successive halving: ``n_settings`` trials, then half of them (rounded up) until two are
-    left; each rung's trials train on twice the examples of the previous rung's, and all trials together
+    """Rungs of successive halving: ``n_settings`` trials, then half of them (rounded up to an even number,
+    so that a rung splits evenly between two GPUs) until two are left; each rung's trials train on twice the examples of the previous rung's, and all trials together
     on at most ``budget_examples`` (at least 1 example each; more than ``n_train`` means several epochs)."""
     if n_settings < 1 or n_train < 1:
         raise ValueError(f"The sweep needs settings and training examples (got {n_settings} and {n_train}).")
     counts = [n_settings]
     while counts[-1] > 2:
-        counts.append(math.ceil(counts[-1] / 2))
+        counts.append(min(counts[-1] - 1, 2 * math.ceil(counts[-1] / 4)))
     first = max(1, int(budget_examples // sum(c * 2 ** i for i, c in enumerate(counts))))
     return [Rung(i, count, first * 2 ** i) for i, count in enumerate(counts)]
 
@@ -163,30 +170,36 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
     ``wall_time_s`` and the feasibility verdict are added here. Each rung keeps the better half of the
     previous rung's feasible trials (by ``best_model_metric``); ``n_train`` is the training split's size.
     With ``processes`` > 1 (default: one per training GPU, ``num_gpus``) a rung's trials run in that many
-    processes at once, one per GPU (:func:`run_trials_in_processes`; they train with the pipeline's own
-    :func:`trial_runner` on the run's saved dataset, not with ``run_trial``).
+    processes at once, one per GPU (:class:`TrialWorkers`, started once for the whole sweep; they train
+    with the pipeline's own :func:`trial_runner` on the run's saved dataset, not with ``run_trial``).
     """
     processes = processes or training_processes(config)
     trials: list[dict[str, Any]] = []
     skipped: list[str] = []
     survivors = [(rank, alpha) for rank in config.sweep_ranks for alpha in config.sweep_alphas]
     rung_trials: list[dict[str, Any]] = []
-    for rung in sweep_schedule(config, n_train):
-        if rung.index > 0:
-            survivors = [(t["lora_r"], t["lora_alpha"]) for t in ranked_trials(rung_trials, config.best_model_metric)]
-            survivors = survivors[:rung.trials]
-        done = [s for s in survivors if (trial_dir(config, *s, rung) / "trial.json").exists() and not force]
-        skipped += [str(trial_dir(config, *s, rung).relative_to(Path(config.run_dir) / "sweep")) for s in done]
-        pending = [s for s in survivors if s not in done]
-        if processes > 1 and len(pending) > 1:
-            run_trials_in_processes(config, rung, n_train, pending, processes)
-        else:
-            for rank, alpha in pending:
-                record_trial(config, rank, alpha, rung, n_train, run_trial)
-        rung_trials = [runs.read_json(trial_dir(config, *s, rung) / "trial.json") for s in survivors]
-        trials.extend(rung_trials)
-        if not ranked_trials(rung_trials, config.best_model_metric):
-            break  # nothing feasible to carry on with
+    workers: TrialWorkers | None = None
+    try:
+        for rung in sweep_schedule(config, n_train):
+            if rung.index > 0:
+                ranked = ranked_trials(rung_trials, config.best_model_metric)
+                survivors = [(t["lora_r"], t["lora_alpha"]) for t in ranked][:rung.trials]
+            done = [s for s in survivors if (trial_dir(config, *s, rung) / "trial.json").exists() and not force]
+            skipped += [str(trial_dir(config, *s, rung).relative_to(Path(config.run_dir) / "sweep")) for s in done]
+            pending = [s for s in survivors if s not in done]
+            if processes > 1 and len(pending) > 1:
+                workers = workers or TrialWorkers(config, n_train, processes)
+                workers.run(rung, pending)
+            else:
+                for rank, alpha in pending:
+                    record_trial(config, rank, alpha, rung, n_train, run_trial)
+            rung_trials = [runs.read_json(trial_dir(config, *s, rung) / "trial.json") for s in survivors]
+            trials.extend(rung_trials)
+            if not ranked_trials(rung_trials, config.best_model_metric):
+                break  # nothing feasible to carry on with
+    finally:
+        if workers is not None:
+            workers.close()
     chosen = choose_trial(rung_trials, config.best_model_metric)
     if chosen is not None:
         runs.write_json(Path(config.run_dir) / "sweep" / "chosen.json", chosen)
@@ -212,28 +225,95 @@ def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_trai
     return record
 
 
-def run_trials_in_processes(config: MedcapConfig, rung: Rung, n_train: int, settings: list[tuple[int, int]],
-                            processes: int) -> None:
-    """The rung's trials ``settings`` spread over ``processes`` processes (``python -m medcap_helpers.sweep``),
-    one per GPU (``CUDA_VISIBLE_DEVICES``), each loading the base model once and training its trials in
-    turn; trials are dealt round-robin. Raises :class:`~medcap_helpers.errors.StageFailed` when a process
-    fails (the trials it finished are kept)."""
-    job = Path(config.run_dir) / "sweep" / f"{rung.name}-job.json"
-    shares = [settings[i::processes] for i in range(processes) if settings[i::processes]]
-    runs.write_json(job, {"config": config.to_dict(), "n_train": n_train, "rung": asdict(rung), "shares": shares})
-    run_in_processes("medcap_helpers.sweep", job, len(shares), pick_device(config).type == "cuda",
-                     f"The sweep's {rung.name} in {len(shares)} processes (finished trials are kept, a rerun does "
-                     "the rest)")
+class TrialWorkers:
+    """One process per GPU (``CUDA_VISIBLE_DEVICES``), alive for the whole sweep: each loads the base
+    model once (:func:`trial_runner` on the run's saved dataset) and trains the trials it is dealt, rung
+    after rung. Started with ``spawn`` (a fresh interpreter: CUDA is never forked). Use :meth:`close`
+    (``run_sweep`` does, also on errors)."""
+
+    POLL_S = 2.0
+
+    def __init__(self, config: MedcapConfig, n_train: int, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._results = context.Queue()
+        self._jobs = [context.Queue() for _ in range(processes)]
+        on_gpu = pick_device(config).type == "cuda"
+        self._processes = []
+        for index in range(processes):
+            process = context.Process(target=_serve_trials, daemon=True, name=f"medcap-sweep-{index}",
+                                      args=(config.to_dict(), n_train, index, self._jobs[index], self._results))
+            with _environment(CUDA_VISIBLE_DEVICES=visible_gpu(index) if on_gpu else None):
+                process.start()  # the child's environment is this one at start
+            self._processes.append(process)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [process.pid for process in self._processes]
+
+    def run(self, rung: Rung, settings: list[tuple[int, int]]) -> None:
+        """Train ``settings`` (dealt round-robin) and wait for all; :class:`StageFailed` when a trial or a
+        process fails (the trials finished are kept: a rerun does the rest)."""
+        shares = [settings[i::len(self._processes)] for i in range(len(self._processes))]
+        waiting = set()
+        for index, share in enumerate(shares):
+            if share:
+                self._jobs[index].put((asdict(rung), share))
+                waiting.add(index)
+        failures: list[str] = []
+        while waiting:
+            try:
+                index, error = self._results.get(timeout=self.POLL_S)
+            except queue.Empty:
+                dead = [i for i in waiting if not self._processes[i].is_alive()]
+                if dead:
+                    raise StageFailed(f"The sweep's {rung.name}: process {dead[0]} (GPU {dead[0]}) died with exit "
+                                      f"status {self._processes[dead[0]].exitcode}. Finished trials are kept; "
+                                      "rerunning the stage does the rest.") from None
+                continue
+            waiting.discard(index)
+            if error:
+                failures.append(f"process {index}: {error}")
+        if failures:
+            raise StageFailed(f"The sweep's {rung.name} failed (finished trials are kept, a rerun does the rest):\n"
+                              + "\n".join(f[-2000:] for f in failures))
+
+    def close(self) -> None:
+        for jobs in self._jobs:
+            jobs.put(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join()
 
 
-def run_share_of_trials(job: Path, index: int) -> None:
-    """One process of :func:`run_trials_in_processes`: its share of the rung's trials, in turn."""
-    spec = runs.read_json(job)
-    config = MedcapConfig.from_dict(spec["config"])
-    rung = Rung(**spec["rung"])
+def _serve_trials(config_values: dict[str, Any], n_train: int, index: int, jobs: Any, results: Any) -> None:
+    """One :class:`TrialWorkers` process: train each share of trials it receives until it receives None."""
+    config = MedcapConfig.from_dict(config_values)
     run_trial = trial_runner(load_saved_dataset(config.run_dir)[0])
-    for rank, alpha in spec["shares"][index]:
-        record_trial(config, rank, alpha, rung, spec["n_train"], run_trial)
+    while (job := jobs.get()) is not None:
+        rung_values, share = job
+        try:
+            for rank, alpha in share:
+                record_trial(config, rank, alpha, Rung(**rung_values), n_train, run_trial)
+            results.put((index, None))
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises StageFailed with it
+            results.put((index, traceback.format_exc()))
+
+
+@contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (None: left as is) inside the block."""
+    saved = {name: os.environ.get(name) for name, value in values.items() if value is not None}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 TRIAL_KEYS = {"CIDEr": "val_cider", "CE micro-F1": "val_ce_micro_f1"}
@@ -321,6 +401,3 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-
-if __name__ == "__main__":
-    job_main(run_share_of_trials, "One process's share of a sweep rung (started by medcap).")

@@ -86,11 +86,13 @@ def test_tiny_model_trials_reuse_the_main_runs_model(tmp_path) -> None:
 
 def test_halving_schedule_halves_the_trials_doubles_their_examples_and_stays_within_budget() -> None:
     rungs = halving_schedule(12, n_train=2069, budget_examples=10345)
-    assert [r.trials for r in rungs] == [12, 6, 3, 2]
-    assert [r.train_examples for r in rungs] == [198, 396, 792, 1584]
+    assert [r.trials for r in rungs] == [12, 6, 4, 2]  # halves rounded up to an even number: 2 GPUs share evenly
+    assert [r.train_examples for r in rungs] == [184, 368, 736, 1472]
     assert sum(r.trials * r.train_examples for r in rungs) <= 10345
     assert [r.trials for r in halving_schedule(4, 10, 100)] == [4, 2]
     assert [r.trials for r in halving_schedule(2, 10, 100)] == [2]
+    assert [r.trials for r in halving_schedule(5, 10, 100)] == [5, 4, 2]
+    assert [r.trials for r in halving_schedule(16, 10, 100)] == [16, 8, 4, 2]
     assert halving_schedule(5, 10, 1)[0].train_examples == 1  # a tiny budget still trains every trial
     with pytest.raises(ValueError):
         halving_schedule(0, 10, 100)
@@ -110,20 +112,20 @@ def test_halving_keeps_the_better_half_each_rung_and_chooses_from_the_last(tmp_p
 
     runner, _ = make_runner(lambda c: None, scored)
     result = run_sweep(config, runner, n_train=40)
-    # 6 settings, then 3, then 2, on 4, 8 and 16 examples: 6*4 + 3*8 + 2*16 = 80 = 2 epochs of 40
-    assert [t["rung"] for t in result.trials] == [0] * 6 + [1] * 3 + [2] * 2
-    assert [t["train_examples"] for t in result.trials] == [4] * 6 + [8] * 3 + [16] * 2
+    # 6 settings, then 4, then 2, on 3, 6 and 12 examples: 6*3 + 4*6 + 2*12 = 66 <= 80 = 2 epochs of 40
+    assert [t["rung"] for t in result.trials] == [0] * 6 + [1] * 4 + [2] * 2
+    assert [t["train_examples"] for t in result.trials] == [3] * 6 + [6] * 4 + [12] * 2
     assert sum(t["train_examples"] for t in result.trials) <= 40 * config.num_train_epochs
-    assert [(t["lora_r"], t["lora_alpha"]) for t in result.trials if t["rung"] == 1] == [(16, 32), (8, 32), (16, 16)]
+    assert [(t["lora_r"], t["lora_alpha"]) for t in result.trials if t["rung"] == 1] == [(16, 32), (8, 32), (16, 16), (4, 16)]
     assert [(t["lora_r"], t["lora_alpha"]) for t in result.trials if t["rung"] == 2] == [(16, 16), (8, 32)]
     assert (result.chosen["lora_r"], result.chosen["lora_alpha"]) == (8, 32)  # best of the last rung only
     assert runs.read_json(tmp_path / "sweep" / "chosen.json")["lora_r"] == 8
-    assert "11 trials" not in schedule_markdown(config, 40) and "6 trials x 4 examples" in schedule_markdown(config, 40)
+    assert "11 trials" not in schedule_markdown(config, 40) and "6 trials x 3 examples" in schedule_markdown(config, 40)
 
     # A rerun reads every finished trial back and trains nothing.
     rerun_runner, rerun_calls = make_runner(lambda c: None, scored)
     again = run_sweep(config, rerun_runner, n_train=40)
-    assert rerun_calls == [] and len(again.skipped) == 11 and again.chosen == result.chosen
+    assert rerun_calls == [] and len(again.skipped) == 12 and again.chosen == result.chosen
 
 
 def test_a_rung_beyond_the_training_set_trains_several_epochs_on_all_of_it(tmp_path) -> None:
@@ -158,12 +160,19 @@ def test_training_sample_is_fixed_by_the_seed_and_never_larger_than_the_split() 
 
 
 @pytest.mark.slow
-def test_a_rungs_trials_in_two_processes_record_what_one_process_records(smoke_run: dict, tmp_path: Path) -> None:
-    """One process per GPU in a real sweep; here two CPU processes, each training its trial of the rung."""
+def test_trials_in_two_processes_record_what_one_process_records(smoke_run: dict, tmp_path: Path) -> None:
+    """One process per GPU in a real sweep; here two CPU processes, started once, serve both rungs."""
     import shutil
 
+    from medcap_helpers import sweep
     from medcap_helpers.data import load_saved_dataset
-    from medcap_helpers.sweep import trial_runner
+
+    started: list[list[int | None]] = []
+    original_close = sweep.TrialWorkers.close
+
+    def close_and_note(workers: sweep.TrialWorkers) -> None:
+        started.append(workers.pids)
+        original_close(workers)
 
     results = {}
     for processes in (1, 2):
@@ -171,12 +180,27 @@ def test_a_rungs_trials_in_two_processes_record_what_one_process_records(smoke_r
         shutil.copytree(smoke_run["dir"], run, symlinks=True,
                         ignore=shutil.ignore_patterns("kernel-ipc-*", ".lock*", "sweep"))
         config = MedcapConfig.load(run / "config.json").replace(
-            run_dir=str(run), sweep_ranks=(4,), sweep_alphas=(16, 64), sweep_budget_share=0.05)
+            run_dir=str(run), sweep_ranks=(2, 4), sweep_alphas=(16, 64), sweep_budget_share=0.05)
         dataset = load_saved_dataset(run)[0]
-        results[processes] = run_sweep(config, trial_runner(dataset), n_train=len(dataset["train"]),
-                                       processes=processes)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sweep.TrialWorkers, "close", close_and_note)
+            results[processes] = run_sweep(config, sweep.trial_runner(dataset), n_train=len(dataset["train"]),
+                                           processes=processes)
     one, two = results[1], results[2]
-    assert [(t["lora_r"], t["lora_alpha"]) for t in two.trials] == [(4, 16), (4, 64)]
-    keys = ("val_cider", "val_ce_micro_f1", "trainable_params", "train_examples")
+    assert [t["rung"] for t in two.trials] == [0, 0, 0, 0, 1, 1]
+    keys = ("lora_r", "lora_alpha", "val_cider", "val_ce_micro_f1", "trainable_params", "train_examples")
     assert [{k: t[k] for k in keys} for t in two.trials] == [{k: t[k] for k in keys} for t in one.trials]
-    assert (tmp_path / "run2" / "sweep" / "rung0-job.json").exists()
+    assert len(started) == 1 and len(set(started[0])) == 2  # one pair of processes for both rungs, none for 1
+
+
+def test_a_failing_trial_in_a_worker_process_stops_the_sweep_with_its_error(tmp_path: Path) -> None:
+    from medcap_helpers.errors import StageFailed
+    from medcap_helpers.sweep import TrialWorkers
+
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path / "no-saved-dataset"))
+    workers = TrialWorkers(config, n_train=10, processes=2)
+    try:
+        with pytest.raises(StageFailed, match="died|failed"):
+            workers.run(halving_schedule(2, 10, 10)[0], [(4, 16), (4, 64)])
+    finally:
+        workers.close()

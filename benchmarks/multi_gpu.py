@@ -1,0 +1,197 @@
+"""One GPU against two: stage 03's data-parallel training and stage 04's sweep, on the rehearsal.
+
+    python -m medcap_helpers.rehearsal data/rehearsal       # set-up: the rehearsal data (not timed)
+    python benchmarks/multi_gpu.py --part training          # 1 GPU vs 2 at the same effective batch
+    python benchmarks/multi_gpu.py --part sweep             # the successive-halving sweep, 1 GPU vs 2
+
+Both parts go through the library functions the notebooks call: ``distributed.train_data_parallel``
+(03) and ``sweep.run_sweep`` with ``sweep.trial_runner`` (04), each configuration in a fresh process,
+every process capped at 4 GB (the rehearsal profile's ``vram_budget_gb``).
+
+* training: the rehearsal profile's training set, ``--epochs`` epochs, at the settings the 4 GB fit chooses
+  (micro-batch 16, gradient checkpointing): one GPU with 2 accumulation steps against two GPUs with 1, an
+  effective batch of 32 for both. Throughput is samples / (training time minus the per-epoch validation
+  time), from the Trainer's own log; the loss curve and the validation loss come from the same log.
+* sweep: the whole grid (12 settings) by successive halving at ``--budget-share`` of a training run,
+  scored on 64 validation studies: wall time of ``run_sweep`` (model loads and process starts included),
+  and whether both choose the same setting.
+
+Results go to ``benchmarks/results/multi_gpu.json`` (an entry per part and GPU count, so a part can be
+measured in two calls: ``--gpus 1`` then ``--gpus 2``) and, when ``$OUT`` is set, a copy there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results" / "multi_gpu.json"
+EFFECTIVE_BATCH = 32
+MICRO_BATCH = 16
+
+
+def config_for(run_dir: str | Path, data_dir: str, **changes: Any) -> Any:
+    from full_profile import config_for as rehearsal_config
+
+    return rehearsal_config(str(run_dir), data_dir).replace(**changes)
+
+
+def prepare(base: Path, data_dir: str) -> float:
+    """Stage 01's dataset and the random BLIP-large, once, in ``base`` (reused when there)."""
+    from medcap_helpers import data
+    from medcap_helpers.model import load_model_and_processor
+
+    config = config_for(base, data_dir)
+    if not (base / "random_blip_large" / "model.safetensors").exists():
+        dd, report = data.build_dataset(config, progress=False)
+        data.save_dataset(dd, report, base)
+        load_model_and_processor(config, dd)
+    return float(len(data.load_saved_dataset(base)[0]["train"]))
+
+
+def fresh_run(base: Path, name: str) -> Path:
+    """A copy of ``base``'s dataset with its model folder linked (nothing trained yet)."""
+    run = base.parent / name
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base, run, symlinks=True, ignore=shutil.ignore_patterns("random_blip_large", ".lock*"))
+    (run / "random_blip_large").symlink_to((base / "random_blip_large").resolve())
+    return run
+
+
+def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int) -> dict[str, Any]:
+    """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
+    from medcap_helpers import distributed
+    from medcap_helpers.data import load_saved_dataset
+    from medcap_helpers.model import attach_lora, load_model_and_processor
+
+    config = config_for(run, data_dir, num_gpus=gpus, num_train_epochs=epochs, max_eval_examples=n_val,
+                        per_device_train_batch_size=MICRO_BATCH, gradient_checkpointing=True,
+                        gradient_accumulation_steps=EFFECTIVE_BATCH // (MICRO_BATCH * gpus))
+    dataset, _ = load_saved_dataset(run)
+    start = time.perf_counter()
+    base, processor = load_model_and_processor(config, dataset)
+    result = distributed.train_data_parallel(config, attach_lora(base, config), processor, dataset)
+    wall = time.perf_counter() - start
+    evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
+    samples = len(dataset["train"]) * epochs
+    return {
+        "gpus": gpus, "micro_batch": MICRO_BATCH, "accumulation": config.gradient_accumulation_steps,
+        "effective_batch": MICRO_BATCH * config.gradient_accumulation_steps * gpus, "samples": samples,
+        "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s,
+        "samples_per_s": samples / (result.train_runtime_s - evaluation_s), "wall_s": wall,
+        "steps": result.global_step,
+        "loss_curve": [[e["step"], e["loss"]] for e in result.log_history if "loss" in e and "step" in e],
+        "eval_loss": [e.get("eval_loss") for e in result.history],
+        "peak_memory": result.peak_memory}
+
+
+def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict[str, Any]:
+    """04's sweep on ``gpus`` GPUs: wall time of ``run_sweep`` and what it chose."""
+    from medcap_helpers import sweep
+    from medcap_helpers.data import load_saved_dataset
+
+    config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share)
+    dataset, _ = load_saved_dataset(run)
+    n_train = len(dataset["train"])
+    start = time.perf_counter()
+    result = sweep.run_sweep(config, sweep.trial_runner(dataset), n_train=n_train)
+    wall = time.perf_counter() - start
+    return {"gpus": gpus, "wall_s": wall, "schedule": sweep.schedule_markdown(config, n_train),
+            "trials": [{k: t.get(k) for k in ("rung", "lora_r", "lora_alpha", "train_examples", "val_cider",
+                                              "wall_time_s", "peak_gpu_gb")} for t in result.trials],
+            "chosen": None if result.chosen is None else [result.chosen["lora_r"], result.chosen["lora_alpha"]]}
+
+
+def in_fresh_process(kind: str, run: Path, data_dir: str, gpus: int, values: dict[str, Any]) -> dict[str, Any]:
+    payload = json.dumps({"kind": kind, "run": str(run), "data": data_dir, "gpus": gpus, **values})
+    done = subprocess.run([sys.executable, __file__, "--once", payload], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{kind} on {gpus} GPU(s) failed (rc {done.returncode}):\n"
+                         f"{(done.stdout + done.stderr)[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def compare_training(one: dict[str, Any], two: dict[str, Any]) -> dict[str, Any]:
+    pairs = list(zip((loss for _, loss in one["loss_curve"]), (loss for _, loss in two["loss_curve"])))
+    return {"throughput_ratio": two["samples_per_s"] / one["samples_per_s"],
+            "final_eval_loss_difference": abs(two["eval_loss"][-1] - one["eval_loss"][-1]) / one["eval_loss"][-1],
+            "largest_logged_loss_difference": max((abs(a - b) for a, b in pairs), default=None),
+            "goals": {"throughput_ratio": ">= 1.85", "final_eval_loss_difference": "<= 0.02"}}
+
+
+def read_results() -> dict[str, Any]:
+    from medcap_helpers.runs import read_json
+
+    return read_json(RESULTS) if RESULTS.exists() else {"part": "multi_gpu"}
+
+
+def record(part: str, values: dict[str, Any]) -> None:
+    """``values`` as the results' ``part`` (entries measured by an earlier call are kept)."""
+    import torch
+
+    from medcap_helpers.runs import environment_info, write_json
+
+    results = read_results()
+    environment = environment_info()
+    environment["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    results[part] = {**values, "environment": environment}
+    write_json(RESULTS, results)
+    if os.environ.get("OUT"):
+        shutil.copy(RESULTS, Path(os.environ["OUT"]) / RESULTS.name)
+    print(json.dumps(results[part], indent=1)[:6000], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("training", "sweep"))
+    parser.add_argument("--data", default="data/rehearsal")
+    parser.add_argument("--runs", default="runs/multi_gpu", help="folder of the benchmark's run folders")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--validation", type=int, default=96, help="validation studies per epoch (training)")
+    parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
+    parser.add_argument("--gpus", default="1,2", help="the GPU counts to measure (one call each may be split)")
+    parser.add_argument("--once", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.once:
+        spec = json.loads(args.once)
+        run, data_dir, gpus = Path(spec["run"]), spec["data"], spec["gpus"]
+        value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"]) if spec["kind"] == "training"
+                 else sweep_once(run, data_dir, gpus, spec["budget_share"]))
+        print("RESULT " + json.dumps(value, default=str), flush=True)
+        return
+    if not args.part:
+        parser.error("--part training or --part sweep")
+    base = Path(args.runs) / "prepared"
+    start = time.perf_counter()
+    prepare(base, args.data)
+    print(f"prepared {base} in {time.perf_counter() - start:.0f} s", flush=True)
+    measured = read_results().get(args.part, {})
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        run = fresh_run(base, f"{args.part}-{gpus}gpu")
+        values = ({"epochs": args.epochs, "validation": args.validation} if args.part == "training"
+                  else {"budget_share": args.budget_share})
+        measured[f"{gpus}_gpu"] = {**in_fresh_process(args.part, run, args.data, gpus, values),
+                                   "command": " ".join(["python"] + sys.argv)}
+        print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[f'{gpus}_gpu'])[:800]}", flush=True)
+    one, two = measured.get("1_gpu"), measured.get("2_gpu")
+    if one and two and args.part == "training":
+        measured["comparison"] = compare_training(one, two)
+    elif one and two:
+        measured["comparison"] = {"wall_time_ratio": two["wall_s"] / one["wall_s"],
+                                  "same_choice": one["chosen"] == two["chosen"], "goals": {"wall_time_ratio": "<= 0.55"}}
+    record(args.part, measured)
+
+if __name__ == "__main__":
+    main()
