@@ -18,12 +18,26 @@ import torch
 
 from medcap_helpers.model import unwrap_model
 
+FROZEN_VISION_CHUNK = 8
+"""Images per pass through a frozen vision tower. Its attention scores are transient but large
+(BLIP-large: 16 heads x 577 x 577 per image, in fp32): 32 images at once (16 two-view studies) need
+1.4 GB for them alone, over a 4 GB budget; 8 at a time need a quarter of that, for the same tokens."""
+
 
 def view_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The decoder's memory: every view's image tokens side by side, (batch, views x tokens, hidden)."""
+    """The decoder's memory: every view's image tokens side by side, (batch, views x tokens, hidden).
+
+    A frozen vision tower (nothing in it trains) runs without autograd, :data:`FROZEN_VISION_CHUNK`
+    images at a time."""
     base = unwrap_model(model)
     batch, views = pixel_values.shape[:2]
-    embeds = base.vision_model(pixel_values=pixel_values.reshape(batch * views, *pixel_values.shape[2:]))[0]
+    images = pixel_values.reshape(batch * views, *pixel_values.shape[2:])
+    if any(p.requires_grad for p in base.vision_model.parameters()):
+        embeds = base.vision_model(pixel_values=images)[0]
+    else:
+        with torch.no_grad():
+            embeds = torch.cat([base.vision_model(pixel_values=chunk)[0]
+                                for chunk in images.split(FROZEN_VISION_CHUNK)])
     return embeds.reshape(batch, views * embeds.shape[1], embeds.shape[-1])
 
 

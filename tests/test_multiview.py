@@ -144,3 +144,31 @@ def test_caption_outputs_takes_one_view_or_several(tiny) -> None:
         expected = multiview.multiview_forward(model, **two_views).loss
         torch.testing.assert_close(multiview.caption_outputs(model, two_views).loss, expected)
         assert not torch.allclose(expected, model(**batch).loss)
+
+
+def test_a_frozen_vision_tower_runs_in_chunks_without_autograd_and_a_trained_one_keeps_its_gradients(
+        tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, processor, _ = tiny
+    rows = synthetic_rows()
+    both = torch.stack([pixels(processor, rows[:2]), pixels(processor, rows[2:4]), pixels(processor, rows[:2])])
+    calls: list[int] = []
+    vision = multiview.unwrap_model(model).vision_model
+    hook = vision.register_forward_pre_hook(lambda _, args, kwargs: calls.append(len(kwargs["pixel_values"])),
+                                            with_kwargs=True)
+    try:
+        monkeypatch.setattr(multiview, "FROZEN_VISION_CHUNK", 4)
+        chunked = multiview.view_tokens(model, both)  # 6 images: chunks of 4 and 2
+        assert calls == [4, 2] and not chunked.requires_grad
+        monkeypatch.setattr(multiview, "FROZEN_VISION_CHUNK", 64)
+        torch.testing.assert_close(multiview.view_tokens(model, both), chunked)
+        assert calls[2:] == [6]
+        first = next(vision.parameters())
+        first.requires_grad_(True)  # lora_vision: the tower trains, so gradients must reach it
+        try:
+            multiview.view_tokens(model, both).sum().backward()
+            assert calls[3:] == [6] and first.grad is not None and first.grad.abs().sum() > 0
+        finally:
+            first.requires_grad_(False)
+            first.grad = None
+    finally:
+        hook.remove()
