@@ -8,9 +8,9 @@ Both parts go through the library functions the notebooks call: ``distributed.tr
 (03) and ``sweep.run_sweep`` with ``sweep.trial_runner`` (04), each configuration in a fresh process,
 every process capped at 4 GB (the rehearsal profile's ``vram_budget_gb``).
 
-* training: the rehearsal profile's training set, ``--epochs`` epochs, at the settings the 4 GB fit chooses
-  (micro-batch 16, gradient checkpointing): one GPU with 2 accumulation steps against two GPUs with 1, an
-  effective batch of 32 for both. Throughput is samples / (training time minus the per-epoch validation
+* training: the rehearsal profile's training set, ``--epochs`` epochs, an effective batch of 32 on one GPU
+  and on two (16 per GPU), micro-batch and checkpointing fitted to the 4 GB budget as 03 fits them
+  (``budget.fit_config_to_budget``). Throughput is samples / (training time minus the per-epoch validation
   time), from the Trainer's own log; the loss curve and the validation loss come from the same log.
 * sweep: the whole grid (12 settings) by successive halving at ``--budget-share`` of a training run,
   scored on 64 validation studies: wall time of ``run_sweep`` (model loads and process starts included),
@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "multi_gpu.json"
 EFFECTIVE_BATCH = 32
-MICRO_BATCH = 16
 
 
 def config_for(run_dir: str | Path, data_dir: str, **changes: Any) -> Any:
@@ -70,23 +69,26 @@ def fresh_run(base: Path, name: str) -> Path:
 
 def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int) -> dict[str, Any]:
     """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
-    from medcap_helpers import distributed
+    from medcap_helpers import budget, distributed
     from medcap_helpers.data import load_saved_dataset
     from medcap_helpers.model import attach_lora, load_model_and_processor
 
     config = config_for(run, data_dir, num_gpus=gpus, num_train_epochs=epochs, max_eval_examples=n_val,
-                        per_device_train_batch_size=MICRO_BATCH, gradient_checkpointing=True,
-                        gradient_accumulation_steps=EFFECTIVE_BATCH // (MICRO_BATCH * gpus))
+                        per_device_train_batch_size=EFFECTIVE_BATCH // gpus, gradient_accumulation_steps=1)
     dataset, _ = load_saved_dataset(run)
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
-    result = distributed.train_data_parallel(config, attach_lora(base, config), processor, dataset)
+    peft_model = attach_lora(base, config)
+    config, fit = budget.fit_config_to_budget(config, peft_model, processor, dataset["train"])  # as 03 does
+    result = distributed.train_data_parallel(config, peft_model, processor, dataset)
     wall = time.perf_counter() - start
     evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
     samples = len(dataset["train"]) * epochs
     return {
-        "gpus": gpus, "micro_batch": MICRO_BATCH, "accumulation": config.gradient_accumulation_steps,
-        "effective_batch": MICRO_BATCH * config.gradient_accumulation_steps * gpus, "samples": samples,
+        "gpus": gpus, "micro_batch": config.per_device_train_batch_size,
+        "accumulation": config.gradient_accumulation_steps, "checkpointing": config.gradient_checkpointing,
+        "budget_fit": fit.to_dict() if fit else None, "samples": samples,
+        "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus,
         "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s,
         "samples_per_s": samples / (result.train_runtime_s - evaluation_s), "wall_s": wall,
         "steps": result.global_step,

@@ -51,3 +51,20 @@ def test_other_errors_are_not_swallowed() -> None:
 
     with pytest.raises(ValueError, match="shape mismatch"):
         fit_to_budget(candidate_settings(1), broken, budget_gb=4.0)
+
+
+def test_the_probe_batch_is_the_costliest_the_training_set_holds() -> None:
+    """Two-view studies first, then the longest reports: a setting that fits them fits every batch."""
+    from datasets import Dataset, Features, Image, Value
+
+    from medcap_helpers.budget import costliest_rows
+
+    texts = ["short", "a much longer report text", "mid length", "longest report of all of them here", "x"]
+    seconds = [None, None, "second.png", None, "second.png"]
+    rows = [{"text": t, "image_2": s} for t, s in zip(texts, seconds)]
+    chosen = [r["text"] for r in costliest_rows(rows, 3)]
+    assert chosen == ["mid length", "x", "longest report of all of them here"]
+    assert [r["text"] for r in costliest_rows(rows[:2], 3)] == [texts[1], texts[0], texts[1]]  # repeated
+    dataset = Dataset.from_dict({"text": texts, "image_2": [None] * 5},
+                                features=Features({"text": Value("string"), "image_2": Image()}))
+    assert [r["text"] for r in costliest_rows(dataset, 2)] == [texts[3], texts[1]]  # no image is decoded
