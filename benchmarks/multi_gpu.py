@@ -13,7 +13,7 @@ every process capped at 4 GB (the rehearsal profile's ``vram_budget_gb``).
   (``budget.fit_config_to_budget``). Throughput is samples / (training time minus the per-epoch validation
   time), from the Trainer's own log; the loss curve and the validation loss come from the same log.
 * sweep: the whole grid (12 settings) by successive halving at ``--budget-share`` of a training run,
-  scored on 64 validation studies: wall time of ``run_sweep`` (model loads and process starts included),
+  scored on 64 validation studies, at the batch the training part fitted for 16 studies per GPU: wall time of ``run_sweep`` (model loads and process starts included),
   and whether both choose the same setting.
 
 Results go to ``benchmarks/results/multi_gpu.json`` (an entry per part and GPU count, so a part can be
@@ -102,7 +102,14 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict
     from medcap_helpers import sweep
     from medcap_helpers.data import load_saved_dataset
 
+    from medcap_helpers import runs
+
     config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share)
+    fitted = read_results().get("training", {}).get("2_gpu")  # 16 studies per process: the full profile's batch
+    if fitted:  # what stage 03 records and the trials take over (sweep.fitted_training_settings)
+        runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"], "training_settings": {
+            "per_device_train_batch_size": fitted["micro_batch"], "gradient_accumulation_steps": fitted["accumulation"],
+            "gradient_checkpointing": fitted["checkpointing"]}})
     dataset, _ = load_saved_dataset(run)
     n_train = len(dataset["train"])
     start = time.perf_counter()

@@ -48,10 +48,19 @@ class BudgetFit:
     margin: float
     chosen: TrainingCandidate | None
     tried: list[ProbeOutcome] = field(default_factory=list)
+    allocator_gb: float | None = None
+    """What PyTorch's allocator may hold of the budget (the rest: CUDA context, library workspaces)."""
+
+    @property
+    def usable_gb(self) -> float:
+        return (self.allocator_gb or self.budget_gb) * (1 - self.margin)
 
     def explain(self) -> str:
-        lines = [f"VRAM budget {self.budget_gb:.2f} GB, keeping a {self.margin:.0%} margin "
-                 f"(usable {self.budget_gb * (1 - self.margin):.2f} GB):"]
+        held = ("" if self.allocator_gb is None else
+                f", of which PyTorch's allocator may hold {self.allocator_gb:.2f} GB (the rest is the CUDA context "
+                "and library workspaces)")
+        lines = [f"VRAM budget {self.budget_gb:.2f} GB{held}; keeping a {self.margin:.0%} margin for batches "
+                 f"that fragment memory differently, the probe may peak at {self.usable_gb:.2f} GB:"]
         for outcome in self.tried:
             peak = "–" if outcome.peak_gb is None else f"{outcome.peak_gb:.2f} GB"
             speed = "" if outcome.samples_per_s is None else f", {outcome.samples_per_s:.1f} samples/s"
@@ -71,7 +80,7 @@ class BudgetFit:
         return self.chosen
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget_gb": self.budget_gb, "margin": self.margin,
+        return {"budget_gb": self.budget_gb, "allocator_gb": self.allocator_gb, "margin": self.margin,
                 "chosen": asdict(self.chosen) if self.chosen else None,
                 "tried": [{**asdict(o.candidate), "peak_gb": o.peak_gb, "status": o.status,
                            "samples_per_s": o.samples_per_s} for o in self.tried]}
@@ -90,8 +99,10 @@ def candidate_settings(effective_batch: int, max_micro_batch: int = 16) -> list[
 def fit_to_budget(candidates: Iterable[TrainingCandidate],
                   probe: Callable[[TrainingCandidate], tuple[float, float | None]],
                   budget_gb: float, margin: float = 0.1,
-                  is_oom: Callable[[BaseException], bool] | None = None) -> BudgetFit:
-    """Probe candidates in order; choose the first whose peak (GB) stays below the budget less ``margin``.
+                  is_oom: Callable[[BaseException], bool] | None = None,
+                  allocator_gb: float | None = None) -> BudgetFit:
+    """Probe candidates in order; choose the first whose peak (GB) stays below the budget less ``margin``
+    (the allocator's share of the budget, ``allocator_gb``, when given: the probe's peak is the allocator's).
 
     ``probe`` returns ``(peak_gb, samples_per_s)`` or raises an out-of-memory error, which
     ``is_oom`` recognises (default: :func:`is_out_of_memory`). Other errors propagate.
@@ -99,8 +110,8 @@ def fit_to_budget(candidates: Iterable[TrainingCandidate],
     if budget_gb <= 0:
         raise ValueError(f"budget_gb must be positive, got {budget_gb!r}")
     is_oom = is_oom or is_out_of_memory
-    fit = BudgetFit(budget_gb=budget_gb, margin=margin, chosen=None)
-    usable = budget_gb * (1 - margin)
+    fit = BudgetFit(budget_gb=budget_gb, margin=margin, chosen=None, allocator_gb=allocator_gb)
+    usable = fit.usable_gb
     for candidate in candidates:
         try:
             peak_gb, speed = probe(candidate)
@@ -193,11 +204,11 @@ def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train
     if device.type != "cuda":
         print(f"vram_budget_gb={config.vram_budget_gb} is ignored: there is no GPU to measure on this machine.")
         return config, None
-    cap_gpu_memory(config.vram_budget_gb, device)
+    allocator_gb = cap_gpu_memory(config.vram_budget_gb, device)
     collator = CaptionCollator(processor, config.max_target_tokens)
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),
                         lambda c: measure_training_step(model, collator, train_rows, c),
-                        config.vram_budget_gb, margin)
+                        config.vram_budget_gb, margin, allocator_gb=allocator_gb)
     chosen = fit.chosen_or_raise()
     return config.replace(per_device_train_batch_size=chosen.per_device_train_batch_size,
                           gradient_accumulation_steps=chosen.gradient_accumulation_steps,
