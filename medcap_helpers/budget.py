@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.devices import GB, cap_gpu_memory, is_out_of_memory, pick_device, release_memory
+from medcap_helpers.devices import GB, cap_gpu_memory, compute_dtype, is_out_of_memory, pick_device, release_memory
 from medcap_helpers.errors import BudgetTooSmall
 from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
 from medcap_helpers.multiview import caption_outputs
@@ -147,8 +147,10 @@ def costliest_rows(rows: Any, size: int) -> list[Any]:
 
 
 def measure_training_step(model: Any, collator: Any, rows: Any, candidate: TrainingCandidate,
-                          steps: int = 3) -> tuple[float, float]:
-    """Peak reserved GPU memory (GB) and samples/s of ``steps`` optimizer steps at ``candidate``'s settings.
+                          steps: int = 3, mixed_precision: torch.dtype | None = None) -> tuple[float, float]:
+    """Peak reserved GPU memory (GB) and samples/s of ``steps`` optimizer steps at ``candidate``'s settings,
+    under autocast to ``mixed_precision`` when given (as the Trainer trains: its casts and the activations
+    it keeps cost memory too).
 
     The first step is a warm-up and not timed. The trainable weights are restored afterwards, so the
     probe leaves the model as it found it.
@@ -174,7 +176,9 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
             if step == 1:
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            caption_outputs(model, batch).loss.backward()  # two-view batches too
+            with torch.autocast("cuda", dtype=mixed_precision or torch.float32, enabled=mixed_precision is not None):
+                loss = caption_outputs(model, batch).loss  # two-view batches too
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
@@ -205,9 +209,11 @@ def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train
         print(f"vram_budget_gb={config.vram_budget_gb} is ignored: there is no GPU to measure on this machine.")
         return config, None
     allocator_gb = cap_gpu_memory(config.vram_budget_gb, device)
+    dtype = compute_dtype(config, device)  # the Trainer's mixed precision (train.training_arguments)
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
     collator = CaptionCollator(processor, config.max_target_tokens)
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),
-                        lambda c: measure_training_step(model, collator, train_rows, c),
+                        lambda c: measure_training_step(model, collator, train_rows, c, mixed_precision=dtype),
                         config.vram_budget_gb, margin, allocator_gb=allocator_gb)
     chosen = fit.chosen_or_raise()
     return config.replace(per_device_train_batch_size=chosen.per_device_train_batch_size,

@@ -151,7 +151,8 @@ def cap_gpu_memory(budget_gb: float, device: torch.device | str) -> float:
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # Under a hard cap, batches of varying length leave reserved blocks that fit no later request and
         # training runs out of memory after hundreds of steps; segments that grow in place do not fragment.
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+        setter("expandable_segments:True")
     return cap_gb
 
 
