@@ -295,7 +295,9 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
+        # The validation loss is teacher-forced like training: the micro-batch that fits training fits it
+        # (eval_batch_size sizes generation, which keeps far less per study).
+        per_device_eval_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs,
