@@ -67,7 +67,8 @@ def fresh_run(base: Path, name: str) -> Path:
     return run
 
 
-def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int) -> dict[str, Any]:
+def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
+               micro_batch: int | None = None) -> dict[str, Any]:
     """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
     from medcap_helpers import budget, distributed
     from medcap_helpers.data import load_saved_dataset
@@ -79,7 +80,12 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int) -
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
     peft_model = attach_lora(base, config)
-    config, fit = budget.fit_config_to_budget(config, peft_model, processor, dataset["train"])  # as 03 does
+    if micro_batch is None:
+        config, fit = budget.fit_config_to_budget(config, peft_model, processor, dataset["train"])  # as 03 does
+    else:  # a fixed setting, under the same 4 GB cap
+        budget.cap_gpu_memory(config.vram_budget_gb, "cuda")
+        config, fit = config.replace(per_device_train_batch_size=micro_batch, gradient_checkpointing=True,
+                                     gradient_accumulation_steps=EFFECTIVE_BATCH // gpus // micro_batch), None
     result = distributed.train_data_parallel(config, peft_model, processor, dataset)
     wall = time.perf_counter() - start
     evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
@@ -168,6 +174,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/multi_gpu", help="folder of the benchmark's run folders")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--validation", type=int, default=96, help="validation studies per epoch (training)")
+    parser.add_argument("--micro-batch", type=int, help="train at this micro-batch with checkpointing instead of "
+                        "the budget fit's choice (training)")
     parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
     parser.add_argument("--gpus", default="1,2", help="the GPU counts to measure (one call each may be split)")
     parser.add_argument("--once", help=argparse.SUPPRESS)
@@ -176,7 +184,8 @@ def main() -> None:
     if args.once:
         spec = json.loads(args.once)
         run, data_dir, gpus = Path(spec["run"]), spec["data"], spec["gpus"]
-        value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"]) if spec["kind"] == "training"
+        value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"))
+                 if spec["kind"] == "training"
                  else sweep_once(run, data_dir, gpus, spec["budget_share"]))
         print("RESULT " + json.dumps(value, default=str), flush=True)
         return
@@ -189,7 +198,8 @@ def main() -> None:
     measured = read_results().get(args.part, {})
     for gpus in (int(g) for g in args.gpus.split(",")):
         run = fresh_run(base, f"{args.part}-{gpus}gpu")
-        values = ({"epochs": args.epochs, "validation": args.validation} if args.part == "training"
+        values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch}
+                  if args.part == "training"
                   else {"budget_share": args.budget_share})
         measured[f"{gpus}_gpu"] = {**in_fresh_process(args.part, run, args.data, gpus, values),
                                    "command": " ".join(["python"] + sys.argv)}
