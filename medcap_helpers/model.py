@@ -388,7 +388,9 @@ def check_tokenizer_matches(model: Any, tokenizer: Any) -> None:
 
 
 def unwrap_model(model: Any) -> Any:
-    """The BLIP model inside a PeftModel (or the model itself)."""
+    """The BLIP model inside a PeftModel and/or a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

@@ -50,10 +50,32 @@ def multiview_forward(model: Any, pixel_values: torch.Tensor, input_ids: torch.T
 
 
 def caption_outputs(model: Any, batch: dict[str, torch.Tensor]) -> Any:
-    """The model's outputs (``.loss``: mean over the batch) for a collated batch of one or several views."""
+    """The model's outputs (``.loss``: mean over the batch) for a collated batch of one or several views.
+
+    Both go through ``model``'s own call, wrappers included: a ``DistributedDataParallel`` wrapper must
+    see every forward, or the processes' gradients are not averaged (:func:`accept_views`)."""
     if batch["pixel_values"].ndim == 5:
-        return multiview_forward(model, **batch)
+        accept_views(model)
     return model(**batch)
+
+
+def accept_views(model: Any) -> None:
+    """Let the BLIP model inside ``model`` (peft, DDP) take two-view batches in its own ``forward``
+    (:func:`multiview_forward`); one-view batches still reach BLIP's ``forward`` unchanged. Idempotent."""
+    base = unwrap_model(model)
+    if getattr(base, "_medcap_accepts_views", False):
+        return
+    blip_forward = base.forward
+
+    def forward(pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if pixel_values is not None and pixel_values.ndim == 5:
+            return multiview_forward(base, pixel_values, input_ids, attention_mask, labels)
+        return blip_forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                            labels=labels, **kwargs)
+
+    base.forward = forward
+    base._medcap_accepts_views = True
 
 
 @torch.no_grad()

@@ -193,6 +193,33 @@ def test_two_processes_train_shard_generation_and_resume(prepared_run: dict[str,
 
 
 
+def test_two_view_studies_train_through_the_data_parallel_wrapper(prepared_run: dict[str, Any], tmp_path: Path) -> None:
+    """views="both" (the full profile): each process's two-view batches go through DDP's own forward, so
+    the gradients are averaged and the processes end with the same weights (the first GPU run crashed
+    here: the two-view forward called the model inside the wrapper)."""
+    import shutil
+
+    from datasets import Image
+
+    from medcap_helpers import data
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared_run["run_dir"], run_dir, symlinks=True,  # what stage 03 starts from: no checkpoints
+                    ignore=shutil.ignore_patterns("checkpoints", "distributed", "metrics", "adapter*", ".lock*"))
+    dd, report = data.load_saved_dataset(run_dir)
+    for split in list(dd):
+        stored = dd[split].cast_column("image", Image(decode=False))["image"]
+        second = [{"path": image["path"], "bytes": image["bytes"]} for image in stored]  # the same picture twice
+        dd[split] = dd[split].remove_columns("image_2").add_column("image_2", second).cast_column("image_2", Image(mode="RGB"))
+    data.save_dataset(dd, report, run_dir)
+    config = tiny_config(run_dir, epochs=1.0).replace(views="both")
+    result, records, weights = _launch(config, tmp_path / "probe")
+    assert result.global_step == 2 and len(records[0]["generations"]) == 1
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), f"{name} differs between the processes"
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in weights[0].items())
+
+
 def test_a_failing_process_is_reported_with_its_output(prepared_run: dict[str, Any]) -> None:
     config = tiny_config(prepared_run["run_dir"], epochs=1.0)
     with pytest.raises(StageFailed, match=r"(?s)exit status [1-9].*no_such_worker"):
