@@ -292,7 +292,7 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         version_specific["warmup_ratio"] = config.warmup_ratio
     else:  # newer transformers: a float < 1 in warmup_steps is the ratio
         version_specific["warmup_steps"] = float(config.warmup_ratio)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.per_device_train_batch_size,
         # The validation loss is teacher-forced like training: the micro-batch that fits training fits it
@@ -328,6 +328,17 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         ddp_find_unused_parameters=False,  # data-parallel: every LoRA weight gets a gradient every step
         **version_specific,
     )
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: Any) -> Any:
+    """``args`` with one GPU for this process. Started alone on a machine with several GPUs, the Trainer
+    would multiply every batch by their number for ``nn.DataParallel``, and, as 4-bit models are not
+    replicated, feed the whole multiplied batch to one GPU: twice the memory the budget fit measured on
+    two GPUs. Several GPUs train through :mod:`medcap_helpers.distributed` instead, one process each."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
+        args._n_gpu = 1  # no public setting: the Trainer reads n_gpu, which returns this
+    return args
 
 
 # --------------------------------------------------------------------------------------- history

@@ -212,3 +212,16 @@ def test_train_needs_a_validation_split(tmp_path):
     model, processor = qlora_model(config)
     with pytest.raises(KeyError, match="validation"):
         train(config, model, processor, {"train": synthetic_rows()})
+
+
+def test_one_process_trains_on_one_gpu_even_where_several_are_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a two-GPU machine the Trainer doubled every batch (n_gpu=2) and put it all on one GPU."""
+    from types import SimpleNamespace
+
+    from medcap_helpers.train import one_gpu_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert one_gpu_per_process(SimpleNamespace(n_gpu=2, _n_gpu=2))._n_gpu == 1
+    assert one_gpu_per_process(SimpleNamespace(n_gpu=0, _n_gpu=0))._n_gpu == 0  # the CPU stays the CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun process: DDP, where the Trainer's n_gpu is 1 already
+    assert one_gpu_per_process(SimpleNamespace(n_gpu=2, _n_gpu=2))._n_gpu == 2
