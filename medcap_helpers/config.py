@@ -117,6 +117,10 @@ class MedcapConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     gradient_checkpointing: bool = True
+    group_by_length: bool = False
+    """Batch training studies of similar report length (HF's ``LengthGroupedSampler``: random groups of
+    ``50 x`` the effective batch, sorted by length): batches pad less, so each step processes fewer tokens.
+    The order of training changes, not what is trained on."""
     optim: str = "adamw_torch"
     logging_steps: int = 5
     vram_budget_gb: float | None = None
@@ -347,7 +351,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         # generation batches (at most eval_batch_size) to the same budget.
         num_train_epochs=5.0, per_device_train_batch_size=16, gradient_accumulation_steps=1,
         learning_rate=4e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3, eval_batch_size=64,
-        vram_budget_gb=4.0, sweep_eval_examples=64,
+        vram_budget_gb=4.0, sweep_eval_examples=64, group_by_length=True,
     ),
 }
 # The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with

@@ -43,6 +43,7 @@ from medcap_helpers.devices import (
     release_memory,
     reset_peak_memory,
 )
+from medcap_helpers.errors import ConfigError
 from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
 from medcap_helpers.metrics import (
     CE_MACRO_F1,
@@ -109,6 +110,18 @@ def _split(dataset_dict: Mapping[str, Any], names: Sequence[str], what: str) -> 
         if name in dataset_dict and dataset_dict[name] is not None:
             return dataset_dict[name]
     raise KeyError(f"The dataset has no {what} split (looked for {list(names)}; it has {list(dataset_dict)}).")
+
+
+LENGTH_COLUMN = "length"
+
+
+def with_token_lengths(rows: Any, tokenizer: Any, max_length: int) -> Any:
+    """``rows`` (a ``datasets.Dataset``) with each report's token count, as the collator will truncate it,
+    in :data:`LENGTH_COLUMN`: what ``group_by_length`` sorts by, without decoding an image."""
+    lengths = [len(ids) for ids in tokenizer(text_column(rows), truncation=True, max_length=max_length)["input_ids"]]
+    if LENGTH_COLUMN in rows.column_names:
+        rows = rows.remove_columns(LENGTH_COLUMN)
+    return rows.add_column(LENGTH_COLUMN, lengths)
 
 
 def text_column(rows: Any) -> list[str]:
@@ -288,6 +301,12 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
     else:
         version_specific.update(gradient_checkpointing=config.gradient_checkpointing,
                                 gradient_checkpointing_kwargs=checkpointing_kwargs)
+    if config.group_by_length:  # the rows carry their token count in LENGTH_COLUMN (with_token_lengths)
+        if "train_sampling_strategy" in known:  # transformers >= 5.2x
+            version_specific["train_sampling_strategy"] = "group_by_length"
+        else:
+            version_specific["group_by_length"] = True
+        version_specific["length_column_name"] = LENGTH_COLUMN
     if "warmup_ratio" in known:
         version_specific["warmup_ratio"] = config.warmup_ratio
     else:  # newer transformers: a float < 1 in warmup_steps is the ratio
@@ -416,6 +435,12 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ValueError(f"Training needs examples in both splits (train: {len(train_rows)}, "
                          f"validation: {len(val_rows)}).")
+    if config.group_by_length:
+        if not hasattr(train_rows, "column_names"):
+            raise ConfigError("group_by_length needs the splits as datasets.Dataset (the run's saved dataset); "
+                              "set group_by_length=False to train on lists of rows.")
+        train_rows = with_token_lengths(train_rows, processor.tokenizer, config.max_target_tokens)
+        val_rows = with_token_lengths(val_rows, processor.tokenizer, config.max_target_tokens)  # the loss's order
     if lora and not hasattr(model, "peft_config"):
         model = attach_lora(model, config)
     remove_input_grad_hooks(model)  # a hook registered elsewhere would crash BLIP with checkpointing

@@ -225,3 +225,45 @@ def test_one_process_trains_on_one_gpu_even_where_several_are_visible(monkeypatc
     assert one_gpu_per_process(SimpleNamespace(n_gpu=0, _n_gpu=0))._n_gpu == 0  # the CPU stays the CPU
     monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun process: DDP, where the Trainer's n_gpu is 1 already
     assert one_gpu_per_process(SimpleNamespace(n_gpu=2, _n_gpu=2))._n_gpu == 2
+
+
+def test_group_by_length_batches_reports_of_similar_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch of 64 reports of 1-4 sentences in batches of 2: grouped by length, the same reports are
+    trained on with far less padding than in random batches."""
+    from datasets import Dataset
+
+    from medcap_helpers import train as T
+    from medcap_helpers.errors import ConfigError
+
+    seen: list[list[int]] = []
+    original = T.CaptionCollator.__call__
+
+    def recording(self, rows):  # noqa: ANN001, ANN202
+        if "length" in rows[0]:
+            seen.append([row["length"] for row in rows])
+        return original(self, rows)
+
+    monkeypatch.setattr(T.CaptionCollator, "__call__", recording)
+    rows = Dataset.from_list([{**row, "text": " ".join([row["text"]] * (1 + (i * 5 + j) % 4))}
+                              for j in range(8) for i, row in enumerate(synthetic_rows())])
+    validation = Dataset.from_list(synthetic_rows())
+    padded: dict[bool, int] = {}
+    for grouped in (False, True):
+        seen.clear()
+        config = smoke_config(tmp_path / str(grouped), group_by_length=grouped, per_device_train_batch_size=2,
+                              num_train_epochs=1.0, load_in_4bit=False, gradient_checkpointing=False,
+                              max_target_tokens=48)
+        model, processor = qlora_model(config)
+        if not grouped:  # random batches carry no length: add it for the count only
+            rows_for_run = T.with_token_lengths(rows, processor.tokenizer, config.max_target_tokens)
+        else:
+            rows_for_run = rows
+        T.train(config, model, processor, {"train": rows_for_run, "validation": validation})
+        expected = list(T.with_token_lengths(rows, processor.tokenizer, config.max_target_tokens)["length"])
+        training = seen[:32]  # then the validation loss's 4 batches
+        assert len(seen) in (32, 36) and sorted(n for batch in training for n in batch) == sorted(expected)
+        padded[grouped] = sum(max(batch) * len(batch) for batch in training)
+    assert padded[True] < 0.9 * padded[False], padded
+
+    with pytest.raises(ConfigError, match="group_by_length"):
+        T.train(config, model, processor, {"train": synthetic_rows(), "validation": synthetic_rows()})
