@@ -39,9 +39,19 @@ RESULTS = ROOT / "benchmarks" / "results" / "multi_gpu.json"
 EFFECTIVE_BATCH = 32
 
 
+PROFILE = os.environ.get("MEDCAP_BENCHMARK_PROFILE", "rehearsal")
+"""``smoke`` runs the script's plumbing on the CPU in a minute (one process: ``--gpus 1``), nothing measured."""
+
+
 def config_for(run_dir: str | Path, data_dir: str, **changes: Any) -> Any:
     from full_profile import config_for as rehearsal_config
 
+    from medcap_helpers.config import MedcapConfig
+
+    if PROFILE == "smoke":
+        smoke = {k: v for k, v in changes.items() if k not in ("max_eval_examples", "per_device_train_batch_size",
+                                                               "gradient_accumulation_steps")}
+        return MedcapConfig.from_profile("smoke", run_dir=str(run_dir), **{**smoke, "num_gpus": None})
     return rehearsal_config(str(run_dir), data_dir).replace(**changes)
 
 
@@ -49,9 +59,10 @@ def prepare(base: Path, data_dir: str) -> float:
     """Stage 01's dataset and the random BLIP-large, once, in ``base`` (reused when there)."""
     from medcap_helpers import data
     from medcap_helpers.model import load_model_and_processor
+    from medcap_helpers.processing import local_model_dir
 
     config = config_for(base, data_dir)
-    if not (base / "random_blip_large" / "model.safetensors").exists():
+    if not (local_model_dir(config) / "model.safetensors").exists():
         dd, report = data.build_dataset(config, progress=False)
         data.save_dataset(dd, report, base)
         load_model_and_processor(config, dd)
@@ -62,8 +73,9 @@ def fresh_run(base: Path, name: str) -> Path:
     """A copy of ``base``'s dataset with its model folder linked (nothing trained yet)."""
     run = base.parent / name
     shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(base, run, symlinks=True, ignore=shutil.ignore_patterns("random_blip_large", ".lock*"))
-    (run / "random_blip_large").symlink_to((base / "random_blip_large").resolve())
+    model_folder = next(p.name for p in base.iterdir() if p.name in ("random_blip_large", "tiny_model"))
+    shutil.copytree(base, run, symlinks=True, ignore=shutil.ignore_patterns(model_folder, ".lock*"))
+    (run / model_folder).symlink_to((base / model_folder).resolve())
     return run
 
 
@@ -83,7 +95,8 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     if micro_batch is None:
         config, fit = budget.fit_config_to_budget(config, peft_model, processor, dataset["train"])  # as 03 does
     else:  # a fixed setting, under the same 4 GB cap
-        budget.cap_gpu_memory(config.vram_budget_gb, "cuda")
+        if config.vram_budget_gb is not None:
+            budget.cap_gpu_memory(config.vram_budget_gb, "cuda")
         config, fit = config.replace(per_device_train_batch_size=micro_batch, gradient_checkpointing=True,
                                      gradient_accumulation_steps=EFFECTIVE_BATCH // gpus // micro_batch), None
     result = distributed.train_data_parallel(config, peft_model, processor, dataset)
@@ -112,6 +125,8 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict
 
     config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share)
     fitted = read_results().get("training", {}).get("2_gpu")  # 16 studies per process: the full profile's batch
+    if PROFILE == "rehearsal" and not fitted:
+        raise SystemExit("Run --part training first: the sweep's trials train at the batch it fitted for 2 GPUs.")
     if fitted:  # what stage 03 records and the trials take over (sweep.fitted_training_settings)
         runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"], "training_settings": {
             "per_device_train_batch_size": fitted["micro_batch"], "gradient_accumulation_steps": fitted["accumulation"],
@@ -160,6 +175,9 @@ def record(part: str, values: dict[str, Any]) -> None:
     results = read_results()
     environment = environment_info()
     environment["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if PROFILE != "rehearsal":
+        print(f"profile {PROFILE}: nothing recorded", flush=True)
+        return
     results[part] = {**values, "environment": environment}
     write_json(RESULTS, results)
     if os.environ.get("OUT"):
