@@ -128,7 +128,7 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict
     if PROFILE == "rehearsal" and not fitted:
         raise SystemExit("Run --part training first: the sweep's trials train at the batch it fitted for 2 GPUs.")
     if fitted:  # what stage 03 records and the trials take over (sweep.fitted_training_settings)
-        runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"], "training_settings": {
+        runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"] or {"fixed": "--micro-batch"}, "training_settings": {
             "per_device_train_batch_size": fitted["micro_batch"], "gradient_accumulation_steps": fitted["accumulation"],
             "gradient_checkpointing": fitted["checkpointing"]}})
     dataset, _ = load_saved_dataset(run)
