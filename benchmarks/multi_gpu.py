@@ -128,9 +128,11 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict
     if PROFILE == "rehearsal" and not fitted:
         raise SystemExit("Run --part training first: the sweep's trials train at the batch it fitted for 2 GPUs.")
     if fitted:  # what stage 03 records and the trials take over (sweep.fitted_training_settings)
-        runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"] or {"fixed": "--micro-batch"}, "training_settings": {
-            "per_device_train_batch_size": fitted["micro_batch"], "gradient_accumulation_steps": fitted["accumulation"],
-            "gradient_checkpointing": fitted["checkpointing"]}})
+        settings = {"per_device_train_batch_size": fitted["micro_batch"],
+                    "gradient_accumulation_steps": fitted["accumulation"],
+                    "gradient_checkpointing": fitted["checkpointing"]}
+        runs.write_stage_metrics(run, "03_qlora_train", {"budget_fit": fitted["budget_fit"] or {"fixed": "--micro-batch"},
+                                                         "training_settings": settings})
     dataset, _ = load_saved_dataset(run)
     n_train = len(dataset["train"])
     start = time.perf_counter()
