@@ -94,11 +94,38 @@ def tables() -> str:
     profile = _load("full_profile")
     if profile:
         out += full_profile_tables(profile)
+    multi = _load("multi_gpu")
+    if multi:
+        out += multi_gpu_table(multi)
     disk = _load("disk")
     if disk and "gb" in disk["results"]:
         sizes = disk["results"]["gb"]
         out += ["**On disk**: " + ", ".join(f"{k} {v:.2f} GB" for k, v in sizes.items()), ""]
     return "\n".join(out)
+
+
+def multi_gpu_table(results: dict[str, Any]) -> list[str]:
+    """One GPU against two (``benchmarks/multi_gpu.py``): training throughput, validation loss, sweep time."""
+    training, sweep = results.get("training", {}), results.get("sweep", {})
+    lines = ["**One GPU or two** (H200s, rehearsal, 4 GB cap per GPU; `python benchmarks/multi_gpu.py`)", "",
+             "| GPUs | training: samples/s | final validation loss | micro-batch × accumulation | sweep: wall time |",
+             "|---:|---:|---:|---|---:|"]
+    for gpus in (1, 2):
+        train, trials = training.get(f"{gpus}_gpu", {}), sweep.get(f"{gpus}_gpu", {})
+        losses = train.get("eval_loss") or [None]
+        setting = f"{train['micro_batch']} × {train['accumulation']}" if train else "–"
+        lines.append(f"| {gpus} | {_f(train.get('samples_per_s'), 1)} | {_f(losses[-1], 3)} | {setting} | "
+                     f"{_duration(trials.get('wall_s'))} |")
+    ratios = []
+    if "comparison" in training:
+        comparison = training["comparison"]
+        ratios.append(f"training {comparison['throughput_ratio']:.2f}× the one-GPU throughput (goal ≥ 1.85×), final "
+                      f"validation loss {comparison['final_eval_loss_difference']:.1%} apart (goal ≤ 2%)")
+    if "comparison" in sweep:
+        comparison = sweep["comparison"]
+        ratios.append(f"the sweep in {comparison['wall_time_ratio']:.2f}× the one-GPU time (goal ≤ 0.55×), "
+                      f"{'the same' if comparison['same_choice'] else 'a different'} setting chosen")
+    return lines + ([""] + ["Two GPUs: " + "; ".join(ratios) + "."] if ratios else []) + [""]
 
 
 def _duration(seconds: float | None) -> str:
