@@ -139,6 +139,8 @@ class MedcapConfig:
     model stops after a word or two, which would make generation look fast."""
     num_beams: int = 3
     eval_batch_size: int = 8
+    """Studies per generation batch (at most: with ``vram_budget_gb`` the batch is fitted to the budget).
+    The validation loss runs at ``per_device_train_batch_size``."""
     bootstrap_samples: int = 1000
 
     # --- sweep ------------------------------------------------------------------------
