@@ -240,7 +240,9 @@ class TrialWorkers:
         on_gpu = pick_device(config).type == "cuda"
         self._processes = []
         for index in range(processes):
-            process = context.Process(target=_serve_trials, daemon=True, name=f"medcap-sweep-{index}",
+            # Not daemonic: a daemonic process may not start children, and on a GPU each trial's data loader
+            # starts worker processes. close() ends them (run_sweep calls it, errors included).
+            process = context.Process(target=_serve_trials, daemon=False, name=f"medcap-sweep-{index}",
                                       args=(config.to_dict(), n_train, index, self._jobs[index], self._results))
             with _environment(CUDA_VISIBLE_DEVICES=visible_gpu(index) if on_gpu else None):
                 process.start()  # the child's environment is this one at start

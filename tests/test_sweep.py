@@ -199,6 +199,7 @@ def test_a_failing_trial_in_a_worker_process_stops_the_sweep_with_its_error(tmp_
 
     config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path / "no-saved-dataset"))
     workers = TrialWorkers(config, n_train=10, processes=2)
+    assert not any(process.daemon for process in workers._processes)  # a GPU trial's data loader starts children
     try:
         with pytest.raises(StageFailed, match="died|failed"):
             workers.run(halving_schedule(2, 10, 10)[0], [(4, 16), (4, 64)])
