@@ -9,7 +9,7 @@ import contextlib
 import gc
 import os
 import resource
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +162,18 @@ def memory_line(snapshot: dict[str, float]) -> str:
               "max_reserved_gb": "peak reserved", "device_used_gb": "whole device", "total_gb": "card",
               "peak_rss_gb": "peak RSS", "rss_gb": "RSS"}
     return ", ".join(f"{labels.get(k, k)} {v:.2f} GB" for k, v in snapshot.items())
+
+
+@contextlib.contextmanager
+def temporary_environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the duration (what a process started inside inherits)."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -26,6 +26,7 @@ import torch
 
 from medcap_helpers import runs
 from medcap_helpers.config import STAGES, TINY_MODEL, MedcapConfig
+from medcap_helpers.devices import temporary_environment
 from medcap_helpers.errors import ConfigError, StageFailed
 from medcap_helpers.images import use_pixel_limit
 from medcap_helpers.summary import write_summary
@@ -277,7 +278,7 @@ def run_stage(config: MedcapConfig, stage: str, force: bool = False,
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        with _environment({HEADLESS_ENV: "1", "TQDM_DISABLE": "1"}):  # inherited by the kernel
+        with temporary_environment({HEADLESS_ENV: "1", "TQDM_DISABLE": "1"}):  # inherited by the kernel
             pm.execute_notebook(
                 str(stage_notebook(stage)), str(executed), parameters=injected_parameters(config),
                 kernel_name=KERNEL_NAME, progress_bar=progress, cwd=str(run_dir.resolve()),
@@ -308,21 +309,6 @@ def injected_parameters(config: MedcapConfig) -> dict[str, Any]:
     if overrides:
         parameters["OVERRIDES"] = overrides
     return parameters
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` set for the duration (what a kernel started inside inherits)."""
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def kernel_manager_options() -> dict[str, Any]:

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import queue
 import random
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from typing import Any
 from medcap_helpers import runs
 from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
 from medcap_helpers.data import limit_rows, load_saved_dataset
-from medcap_helpers.devices import pick_device
+from medcap_helpers.devices import pick_device, temporary_environment
 from medcap_helpers.distributed import training_processes
 from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor
@@ -244,7 +242,7 @@ class TrialWorkers:
             # starts worker processes. close() ends them (run_sweep calls it, errors included).
             process = context.Process(target=_serve_trials, daemon=False, name=f"medcap-sweep-{index}",
                                       args=(config.to_dict(), n_train, index, self._jobs[index], self._results))
-            with _environment(CUDA_VISIBLE_DEVICES=visible_gpu(index) if on_gpu else None):
+            with temporary_environment({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {}):
                 process.start()  # the child's environment is this one at start
             self._processes.append(process)
 
@@ -301,21 +299,6 @@ def _serve_trials(config_values: dict[str, Any], n_train: int, index: int, jobs:
             results.put((index, None))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises StageFailed with it
             results.put((index, traceback.format_exc()))
-
-
-@contextmanager
-def _environment(**values: str | None) -> Iterator[None]:
-    """``os.environ`` with ``values`` set (None: left as is) inside the block."""
-    saved = {name: os.environ.get(name) for name, value in values.items() if value is not None}
-    os.environ.update({name: value for name, value in values.items() if value is not None})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 TRIAL_KEYS = {"CIDEr": "val_cider", "CE micro-F1": "val_ce_micro_f1"}
