@@ -149,8 +149,8 @@ def cap_gpu_memory(budget_gb: float, device: torch.device | str) -> float:
     cap_gb = max(0.1, budget_gb - outside_allocator)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb / total_gb), index)
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        # Under a hard cap, batches of varying length leave reserved blocks that fit no later request and
-        # training runs out of memory after hundreds of steps; segments that grow in place do not fragment.
+        # Under a hard cap, batches of varying length can leave reserved blocks that fit no later request;
+        # segments that grow in place do not fragment that way.
         setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
         setter("expandable_segments:True")
     return cap_gb

@@ -20,8 +20,9 @@ from medcap_helpers.model import unwrap_model
 
 FROZEN_VISION_CHUNK = 8
 """Images per pass through a frozen vision tower. Its attention scores are transient but large
-(BLIP-large: 16 heads x 577 x 577 per image, in fp32): 32 images at once (16 two-view studies) need
-1.4 GB for them alone, over a 4 GB budget; 8 at a time need a quarter of that, for the same tokens."""
+(BLIP-large: 16 heads x 577 x 577 per image, in fp32, scores and softmax both alive): 32 images at once
+(16 two-view studies) need 1.4 GB for them alone, a third of a 4 GB budget; 8 at a time need a quarter of
+that, for the same tokens."""
 
 
 def view_tokens(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:

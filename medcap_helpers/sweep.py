@@ -266,7 +266,7 @@ class TrialWorkers:
             except queue.Empty:
                 dead = [i for i in waiting if not self._processes[i].is_alive()]
                 if dead:
-                    raise StageFailed(f"The sweep's {rung.name}: process {dead[0]} (GPU {dead[0]}) died with exit "
+                    raise StageFailed(f"The sweep's {rung.name}: process {dead[0]} died with exit "
                                       f"status {self._processes[dead[0]].exitcode}. Finished trials are kept; "
                                       "rerunning the stage does the rest.") from None
                 continue

@@ -302,7 +302,7 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         version_specific.update(gradient_checkpointing=config.gradient_checkpointing,
                                 gradient_checkpointing_kwargs=checkpointing_kwargs)
     if config.group_by_length:  # the rows carry their token count in LENGTH_COLUMN (with_token_lengths)
-        if "train_sampling_strategy" in known:  # transformers >= 5.2x
+        if "train_sampling_strategy" in known:  # newer transformers
             version_specific["train_sampling_strategy"] = "group_by_length"
         else:
             version_specific["group_by_length"] = True
@@ -353,8 +353,8 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
 def one_gpu_per_process(args: Any) -> Any:
     """``args`` with one GPU for this process. Started alone on a machine with several GPUs, the Trainer
     would multiply every batch by their number for ``nn.DataParallel``, and, as 4-bit models are not
-    replicated, feed the whole multiplied batch to one GPU: twice the memory the budget fit measured on
-    two GPUs. Several GPUs train through :mod:`medcap_helpers.distributed` instead, one process each."""
+    replicated, feed the whole multiplied batch to one GPU: N times the batch the budget fit measured, on
+    N GPUs. Several GPUs train through :mod:`medcap_helpers.distributed` instead, one process each."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
         args._n_gpu = 1  # no public setting: the Trainer reads n_gpu, which returns this
     return args
