@@ -75,15 +75,22 @@ def generate_sharded(config: MedcapConfig, model_dir: str | Path, split_name: st
 
 def run_in_processes(module: str, job: Path, count: int, on_gpu: bool, doing: str) -> None:
     """``python -m <module> <job> <i>`` for each ``i`` < ``count`` at once, each on its own GPU
-    (``CUDA_VISIBLE_DEVICES``) when ``on_gpu``; waits for all. :class:`~medcap_helpers.errors.StageFailed`
-    names the first process that failed, with the end of its output."""
-    workers = [subprocess.Popen([sys.executable, "-m", module, str(job), str(index)],
-                                env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {})),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for index in range(count)]
-    outputs = [worker.communicate()[0] for worker in workers]
-    for index, (worker, output) in enumerate(zip(workers, outputs)):
+    (``CUDA_VISIBLE_DEVICES``) when ``on_gpu``; waits for all. Each process writes its output to
+    ``process-<i>.log`` beside ``job`` (a pipe read one process after another would stall the others once
+    their progress output filled it). :class:`~medcap_helpers.errors.StageFailed` names the first process
+    that failed, with the end of its output."""
+    logs = [job.parent / f"process-{index}.log" for index in range(count)]
+    workers = []
+    for index, log in enumerate(logs):
+        with log.open("w") as output:  # the child keeps its own copy of the file
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", module, str(job), str(index)], stdout=output, stderr=subprocess.STDOUT,
+                env=dict(os.environ, **({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {}))))
+    for worker in workers:
+        worker.wait()
+    for index, (worker, log) in enumerate(zip(workers, logs)):
         if worker.returncode != 0:
+            output = log.read_text(errors="replace")
             raise StageFailed(f"{doing} failed: process {index} exited with {worker.returncode}:\n{output[-2000:]}")
 
 
