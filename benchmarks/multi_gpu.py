@@ -10,8 +10,9 @@ every process capped at 4 GB (the rehearsal profile's ``vram_budget_gb``).
 
 * training: the rehearsal profile's training set, ``--epochs`` epochs, an effective batch of 32 on one GPU
   and on two (16 per GPU), micro-batch and checkpointing fitted to the 4 GB budget as 03 fits them
-  (``budget.fit_config_to_budget``). Throughput is samples / (training time minus the per-epoch validation
-  time), from the Trainer's own log; the loss curve and the validation loss come from the same log.
+  (``budget.fit_config_to_budget``). Throughput is samples / the epochs' training time (each epoch's start
+  to its last optimizer step: validation and checkpoints excluded), from the Trainer's own log; the loss
+  curve and the validation loss come from the same log.
 * sweep: the whole grid (12 settings) by successive halving at ``--budget-share`` of a training run,
   scored on 64 validation studies, at the batch the training part fitted for 16 studies per GPU: wall time of ``run_sweep`` (model loads and process starts included),
   and whether both choose the same setting.
@@ -103,13 +104,14 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     wall = time.perf_counter() - start
     evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
     samples = len(dataset["train"]) * epochs
+    training_s = sum(e["train_seconds"] for e in result.history if e.get("train_seconds"))  # epochs' steps only
     return {
         "gpus": gpus, "micro_batch": config.per_device_train_batch_size,
         "accumulation": config.gradient_accumulation_steps, "checkpointing": config.gradient_checkpointing,
         "budget_fit": fit.to_dict() if fit else None, "samples": samples,
         "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus,
-        "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s,
-        "samples_per_s": samples / (result.train_runtime_s - evaluation_s), "wall_s": wall,
+        "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s, "epochs_training_s": training_s,
+        "samples_per_s": samples / training_s, "wall_s": wall,
         "steps": result.global_step,
         "loss_curve": [[e["step"], e["loss"]] for e in result.log_history if "loss" in e and "step" in e],
         "eval_loss": [e.get("eval_loss") for e in result.history],
@@ -145,12 +147,16 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict
 
 
 def in_fresh_process(kind: str, run: Path, data_dir: str, gpus: int, values: dict[str, Any]) -> dict[str, Any]:
+    """Measure in a fresh process; its whole output goes to ``<run>.log`` (and ``$OUT``), kept on a timeout."""
     payload = json.dumps({"kind": kind, "run": str(run), "data": data_dir, "gpus": gpus, **values})
-    done = subprocess.run([sys.executable, __file__, "--once", payload], capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{kind} on {gpus} GPU(s) failed (rc {done.returncode}):\n"
-                         f"{(done.stdout + done.stderr)[-4000:]}")
+    log_path = Path(os.environ["OUT"]) / f"{run.name}.log" if os.environ.get("OUT") else run.with_suffix(".log")
+    with open(log_path, "w") as log:
+        returncode = subprocess.run([sys.executable, __file__, "--once", payload], stdout=log,
+                                    stderr=subprocess.STDOUT, text=True).returncode
+    output = log_path.read_text(errors="replace")
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if returncode != 0 or not lines:
+        raise SystemExit(f"{kind} on {gpus} GPU(s) failed (rc {returncode}); log {log_path}:\n{output[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -224,13 +230,14 @@ def main() -> None:
         measured[f"{gpus}_gpu"] = {**in_fresh_process(args.part, run, args.data, gpus, values),
                                    "command": " ".join(["python"] + sys.argv)}
         print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[f'{gpus}_gpu'])[:800]}", flush=True)
-    one, two = measured.get("1_gpu"), measured.get("2_gpu")
-    if one and two and args.part == "training":
-        measured["comparison"] = compare_training(one, two)
-    elif one and two:
-        measured["comparison"] = {"wall_time_ratio": two["wall_s"] / one["wall_s"],
-                                  "same_choice": one["chosen"] == two["chosen"], "goals": {"wall_time_ratio": "<= 0.55"}}
-    record(args.part, measured)
+        one, two = measured.get("1_gpu"), measured.get("2_gpu")
+        if one and two and args.part == "training":
+            measured["comparison"] = compare_training(one, two)
+        elif one and two:
+            measured["comparison"] = {"wall_time_ratio": two["wall_s"] / one["wall_s"],
+                                      "same_choice": one["chosen"] == two["chosen"],
+                                      "goals": {"wall_time_ratio": "<= 0.55"}}
+        record(args.part, measured)  # after each count: a later one that runs out of time loses only itself
 
 if __name__ == "__main__":
     main()

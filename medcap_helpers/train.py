@@ -178,19 +178,31 @@ class PeakMemoryCallback(TrainerCallback):
 
 
 class _EpochTrainLossCallback(TrainerCallback):
-    """Write the mean training loss of each epoch (from the trainer's running sum) to the log history."""
+    """Write each epoch's mean training loss (from the trainer's running sum) and training time to the log
+    history. The time runs from the epoch's start to its last optimizer step: validation and checkpoint
+    saving, which follow, are not in it, so it gives the training throughput."""
 
     def __init__(self, trainer: MedcapTrainer) -> None:
         self.trainer = trainer
+        self.started: float | None = None
+        self.first_step = 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.trainer.reset_epoch_loss()
+        self.started, self.first_step = time.perf_counter(), state.global_step
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         mean = self.trainer.epoch_mean_loss()
+        entry: dict[str, Any] = {"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step}
+        if self.started is not None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the last step's kernels belong to this epoch
+            entry["train_seconds_epoch"] = time.perf_counter() - self.started
+            entry["train_steps_epoch"] = state.global_step - self.first_step
         if mean is not None:
-            state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
-                                      "train_loss_epoch": mean})
+            entry["train_loss_epoch"] = mean
+        if len(entry) > 2:
+            state.log_history.append(entry)
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -364,7 +376,8 @@ def one_gpu_per_process(args: Any) -> Any:
 def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One dict per epoch from the Trainer's log history.
 
-    Keys: ``epoch``, ``step``, ``train_loss`` (mean over the epoch), ``eval_loss``, ``val_cider``,
+    Keys: ``epoch``, ``step``, ``train_loss`` (mean over the epoch), ``train_seconds`` (the epoch's training
+    time, validation excluded), ``eval_loss``, ``val_cider``,
     ``val_ce_micro_f1``, ``val_scores`` (``{"CIDEr": .., "CE micro-F1": .., "BLEU-1": .., ...}``),
     ``mean_report_words``, ``peak_memory``.
     """
@@ -373,12 +386,13 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     def row(entry: Mapping[str, Any]) -> dict[str, Any]:
         epoch = round(float(entry.get("epoch", 0.0)), 4)
         return epochs.setdefault(epoch, {"epoch": epoch, "step": entry.get("step"), "train_loss": None,
-                                         "eval_loss": None, "val_cider": None, "val_ce_micro_f1": None,
-                                         "val_scores": {}, "peak_memory": {}})
+                                         "train_seconds": None, "eval_loss": None, "val_cider": None,
+                                         "val_ce_micro_f1": None, "val_scores": {}, "peak_memory": {}})
 
     for entry in log_history:
-        if "train_loss_epoch" in entry:
-            row(entry)["train_loss"] = entry["train_loss_epoch"]
+        if "train_loss_epoch" in entry or "train_seconds_epoch" in entry:
+            row(entry)["train_loss"] = entry.get("train_loss_epoch")
+            row(entry)["train_seconds"] = entry.get("train_seconds_epoch")
         elif any(k in _ALL_MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
             row(entry)["peak_memory"].update({k: v for k, v in entry.items() if k in _ALL_MEMORY_KEYS})
         elif "eval_loss" in entry or "eval_cider" in entry:

@@ -311,7 +311,7 @@ def vram_budget_smaller_than_model(tmp: Path) -> Case:
         assert [o.status for o in outcome.tried] == ["out of memory"] * 4  # every candidate was tried
         return outcome.chosen_or_raise()
 
-    return fit, ["Nothing fits in 0.50 GB", "batch 1 × accumulation 2, checkpointing on: peak – → out of memory",
+    return fit, ["Nothing fits in 0.50 GB", "batch 1 × accumulation 2, checkpointing on: peak allocated – → out of memory",
                  "--vram-budget-gb"]
 
 
