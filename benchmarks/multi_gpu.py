@@ -112,6 +112,8 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
         "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus,
         "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s, "epochs_training_s": training_s,
         "samples_per_s": samples / training_s, "wall_s": wall,
+        "epoch_samples_per_s": [len(dataset["train"]) / e["train_seconds"] for e in result.history
+                                if e.get("train_seconds")],  # the first epoch carries each process's warm-up
         "steps": result.global_step,
         "loss_curve": [[e["step"], e["loss"]] for e in result.log_history if "loss" in e and "step" in e],
         "eval_loss": [e.get("eval_loss") for e in result.history],
