@@ -81,14 +81,15 @@ def fresh_run(base: Path, name: str) -> Path:
 
 
 def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
-               micro_batch: int | None = None) -> dict[str, Any]:
+               micro_batch: int | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
     from medcap_helpers import budget, distributed
     from medcap_helpers.data import load_saved_dataset
     from medcap_helpers.model import attach_lora, load_model_and_processor
 
     config = config_for(run, data_dir, num_gpus=gpus, num_train_epochs=epochs, max_eval_examples=n_val,
-                        per_device_train_batch_size=EFFECTIVE_BATCH // gpus, gradient_accumulation_steps=1)
+                        per_device_train_batch_size=EFFECTIVE_BATCH // gpus, gradient_accumulation_steps=1,
+                        **(settings or {}))
     dataset, _ = load_saved_dataset(run)
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
@@ -206,13 +207,17 @@ def main() -> None:
                         "the budget fit's choice (training)")
     parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
     parser.add_argument("--gpus", default="1,2", help="the GPU counts to measure (one call each may be split)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for this measurement (training), e.g. cache_vision_embeddings=True")
+    parser.add_argument("--label", default="", help="recorded as '<gpus>_gpu_<label>' (a variant beside the plain one)")
     parser.add_argument("--once", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.once:
         spec = json.loads(args.once)
         run, data_dir, gpus = Path(spec["run"]), spec["data"], spec["gpus"]
-        value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"))
+        value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"),
+                            spec.get("settings"))
                  if spec["kind"] == "training"
                  else sweep_once(run, data_dir, gpus, spec["budget_share"]))
         print("RESULT " + json.dumps(value, default=str), flush=True)
@@ -224,14 +229,20 @@ def main() -> None:
     prepare(base, args.data)
     print(f"prepared {base} in {time.perf_counter() - start:.0f} s", flush=True)
     measured = read_results().get(args.part, {})
+    from medcap_helpers.cli import parse_assignment
+
+    settings = dict(parse_assignment(text) for text in args.set)
+    suffix = f"_{args.label}" if args.label else ""
     for gpus in (int(g) for g in args.gpus.split(",")):
-        run = fresh_run(base, f"{args.part}-{gpus}gpu")
-        values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch}
+        name = f"{gpus}_gpu{suffix}"
+        run = fresh_run(base, f"{args.part}-{gpus}gpu{suffix}")
+        values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch,
+                   "settings": settings}
                   if args.part == "training"
                   else {"budget_share": args.budget_share})
-        measured[f"{gpus}_gpu"] = {**in_fresh_process(args.part, run, args.data, gpus, values),
-                                   "command": " ".join(["python"] + sys.argv)}
-        print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[f'{gpus}_gpu'])[:800]}", flush=True)
+        measured[name] = {**in_fresh_process(args.part, run, args.data, gpus, values), "settings": settings,
+                          "command": " ".join(["python"] + sys.argv)}
+        print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[name])[:800]}", flush=True)
         one, two = measured.get("1_gpu"), measured.get("2_gpu")
         if one and two and args.part == "training":
             measured["comparison"] = compare_training(one, two)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from medcap_helpers import runs, train
+from medcap_helpers import runs, train, vision_cache
 from medcap_helpers.atomic import folder_ready
 from medcap_helpers.checkpoints import remove_incomplete_checkpoints
 from medcap_helpers.config import LOCAL_MODELS, MedcapConfig
@@ -83,6 +83,9 @@ def train_data_parallel(config: MedcapConfig, peft_model: Any, processor: BlipPr
     processes = num_processes or training_processes(config)
     if processes == 1:
         return train.train(config, peft_model, processor, dataset)
+    # Cached here, once: the processes then find every image's tokens instead of computing them twice.
+    vision_cache.prepare_cache(config, peft_model, processor, [train.training_split(dataset),
+                                                               train.validation_split(dataset)])
     result = launch_training(config, processes)
     load_trained_adapter(peft_model, result.adapter_dir)
     return result

@@ -55,21 +55,26 @@ def caption_outputs(model: Any, batch: dict[str, torch.Tensor]) -> Any:
 
     Both go through ``model``'s own call, wrappers included: a ``DistributedDataParallel`` wrapper must
     see every forward, or the processes' gradients are not averaged (:func:`accept_views`)."""
-    if batch["pixel_values"].ndim == 5:
+    if "image_embeds" in batch or batch["pixel_values"].ndim == 5:
         accept_views(model)
     return model(**batch)
 
 
 def accept_views(model: Any) -> None:
-    """Let the BLIP model inside ``model`` (peft, DDP) take two-view batches in its own ``forward``
-    (:func:`multiview_forward`); one-view batches still reach BLIP's ``forward`` unchanged. Idempotent."""
+    """Let the BLIP model inside ``model`` (peft, DDP) take two-view batches (:func:`multiview_forward`) and
+    cached image tokens (``image_embeds``) in its own ``forward``; one-view batches of pixels still reach
+    BLIP's ``forward`` unchanged. Idempotent."""
     base = unwrap_model(model)
     if getattr(base, "_medcap_accepts_views", False):
         return
     blip_forward = base.forward
 
     def forward(pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if image_embeds is not None:  # the vision tower's tokens, cached (medcap_helpers.vision_cache)
+            return base.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                     encoder_hidden_states=image_embeds, labels=labels, reduction="mean")
         if pixel_values is not None and pixel_values.ndim == 5:
             return multiview_forward(base, pixel_values, input_ids, attention_mask, labels)
         return blip_forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,

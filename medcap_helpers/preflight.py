@@ -27,6 +27,7 @@ HUB_HOST = ("huggingface.co", 443)
 # NF4 models (0.3 GB each), Trainer checkpoints and the adapter (small), the saved dataset (paths only).
 RUN_DISK_GB = {"blip-large": 4.5, "tiny": 0.2}
 OPENI_DATA_GB = 2.5  # NLMCXR_png.tgz (~1.3 GB) and its extracted PNGs
+VISION_CACHE_GB = 8.8  # cache_vision_embeddings at BLIP-large size: 7,470 images x 577 x 1024 float16
 
 
 @dataclass
@@ -81,6 +82,7 @@ def _disk(config: MedcapConfig) -> Check:
     need = RUN_DISK_GB["tiny" if config.model_name == TINY_MODEL else "blip-large"]
     data_missing = config.data_source == "openi" and not (config.images_dir and Path(config.images_dir).is_dir())
     need += OPENI_DATA_GB if data_missing else 0.0
+    need += VISION_CACHE_GB if config.cache_vision_embeddings and config.model_name != TINY_MODEL else 0.0
     status = OK if free >= need else FAIL
     return Check("free disk", status, f"{free:.1f} GB free at {existing}; this run needs about {need:.1f} GB",
                  "" if status == OK else "free disk space or choose another --out folder")

@@ -240,13 +240,15 @@ class CaptionCollator:
         if missing:
             raise KeyError(f"Rows need 'image' and 'text'; missing {missing} (row keys: {sorted(rows[0])}).")
         images = [[row["image"], row["image_2"]] if row.get("image_2") is not None else row["image"] for row in rows]
+        return {"pixel_values": pixel_batch(self.processor, images), **self.text_inputs(rows)}
+
+    def text_inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``labels`` of the rows' reports."""
         texts = [str(row["text"]) for row in rows]
-        pixel_values = pixel_batch(self.processor, images)
         encoded = self.processor.tokenizer(texts, padding="longest", truncation=True,
                                            max_length=self.max_length, return_tensors="pt")
         input_ids = encoded["input_ids"].clone()
         input_ids[:, 0] = self.bos_token_id
         attention_mask = encoded["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from medcap_helpers import runs
+from medcap_helpers import runs, vision_cache
 from medcap_helpers.checkpoints import (
     last_complete_checkpoint,
     remove_incomplete_checkpoints,
@@ -57,7 +57,7 @@ from medcap_helpers.model import (
     remove_input_grad_hooks,
     trainable_parameters,
 )
-from medcap_helpers.multiview import caption_outputs
+from medcap_helpers.multiview import accept_views, caption_outputs
 from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
 
@@ -141,6 +141,14 @@ def _default_scorer() -> Scorer:
         return scores
 
     return validation_scores
+
+
+def training_split(dataset_dict: Mapping[str, Any]) -> Any:
+    return _split(dataset_dict, TRAIN_SPLITS, "training")
+
+
+def validation_split(dataset_dict: Mapping[str, Any]) -> Any:
+    return _split(dataset_dict, VAL_SPLITS, "validation")
 
 
 # --------------------------------------------------------------------------------------- callbacks
@@ -246,7 +254,7 @@ class MedcapTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
-        if inputs["pixel_values"].ndim == 5:  # two-view studies: one memory of both views' tokens
+        if "image_embeds" in inputs or inputs["pixel_values"].ndim == 5:  # cached tokens; two-view studies
             outputs = caption_outputs(model, inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -469,10 +477,16 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
     if max_generation_examples is not None and max_generation_examples < len(val_rows):
         generation_rows = (val_rows.select(range(max_generation_examples)) if hasattr(val_rows, "select")
                            else list(val_rows[:max_generation_examples]))
+    collator = CaptionCollator(processor, config.max_target_tokens)
+    cache = vision_cache.prepare_cache(config, model, processor, [train_rows, val_rows])
+    if cache is not None:  # the loss reads cached image tokens; validation generation still reads images
+        collator = vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, cache)
+        accept_views(model)
+        train_rows, val_rows = (vision_cache.without_image_decoding(rows) for rows in (train_rows, val_rows))
     memory_callback = PeakMemoryCallback(device)
     trainer = MedcapTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
-        data_collator=CaptionCollator(processor, config.max_target_tokens),
+        data_collator=collator,
         callbacks=[memory_callback, *(callbacks_extra or [])],
         generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer)
 

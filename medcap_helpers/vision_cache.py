@@ -1,0 +1,239 @@
+"""The frozen vision tower's image tokens, computed once per image and reused (``cache_vision_embeddings``).
+
+With LoRA on the text decoder only (the default), training never changes the vision tower: an image's
+tokens are the same in every epoch and every sweep trial, yet each step decodes the PNG, resizes it and
+runs the tower again. The cache computes each image's tokens once and keeps them on disk, one ``.npy``
+per image (BLIP-large: 577 x 1024 in float16, 1.2 MB), read memory-mapped; training batches then carry
+``image_embeds`` instead of ``pixel_values`` (:class:`CachedEmbeddingCollator`).
+
+* Keyed by the vision tower's weights, the image processor's settings and the stored dtype
+  (:func:`cache_key`): a different model or processor gets its own folder, so nothing stale is read.
+* An image is found by a hash of its encoded bytes (no decoding needed to look it up).
+* Not used when the vision tower trains (``lora_vision``): its tokens change with every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medcap_helpers.config import MedcapConfig
+from medcap_helpers.devices import compute_dtype, pick_device
+from medcap_helpers.images import open_rgb
+from medcap_helpers.model import unwrap_model
+from medcap_helpers.multiview import FROZEN_VISION_CHUNK
+from medcap_helpers.processing import CaptionCollator
+
+IMAGE_COLUMNS = ("image", "image_2")
+CACHE_FOLDER = "vision_cache"
+
+
+def vision_tower_trains(model: Any) -> bool:
+    return any(p.requires_grad for p in unwrap_model(model).vision_model.parameters())
+
+
+def weights_digest(vision_model: Any) -> str:
+    """A digest of the vision tower's weights (names, shapes, bytes). Remembered on the tower while no
+    weight has been changed in place (torch counts every in-place change in ``_version``), so the
+    sweep's trials, which share one base model, hash its 300M weights once."""
+    state = sorted(vision_model.state_dict().items())
+    versions = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+    remembered = getattr(vision_model, "_medcap_weights_digest", None)
+    if remembered is not None and remembered[0] == versions:
+        return remembered[1]
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in state:
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    vision_model._medcap_weights_digest = (versions, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def cache_key(model: Any, processor: Any, dtype: torch.dtype) -> str:
+    """A digest of the vision tower's weights, the image processor's settings and the stored dtype: a
+    cache folder holds tokens of exactly one such combination."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(weights_digest(unwrap_model(model).vision_model).encode())
+    image_processor = getattr(processor, "image_processor", processor)
+    settings = image_processor.to_dict()
+    settings.pop("processor_class", None)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(str(dtype).encode())
+    return digest.hexdigest()
+
+
+def image_hash(image: Any) -> str:
+    """A digest of an image as stored: its encoded bytes (a ``datasets`` row read without decoding, or a
+    file), or for a decoded PIL image its mode, size and pixels."""
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(image, dict) and image.get("bytes"):
+        digest.update(image["bytes"])
+    elif isinstance(image, dict) and image.get("path"):
+        digest.update(Path(image["path"]).read_bytes())
+    elif isinstance(image, (str, Path)):
+        digest.update(Path(image).read_bytes())
+    elif isinstance(image, Image.Image):
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    else:
+        raise TypeError(f"Cannot key an image of type {type(image).__name__} (expected encoded bytes, a path "
+                        "or a PIL image).")
+    return digest.hexdigest()
+
+
+def decoded(image: Any) -> Image.Image:
+    """A PIL RGB image from what :func:`image_hash` accepts."""
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return opened.convert("RGB")
+        return open_rgb(image["path"])
+    return open_rgb(image)
+
+
+class VisionEmbeddingCache:
+    """Image tokens under ``root/<key>/<hash[:2]>/<hash>.npy``."""
+
+    def __init__(self, root: str | Path, key: str, dtype: torch.dtype,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.folder = Path(root) / key
+        self.dtype = dtype
+        self.autocast_dtype = autocast_dtype
+        """The mixed precision training runs the tower under (None: none), which filling must match."""
+        self.numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
+
+    def path(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.npy"
+
+    def __contains__(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def store(self, digest: str, tokens: torch.Tensor) -> None:
+        """Write atomically (a temporary file renamed), so a crash or a second process never leaves half a file."""
+        path = self.path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(temporary, tokens.detach().float().cpu().numpy().astype(self.numpy_dtype))
+        os.replace(temporary, path)
+
+    def load(self, digest: str) -> torch.Tensor:
+        path = self.path(digest)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image {digest} is not in the vision cache {self.folder}: cache every split "
+                                    "before training (vision_cache.prepare_cache).")
+        return torch.from_numpy(np.array(np.load(path, mmap_mode="r")))
+
+
+def cache_for(config: MedcapConfig, model: Any, processor: Any) -> VisionEmbeddingCache | None:
+    """The run's cache, or None when it is off or the vision tower trains (its tokens change every step)."""
+    if not config.cache_vision_embeddings:
+        return None
+    if vision_tower_trains(model):
+        print("cache_vision_embeddings is skipped: the vision tower trains (lora_vision), so its tokens change.")
+        return None
+    device = pick_device(config)
+    mixed = compute_dtype(config, device) if device.type == "cuda" else None  # the Trainer's autocast
+    mixed = mixed if mixed in (torch.float16, torch.bfloat16) else None
+    dtype = torch.float16 if mixed is not None else torch.float32  # half the disk; the tokens are half already
+    root = Path(config.vision_cache_dir) if config.vision_cache_dir else Path(config.run_dir) / CACHE_FOLDER
+    key = cache_key(model, processor, mixed or dtype)
+    return VisionEmbeddingCache(root, key, dtype, autocast_dtype=mixed)
+
+
+def images_of(rows: Any) -> list[Any]:
+    """Every image of ``rows`` (both columns), as stored: ``datasets`` columns are read without decoding."""
+    if hasattr(rows, "column_names"):
+        from datasets import Image as ImageFeature
+
+        plain = rows.with_format(None)
+        found: list[Any] = []
+        for column in IMAGE_COLUMNS:
+            if column in plain.column_names:
+                found += [im for im in plain.cast_column(column, ImageFeature(decode=False))[column] if im is not None]
+        return found
+    return [row[c] for row in rows for c in IMAGE_COLUMNS if row.get(c) is not None]
+
+
+def without_image_decoding(rows: Any) -> Any:
+    """``rows`` whose image columns come as encoded bytes (what the cache is keyed by), not decoded images."""
+    if not hasattr(rows, "column_names"):
+        return rows
+    from datasets import Image as ImageFeature
+
+    for column in IMAGE_COLUMNS:
+        if column in rows.column_names:
+            rows = rows.cast_column(column, ImageFeature(decode=False))
+    return rows
+
+
+@torch.no_grad()
+def fill_cache(cache: VisionEmbeddingCache, model: Any, processor: Any, splits: Iterable[Any],
+               batch_size: int = FROZEN_VISION_CHUNK, progress: bool = True) -> int:
+    """Compute the tokens of every image of ``splits`` not cached yet; return how many were computed."""
+    from tqdm.auto import tqdm
+
+    missing: dict[str, Any] = {}
+    for rows in splits:
+        for image in images_of(rows):
+            digest = image_hash(image)
+            if digest not in missing and digest not in cache:
+                missing[digest] = image
+    if not missing:
+        return 0
+    vision = unwrap_model(model).vision_model
+    device = next(vision.parameters()).device
+    image_processor = getattr(processor, "image_processor", processor)
+    autocast = torch.autocast(device.type, dtype=cache.autocast_dtype or torch.float32,
+                              enabled=cache.autocast_dtype is not None)
+    items = list(missing.items())
+    for start in tqdm(range(0, len(items), batch_size), desc="Caching image tokens", unit="batch",
+                      disable=not progress):
+        chunk = items[start:start + batch_size]
+        pixels = image_processor(images=[decoded(image) for _, image in chunk], return_tensors="pt")["pixel_values"]
+        with autocast:
+            tokens = vision(pixel_values=pixels.to(device))[0]
+        for (digest, _), study_tokens in zip(chunk, tokens):
+            cache.store(digest, study_tokens)
+    return len(items)
+
+
+def prepare_cache(config: MedcapConfig, model: Any, processor: Any, splits: Sequence[Any],
+                  progress: bool = True) -> VisionEmbeddingCache | None:
+    """:func:`cache_for` with every image of ``splits`` cached (None when the cache is not used)."""
+    cache = cache_for(config, model, processor)
+    if cache is not None:
+        computed = fill_cache(cache, model, processor, splits, progress=progress)
+        if computed:
+            print(f"Cached the vision tower's tokens of {computed} images in {cache.folder}.")
+    return cache
+
+
+class CachedEmbeddingCollator(CaptionCollator):
+    """:class:`~medcap_helpers.processing.CaptionCollator` with the images' cached tokens instead of pixels:
+    ``image_embeds`` of shape (batch, views x tokens, hidden), a one-view study in a two-view batch
+    repeating its view (as :func:`~medcap_helpers.processing.pixel_batch` does)."""
+
+    def __init__(self, processor: Any, max_length: int, cache: VisionEmbeddingCache) -> None:
+        super().__init__(processor, max_length)
+        self.cache = cache
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        text_inputs = self.text_inputs(rows)
+        two_views = any(row.get("image_2") is not None for row in rows)
+        studies = []
+        for row in rows:
+            first = self.cache.load(image_hash(row["image"]))
+            if two_views:
+                second = row.get("image_2")
+                first = torch.cat([first, self.cache.load(image_hash(second)) if second is not None else first])
+            studies.append(first)
+        return {"image_embeds": torch.stack(studies), **text_inputs}

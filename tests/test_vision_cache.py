@@ -1,0 +1,127 @@
+"""The vision-tower cache (``cache_vision_embeddings``): the same loss and logits as reading the images,
+rebuilt when the model or the processor changes, skipped when the vision tower trains."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+
+from medcap_helpers import multiview, vision_cache
+from medcap_helpers.processing import CaptionCollator
+from medcap_helpers.train import train
+from tests.test_multiview import two_view_rows
+from tests.test_train import qlora_model, smoke_config, synthetic_rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """The 4-bit tiny BLIP with LoRA as training sees it, with non-zero LoRA B (the adapters take part)."""
+    config = smoke_config(tmp_path_factory.mktemp("vision_cache"), cache_vision_embeddings=True)
+    model, processor = qlora_model(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.eval(), processor, config
+
+
+def cached_collator(config, model, processor, rows, root: Path):
+    cache = vision_cache.cache_for(config.replace(vision_cache_dir=str(root)), model, processor)
+    assert cache is not None
+    computed = vision_cache.fill_cache(cache, model, processor, [rows], progress=False)
+    return vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, cache), cache, computed
+
+
+@pytest.mark.parametrize("rows", [synthetic_rows(), two_view_rows()], ids=["one view", "two views"])
+def test_cached_tokens_give_the_same_loss_and_logits_as_the_images(tiny, rows, tmp_path: Path) -> None:
+    model, processor, config = tiny
+    collator, _, computed = cached_collator(config, model, processor, rows, tmp_path)
+    assert computed == sum(1 + (row.get("image_2") is not None) for row in rows)
+    from_images = CaptionCollator(processor, config.max_target_tokens)(rows)
+    from_cache = collator(rows)
+    assert "pixel_values" not in from_cache
+    with torch.no_grad():
+        expected = multiview.caption_outputs(model, from_images)
+        cached = multiview.caption_outputs(model, from_cache)
+    torch.testing.assert_close(cached.logits, expected.logits)
+    torch.testing.assert_close(cached.loss, expected.loss)
+
+
+def test_images_are_found_by_their_encoded_bytes_without_decoding(tiny, tmp_path: Path) -> None:
+    """A saved dataset's rows come as PNG bytes: they are keyed without decoding and give the same loss."""
+    model, processor, config = tiny
+    rows = two_view_rows()
+    features = Features({"image": Image(), "image_2": Image(), "text": Value("string")})
+    dataset = Dataset.from_list([{k: r[k] for k in ("image", "image_2", "text")} for r in rows], features=features)
+    encoded = vision_cache.without_image_decoding(dataset)
+    assert isinstance(encoded[0]["image"], dict) and encoded[0]["image"]["bytes"]
+    collator, cache, computed = cached_collator(config, model, processor, encoded, tmp_path)
+    assert computed == 14 and len(list(cache.folder.rglob("*.npy"))) == 14
+    assert vision_cache.fill_cache(cache, model, processor, [dataset], progress=False) == 0  # all reused
+    batch = collator([encoded[i] for i in range(len(encoded))])
+    with torch.no_grad():
+        expected = multiview.caption_outputs(model, CaptionCollator(processor, config.max_target_tokens)(rows))
+        torch.testing.assert_close(multiview.caption_outputs(model, batch).loss, expected.loss)
+
+
+def test_a_changed_processor_or_model_gets_a_new_cache(tiny, tmp_path: Path) -> None:
+    model, processor, config = tiny
+    key = vision_cache.cache_key(model, processor, torch.float32)
+    assert vision_cache.cache_key(model, processor, torch.float32) == key  # stable
+    assert vision_cache.cache_key(model, processor, torch.float16) != key
+    other_processor = copy.deepcopy(processor)
+    other_processor.image_processor.image_mean = [0.5, 0.5, 0.5]
+    assert vision_cache.cache_key(model, other_processor, torch.float32) != key
+    weight = next(vision_cache.unwrap_model(model).vision_model.parameters())
+    with torch.no_grad():
+        weight.add_(1e-3)
+        try:
+            assert vision_cache.cache_key(model, processor, torch.float32) != key
+            rows = synthetic_rows()
+            _, cache, computed = cached_collator(config, model, processor, rows, tmp_path)
+        finally:
+            weight.sub_(1e-3)
+    assert computed == len(rows)
+    _, fresh, recomputed = cached_collator(config, model, processor, rows, tmp_path)  # the original weights
+    assert fresh.folder != cache.folder and recomputed == len(rows)
+
+
+def test_a_missing_image_says_to_fill_the_cache(tiny, tmp_path: Path) -> None:
+    model, processor, config = tiny
+    collator, _, _ = cached_collator(config, model, processor, synthetic_rows()[:2], tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare_cache"):
+        collator(synthetic_rows()[2:4])
+
+
+def test_the_cache_is_skipped_when_the_vision_tower_trains(tmp_path: Path) -> None:
+    config = smoke_config(tmp_path, cache_vision_embeddings=True, load_in_4bit=False, lora_vision=True,
+                          num_train_epochs=1.0)
+    model, processor = qlora_model(config)
+    assert vision_cache.vision_tower_trains(model)
+    assert vision_cache.cache_for(config, model, processor) is None
+    rows = synthetic_rows()
+    train(config, model, processor, {"train": rows, "validation": rows})
+    assert not (tmp_path / vision_cache.CACHE_FOLDER).exists()
+
+
+def test_training_on_cached_tokens_follows_the_same_loss_curve(tmp_path: Path) -> None:
+    """Stage 03 with and without the cache, on two-view studies from a saved-style dataset."""
+    rows = two_view_rows()
+    features = Features({"image": Image(), "image_2": Image(), "text": Value("string"), "image_id": Value("string")})
+    dataset = Dataset.from_list([{k: r[k] for k in ("image", "image_2", "text", "image_id")} for r in rows],
+                                features=features)
+    curves = {}
+    for cached in (False, True):
+        config = smoke_config(tmp_path / str(cached), views="both", num_train_epochs=3.0,
+                              cache_vision_embeddings=cached, load_in_4bit=False)
+        model, processor = qlora_model(config)
+        result = train(config, model, processor, {"train": dataset, "validation": dataset})
+        curves[cached] = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(list((tmp_path / "True" / vision_cache.CACHE_FOLDER).rglob("*.npy"))) == 14
+    assert not (tmp_path / "False" / vision_cache.CACHE_FOLDER).exists()
+    assert len(curves[True]) == len(curves[False]) >= 3
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-4, atol=1e-4)
