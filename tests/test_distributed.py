@@ -255,3 +255,35 @@ def test_num_gpus_is_validated_and_set_by_gpus(tmp_path: Path) -> None:
     assert build_config(args).num_gpus == 2
     args = make_parser().parse_args(["run", "--profile", "full", "--out", str(tmp_path / "run")])
     assert build_config(args).num_gpus is None
+
+
+def test_the_vision_cache_is_filled_once_before_the_processes_start(prepared_run: dict[str, Any], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """cache_vision_embeddings on 2 processes: the caller caches every image before the launch (the processes
+    compute none), and the processes train on the cached tokens to the loss curve of the images."""
+    import shutil
+
+    from medcap_helpers import model, vision_cache
+
+    curves = {}
+    for cached in (False, True):
+        run_dir = tmp_path / f"run_{cached}"
+        shutil.copytree(prepared_run["run_dir"], run_dir, symlinks=True,
+                        ignore=shutil.ignore_patterns("checkpoints", "distributed", "metrics", "adapter*", ".lock*"))
+        config = tiny_config(run_dir, epochs=1.0).replace(cache_vision_embeddings=cached)
+        base, processor = model.load_model_and_processor(config, prepared_run["dataset"])
+        capsys.readouterr()
+        result = distributed.train_data_parallel(config, model.attach_lora(base, config), processor,
+                                                 prepared_run["dataset"], num_processes=PROCESSES)
+        output = capsys.readouterr().out
+        curves[cached] = [e["loss"] for e in result.log_history if "loss" in e]
+        files = list((run_dir / vision_cache.CACHE_FOLDER).rglob("*.npy"))
+        if cached:
+            images = {vision_cache.image_hash(im) for split in ("train", "validation")
+                      for im in vision_cache.images_of(prepared_run["dataset"][split])}
+            assert len(files) == len(images) == 13, "every training and validation image, once"
+            assert output.count("Cached the vision tower's tokens") == 1, "the processes found them all cached"
+        else:
+            assert not files
+    assert len(curves[True]) == len(curves[False]) == 2
+    torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-4, atol=1e-4)
