@@ -145,6 +145,10 @@ class MedcapConfig:
     """Force every generated report to at least this many tokens. Only the rehearsal sets it: a random
     model stops after a word or two, which would make generation look fast."""
     num_beams: int = 3
+    compile_generation: bool = False
+    """On a GPU, decode from a static key/value cache with the decoder's step compiled by ``torch.compile``
+    (``reduce-overhead``: CUDA graphs, one launch per step instead of hundreds). Each generation call
+    compiles once; off by default until measured (``benchmarks/decoding.py``). Ignored on the CPU."""
     eval_batch_size: int = 8
     """Studies per generation batch (at most: with ``vram_budget_gb`` the batch is fitted to the budget).
     The validation loss runs at ``per_device_train_batch_size``."""

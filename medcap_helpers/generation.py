@@ -193,17 +193,28 @@ def decoder_for_generation(model: Any, num_beams: int = 1) -> nn.Module:
     return copy.to(dtype).eval()
 
 
+def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``decoder`` with its forward (one decoding step) compiled as one graph (``fullgraph``: a graph break
+    raises instead of silently running eager). With ``"inductor"`` the step runs as CUDA graphs
+    (``reduce-overhead``); tests use ``"eager"``, which traces without generating code. Needs the static
+    key/value cache (``cache_implementation="static"``), so that every step has the same shapes."""
+    mode = "reduce-overhead" if backend == "inductor" else None
+    decoder.forward = torch.compile(decoder.forward, backend=backend, mode=mode, fullgraph=True)
+    return decoder
+
+
 @torch.no_grad()
 def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
                      num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
                      progress: bool = True, min_new_tokens: int | None = None,
-                     decoder_copy: bool = True) -> list[str]:
+                     decoder_copy: bool = True, compile_backend: str | None = None) -> list[str]:
     """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
 
     ``images`` needs only ``len`` and integer indexing (PIL images, paths, arrays, or a list of a study's
     views), so a :class:`RowColumn` or :class:`StudyViews` over a dataset decodes one batch at a time.
     Works for base, 4-bit and peft models; restores the model's train/eval mode afterwards.
-    ``decoder_copy`` generates from :func:`decoder_for_generation` when the decoder is 4-bit or has LoRA.
+    ``decoder_copy`` generates from :func:`decoder_for_generation` when the decoder is 4-bit or has LoRA;
+    ``compile_backend`` then compiles its decoding step (:func:`compile_decoding_step`, static cache).
     A batch that runs out of memory is retried in halves (down to one study) and the smaller batch
     is kept; out of memory at one study raises :class:`~medcap_helpers.devices.OutOfMemory`.
     """
@@ -214,10 +225,14 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     was_training = model.training
     model.eval()
     base = unwrap_model(model)
-    decoder = (decoder_for_generation(model, num_beams) if decoder_copy and needs_decoder_copy(model)
-               else base.text_decoder)
+    use_copy = decoder_copy and (needs_decoder_copy(model) or compile_backend is not None)  # compile a copy, not the model
+    decoder = decoder_for_generation(model, num_beams) if use_copy else base.text_decoder
     shared_cross_attention = [m for m in decoder.modules() if isinstance(m, SharedMemoryCrossAttention)]
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+    compiled = compile_backend is not None and use_copy
+    if compiled:
+        decoder = compile_decoding_step(decoder, compile_backend)
+        settings["cache_implementation"] = "static"
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
     reports: list[str] = []
@@ -247,6 +262,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 bar.update(len(batch))
     finally:
         del decoder, shared_cross_attention
+        if compiled:  # the next call compiles its own copy: drop this one's graphs (and keep under dynamo's limit)
+            torch.compiler.reset()
         model.train(was_training)
     if oom is not None:  # raised here, outside the except block, so the failed batch's tensors are freed
         release_memory()
@@ -311,4 +328,9 @@ def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapCon
     """A report for every row (study or image) of ``split`` with the config's generation settings."""
     return generate_reports(model, processor, study_inputs(split), max_new_tokens=config.max_new_tokens,
                             num_beams=config.num_beams, batch_size=generation_batch_size(model, config),
-                            min_new_tokens=config.min_new_tokens)
+                            min_new_tokens=config.min_new_tokens, compile_backend=compile_backend(model, config))
+
+
+def compile_backend(model: Any, config: MedcapConfig) -> str | None:
+    """``"inductor"`` when ``config.compile_generation`` asks for it and the model is on a GPU, else None."""
+    return "inductor" if config.compile_generation and model_device(model).type == "cuda" else None

@@ -44,7 +44,7 @@ from medcap_helpers.devices import (
     reset_peak_memory,
 )
 from medcap_helpers.errors import ConfigError
-from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
+from medcap_helpers.generation import compile_backend, generate_reports, generation_batch_size, study_inputs
 from medcap_helpers.metrics import (
     CE_MACRO_F1,
     CE_MICRO_F1,
@@ -286,7 +286,8 @@ class MedcapTrainer(Trainer):
                                                  max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
                                                  batch_size=generation_batch_size(self.model, config, self.args.device),
                                                  device=self.args.device,
-                                                 min_new_tokens=config.min_new_tokens)
+                                                 min_new_tokens=config.min_new_tokens,
+                                                 compile_backend=compile_backend(self.model, config))
         predictions = gather_object(share_predictions)
         self.last_predictions = predictions
         self.predictions_by_step[self.state.global_step] = predictions

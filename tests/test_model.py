@@ -305,6 +305,46 @@ def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tin
     assert fast == slow
 
 
+def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_reports(tiny, tmp_path, monkeypatch):
+    """compile_generation's path on the CPU: a static key/value cache and the decoding step traced by
+    torch.compile with fullgraph (a graph break would raise), through dynamo's ``eager`` backend (the
+    GPU uses inductor's CUDA graphs). The same reports as the default path, over batches of different
+    studies and a smaller last batch, minimum length included; the model itself is never compiled."""
+    from torch._dynamo.utils import counters
+
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    images = [row["image"] for row in _rows()] + [row["image"].rotate(90) for row in _rows()[:3]]
+    settings = dict(max_new_tokens=8, num_beams=3, progress=False, batch_size=3)
+    plain = generation.generate_reports(peft_model, processor, images, **settings)
+    at_least = generation.generate_reports(peft_model, processor, images, min_new_tokens=6, **settings)
+    compiled_forwards = []
+    original = generation.compile_decoding_step
+    monkeypatch.setattr(generation, "compile_decoding_step",
+                        lambda decoder, backend: compiled_forwards.append(backend) or original(decoder, backend))
+    from transformers import cache_utils
+
+    static_caches = []
+    static_init = cache_utils.StaticCache.__init__
+    monkeypatch.setattr(cache_utils.StaticCache, "__init__",
+                        lambda self, *a, **k: static_caches.append(1) or static_init(self, *a, **k))
+    torch.compiler.reset()
+    counters.clear()
+    assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", **settings) == plain
+    assert compiled_forwards == ["eager"] and counters["stats"]["unique_graphs"] >= 1
+    assert len(static_caches) == 3, "one static key/value cache per batch"
+    assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", min_new_tokens=6,
+                                       **settings) == at_least
+    assert len(set(plain)) > 1, "reports that all look alike could not show a mix-up between studies"
+    assert "forward" not in vars(M.unwrap_model(peft_model).text_decoder), "the model's own decoder stays as it was"
+    assert generation.compile_backend(peft_model, config.replace(compile_generation=True)) is None  # CPU: ignored
+
+
 def test_generation_memory_estimate_matches_the_measured_peak_and_the_shared_cross_attention_saving():
     from transformers import BlipForConditionalGeneration
 
