@@ -36,7 +36,7 @@ def tiny_config(run_dir: Path, epochs: float) -> MedcapConfig:
         "smoke", run_dir=str(run_dir), smoke_num_reports=60, smoke_image_size=64, tiny_pretrain_epochs=0,
         max_train_examples=8, max_eval_examples=5, num_train_epochs=epochs, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, max_target_tokens=24, max_new_tokens=8, num_beams=1, eval_batch_size=1,
-        logging_steps=1, lr_scheduler_type="constant")
+        logging_steps=1, lr_scheduler_type="constant", cache_vision_embeddings=False)  # pixels through DDP
 
 
 # --------------------------------------------------------------------------------------- the worker probe

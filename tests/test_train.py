@@ -47,7 +47,8 @@ def smoke_config(run_dir, **overrides) -> MedcapConfig:
     values = dict(run_dir=str(run_dir), tiny_init_range=0.1, learning_rate=1e-2, lr_scheduler_type="constant",
                   per_device_train_batch_size=4, gradient_accumulation_steps=1, logging_steps=1,
                   max_target_tokens=32, max_new_tokens=24, num_beams=1, eval_batch_size=8, lora_dropout=0.0,
-                  load_in_4bit=True, gradient_checkpointing=True, best_model_metric="CIDEr")
+                  load_in_4bit=True, gradient_checkpointing=True, best_model_metric="CIDEr",
+                  cache_vision_embeddings=False)  # these tests train on pixels; tests/test_vision_cache.py on the cache
     values.update(overrides)
     return MedcapConfig.from_profile("smoke", **values)
 
