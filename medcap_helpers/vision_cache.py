@@ -53,7 +53,7 @@ def weights_digest(vision_model: Any) -> str:
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in state:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     vision_model._medcap_weights_digest = (versions, digest.hexdigest())
     return digest.hexdigest()
 
