@@ -21,6 +21,7 @@ from medcap_helpers.errors import BudgetTooSmall
 from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
 from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.processing import CaptionCollator
+from medcap_helpers.vision_cache import CachedEmbeddingCollator, prepare_cache, without_image_decoding
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,17 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
     return peak, size * max(steps - 1, 1) / elapsed
 
 
+def probe_inputs(config: MedcapConfig, model: Any, processor: Any, train_rows: Any) -> tuple[Any, Any]:
+    """The collator and rows the probe trains on: those training will use. With the vision cache
+    (``cache_vision_embeddings``) every training image is cached first (training reuses it) and the probe
+    trains on cached tokens, without the vision tower's activations, as training does."""
+    cache = prepare_cache(config, model, processor, [train_rows])
+    if cache is None:
+        return CaptionCollator(processor, config.max_target_tokens), train_rows
+    return (CachedEmbeddingCollator(processor, config.max_target_tokens, cache),
+            without_image_decoding(train_rows))
+
+
 def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train_rows: Any,
                          margin: float = 0.1) -> tuple[MedcapConfig, BudgetFit | None]:
     """Apply ``config.vram_budget_gb``: probe settings on the GPU and return the updated config.
@@ -214,7 +226,7 @@ def fit_config_to_budget(config: MedcapConfig, model: Any, processor: Any, train
     allocator_gb = cap_gpu_memory(config.vram_budget_gb, device)
     dtype = compute_dtype(config, device)  # the Trainer's mixed precision (train.training_arguments)
     dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
-    collator = CaptionCollator(processor, config.max_target_tokens)
+    collator, train_rows = probe_inputs(config, model, processor, train_rows)
     fit = fit_to_budget(candidate_settings(config.effective_batch_size),
                         lambda c: measure_training_step(model, collator, train_rows, c, mixed_precision=dtype),
                         config.vram_budget_gb, margin, allocator_gb=allocator_gb)

@@ -125,3 +125,24 @@ def test_training_on_cached_tokens_follows_the_same_loss_curve(tmp_path: Path) -
     assert not (tmp_path / "False" / vision_cache.CACHE_FOLDER).exists()
     assert len(curves[True]) == len(curves[False]) >= 3
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_budget_probe_trains_on_what_training_reads(tiny, tmp_path: Path) -> None:
+    """With the cache, the probe's costliest batch is made of cached tokens (no vision-tower activations,
+    as in training); without it, of pixels."""
+    from medcap_helpers import budget
+
+    model, processor, config = tiny
+    rows = two_view_rows()
+    features = Features({"image": Image(), "image_2": Image(), "text": Value("string")})
+    dataset = Dataset.from_list([{k: r[k] for k in ("image", "image_2", "text")} for r in rows], features=features)
+    cached_config = config.replace(vision_cache_dir=str(tmp_path))
+    collator, probe_rows = budget.probe_inputs(cached_config, model, processor, dataset)
+    batch = collator(budget.costliest_rows(probe_rows, 4))
+    assert set(batch) == {"image_embeds", "input_ids", "attention_mask", "labels"}
+    vision = vision_cache.unwrap_model(model).config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    assert batch["image_embeds"].shape == (4, 2 * tokens, vision.hidden_size)  # both views' tokens
+    assert len(list(tmp_path.rglob("*.npy"))) == 14, "the probe cached the training images for training"
+    collator, probe_rows = budget.probe_inputs(config.replace(cache_vision_embeddings=False), model, processor, dataset)
+    assert collator(budget.costliest_rows(probe_rows, 4))["pixel_values"].shape[:2] == (4, 2)
