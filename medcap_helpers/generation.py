@@ -22,6 +22,7 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from tqdm.auto import tqdm
 
+from medcap_helpers import vision_cache
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import (
     GB,
@@ -32,7 +33,7 @@ from medcap_helpers.devices import (
     release_memory,
 )
 from medcap_helpers.model import unwrap_model
-from medcap_helpers.multiview import multiview_generate
+from medcap_helpers.multiview import generate_from_tokens, multiview_generate
 from medcap_helpers.processing import pixel_batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -244,12 +245,15 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 start = len(reports)
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
                 try:
-                    pixel_values = pixel_batch(processor, batch).to(device)
-                    if pixel_values.ndim == 4:
-                        pixel_values = pixel_values.unsqueeze(1)
                     for module in shared_cross_attention:
                         module.reset()
-                    output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
+                    if isinstance(batch[0], torch.Tensor):  # cached image tokens (vision_cache.StudyTokens)
+                        output = generate_from_tokens(base, torch.stack(batch), decoder=decoder, **settings)
+                    else:
+                        pixel_values = pixel_batch(processor, batch).to(device)
+                        if pixel_values.ndim == 4:
+                            pixel_values = pixel_values.unsqueeze(1)
+                        output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is handled
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
                         raise
@@ -324,9 +328,20 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
     return max(1, min(config.eval_batch_size, int(free // per_study)))
 
 
+def generation_inputs(model: Any, processor: Any, rows: Any, config: MedcapConfig) -> Sequence[Any]:
+    """What :func:`generate_reports` reads for ``rows``: with ``cache_vision_embeddings``, the studies'
+    cached image tokens (cached now where missing: the key follows ``model``'s vision tower, so a merged or
+    re-quantized model gets its own); else their images (:func:`study_inputs`)."""
+    cache = vision_cache.prepare_cache(config, model, processor, [rows], progress=False)
+    if cache is None:
+        return study_inputs(rows)
+    return vision_cache.StudyTokens(rows, cache, has_second_views(rows))
+
+
 def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapConfig) -> list[str]:
     """A report for every row (study or image) of ``split`` with the config's generation settings."""
-    return generate_reports(model, processor, study_inputs(split), max_new_tokens=config.max_new_tokens,
+    inputs = generation_inputs(model, processor, split, config)
+    return generate_reports(model, processor, inputs, max_new_tokens=config.max_new_tokens,
                             num_beams=config.num_beams, batch_size=generation_batch_size(model, config),
                             min_new_tokens=config.min_new_tokens, compile_backend=compile_backend(model, config))
 

@@ -91,9 +91,15 @@ def multiview_generate(model: Any, pixel_values: torch.Tensor, decoder: Any = No
     ``decoder`` writes the reports instead of the model's own text decoder (a faster 16-bit copy of it:
     :func:`medcap_helpers.generation.decoder_for_generation`).
     """
+    return generate_from_tokens(model, view_tokens(unwrap_model(model), pixel_values), decoder, **generate_kwargs)
+
+
+def generate_from_tokens(model: Any, memory: torch.Tensor, decoder: Any = None, **generate_kwargs: Any) -> torch.Tensor:
+    """:func:`multiview_generate` from the image tokens themselves, (studies, tokens, hidden): cached ones
+    (:mod:`medcap_helpers.vision_cache`) need no vision tower."""
     base = unwrap_model(model)
     decoder = decoder if decoder is not None else base.text_decoder
-    memory = view_tokens(base, pixel_values).to(decoder.dtype)
+    memory = memory.to(device=next(decoder.parameters()).device, dtype=decoder.dtype)
     text = base.config.text_config
     start = torch.full((memory.shape[0], 1), text.bos_token_id, dtype=torch.long, device=memory.device)
     return decoder.generate(input_ids=start, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,

@@ -44,7 +44,12 @@ from medcap_helpers.devices import (
     reset_peak_memory,
 )
 from medcap_helpers.errors import ConfigError
-from medcap_helpers.generation import compile_backend, generate_reports, generation_batch_size, study_inputs
+from medcap_helpers.generation import (
+    compile_backend,
+    generate_reports,
+    generation_batch_size,
+    generation_inputs,
+)
 from medcap_helpers.metrics import (
     CE_MACRO_F1,
     CE_MICRO_F1,
@@ -282,7 +287,8 @@ class MedcapTrainer(Trainer):
         scorer = self.scorer or _default_scorer()
         rows = self.generation_rows
         with self.accelerator.split_between_processes(rows) as share:
-            share_predictions = generate_reports(self.model, self.processor, study_inputs(share),
+            share_predictions = generate_reports(self.model, self.processor,
+                                                 generation_inputs(self.model, self.processor, share, config),
                                                  max_new_tokens=config.max_new_tokens, num_beams=config.num_beams,
                                                  batch_size=generation_batch_size(self.model, config, self.args.device),
                                                  device=self.args.device,

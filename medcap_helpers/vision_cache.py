@@ -217,6 +217,32 @@ def prepare_cache(config: MedcapConfig, model: Any, processor: Any, splits: Sequ
     return cache
 
 
+def study_tokens(cache: VisionEmbeddingCache, row: Any, two_views: bool) -> torch.Tensor:
+    """A study's cached tokens: its view's, or both views' side by side (a one-view study repeating its
+    view, as :func:`~medcap_helpers.processing.pixel_batch` pads it) when ``two_views``."""
+    first = cache.load(image_hash(row["image"]))
+    if not two_views:
+        return first
+    second = row.get("image_2")
+    return torch.cat([first, cache.load(image_hash(second)) if second is not None else first])
+
+
+class StudyTokens(Sequence[torch.Tensor]):
+    """Each row's cached tokens (:func:`study_tokens`), loaded row by row: what report generation reads
+    instead of images (:func:`medcap_helpers.generation.generate_reports`)."""
+
+    def __init__(self, rows: Any, cache: VisionEmbeddingCache, two_views: bool) -> None:
+        self.rows, self.cache, self.two_views = without_image_decoding(rows), cache, two_views
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> Any:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return study_tokens(self.cache, self.rows[index], self.two_views)
+
+
 class CachedEmbeddingCollator(CaptionCollator):
     """:class:`~medcap_helpers.processing.CaptionCollator` with the images' cached tokens instead of pixels:
     ``image_embeds`` of shape (batch, views x tokens, hidden), a one-view study in a two-view batch
@@ -227,13 +253,6 @@ class CachedEmbeddingCollator(CaptionCollator):
         self.cache = cache
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        text_inputs = self.text_inputs(rows)
         two_views = any(row.get("image_2") is not None for row in rows)
-        studies = []
-        for row in rows:
-            first = self.cache.load(image_hash(row["image"]))
-            if two_views:
-                second = row.get("image_2")
-                first = torch.cat([first, self.cache.load(image_hash(second)) if second is not None else first])
-            studies.append(first)
-        return {"image_embeds": torch.stack(studies), **text_inputs}
+        return {"image_embeds": torch.stack([study_tokens(self.cache, row, two_views) for row in rows]),
+                **self.text_inputs(rows)}

@@ -114,13 +114,15 @@ def test_training_on_cached_tokens_follows_the_same_loss_curve(tmp_path: Path) -
     features = Features({"image": Image(), "image_2": Image(), "text": Value("string"), "image_id": Value("string")})
     dataset = Dataset.from_list([{k: r[k] for k in ("image", "image_2", "text", "image_id")} for r in rows],
                                 features=features)
-    curves = {}
+    curves, scores = {}, {}
     for cached in (False, True):
         config = smoke_config(tmp_path / str(cached), views="both", num_train_epochs=3.0,
                               cache_vision_embeddings=cached, load_in_4bit=False)
         model, processor = qlora_model(config)
         result = train(config, model, processor, {"train": dataset, "validation": dataset})
         curves[cached] = [e["loss"] for e in result.log_history if "loss" in e]
+        scores[cached] = [(e["val_cider"], e["val_ce_micro_f1"]) for e in result.history]  # reports from tokens
+    assert scores[True] == scores[False] and len(scores[True]) == 3
     assert len(list((tmp_path / "True" / vision_cache.CACHE_FOLDER).rglob("*.npy"))) == 14
     assert not (tmp_path / "False" / vision_cache.CACHE_FOLDER).exists()
     assert len(curves[True]) == len(curves[False]) >= 3
@@ -146,3 +148,31 @@ def test_the_budget_probe_trains_on_what_training_reads(tiny, tmp_path: Path) ->
     assert len(list(tmp_path.rglob("*.npy"))) == 14, "the probe cached the training images for training"
     collator, probe_rows = budget.probe_inputs(config.replace(cache_vision_embeddings=False), model, processor, dataset)
     assert collator(budget.costliest_rows(probe_rows, 4))["pixel_values"].shape[:2] == (4, 2)
+
+
+@pytest.mark.parametrize("views", ["one", "two"])
+def test_reports_generated_from_cached_tokens_are_the_images_reports(tiny, views: str, tmp_path: Path) -> None:
+    """generate_for_split with the cache: every study's tokens read from disk (none computed for a second
+    split call), the same reports as from the images, one-view studies padded as the images are."""
+    from medcap_helpers import generation
+
+    model, processor, config = tiny
+    rows = two_view_rows() if views == "two" else synthetic_rows()
+    columns = {"image": Image(), "text": Value("string")} | ({"image_2": Image()} if views == "two" else {})
+    split = Dataset.from_list([{k: r[k] for k in columns} for r in rows], features=Features(columns))
+    settings = dict(max_new_tokens=8, num_beams=2, eval_batch_size=3)
+    from_images = generation.generate_for_split(model, processor, split, config.replace(
+        cache_vision_embeddings=False, **settings))
+    cached_config = config.replace(vision_cache_dir=str(tmp_path), **settings)
+    inputs = generation.generation_inputs(model, processor, split, cached_config)
+    assert isinstance(inputs, vision_cache.StudyTokens) and len(list(tmp_path.rglob("*.npy"))) == \
+        sum(1 + (r.get("image_2") is not None) for r in rows)
+    vision = vision_cache.unwrap_model(model).vision_model
+    calls: list[int] = []
+    hook = vision.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        from_cache = generation.generate_for_split(model, processor, split, cached_config)
+    finally:
+        hook.remove()
+    assert calls == [], "the vision tower ran although every study's tokens were cached"
+    assert from_cache == from_images and len(set(from_images)) > 1
