@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,18 +149,17 @@ def cache_for(config: MedcapConfig, model: Any, processor: Any) -> VisionEmbeddi
     return VisionEmbeddingCache(root, key, dtype, autocast_dtype=mixed)
 
 
-def images_of(rows: Any) -> list[Any]:
-    """Every image of ``rows`` (both columns), as stored: ``datasets`` columns are read without decoding."""
+def images_of(rows: Any, chunk_rows: int = 256) -> Iterator[Any]:
+    """Every image of ``rows`` (both columns), as stored: ``datasets`` columns are read without decoding,
+    ``chunk_rows`` rows at a time (a whole split's images never sit in memory together)."""
     if hasattr(rows, "column_names"):
-        from datasets import Image as ImageFeature
-
-        plain = rows.with_format(None)
-        found: list[Any] = []
-        for column in IMAGE_COLUMNS:
-            if column in plain.column_names:
-                found += [im for im in plain.cast_column(column, ImageFeature(decode=False))[column] if im is not None]
-        return found
-    return [row[c] for row in rows for c in IMAGE_COLUMNS if row.get(c) is not None]
+        columns = [c for c in IMAGE_COLUMNS if c in rows.column_names]
+        encoded = without_image_decoding(rows.with_format(None).select_columns(columns))
+        for chunk in encoded.iter(batch_size=chunk_rows):
+            for column in columns:
+                yield from (image for image in chunk[column] if image is not None)
+        return
+    yield from (row[c] for row in rows for c in IMAGE_COLUMNS if row.get(c) is not None)
 
 
 def without_image_decoding(rows: Any) -> Any:
@@ -181,29 +180,43 @@ def fill_cache(cache: VisionEmbeddingCache, model: Any, processor: Any, splits: 
     """Compute the tokens of every image of ``splits`` not cached yet; return how many were computed."""
     from tqdm.auto import tqdm
 
-    missing: dict[str, Any] = {}
-    for rows in splits:
-        for image in images_of(rows):
-            digest = image_hash(image)
-            if digest not in missing and digest not in cache:
-                missing[digest] = image
-    if not missing:
-        return 0
     vision = unwrap_model(model).vision_model
     device = next(vision.parameters()).device
     image_processor = getattr(processor, "image_processor", processor)
     autocast = torch.autocast(device.type, dtype=cache.autocast_dtype or torch.float32,
                               enabled=cache.autocast_dtype is not None)
-    items = list(missing.items())
-    for start in tqdm(range(0, len(items), batch_size), desc="Caching image tokens", unit="batch",
-                      disable=not progress):
-        chunk = items[start:start + batch_size]
+
+    def compute(chunk: list[tuple[str, Any]]) -> None:
         pixels = image_processor(images=[decoded(image) for _, image in chunk], return_tensors="pt")["pixel_values"]
         with autocast:
             tokens = vision(pixel_values=pixels.to(device))[0]
-        for (digest, _), study_tokens in zip(chunk, tokens):
-            cache.store(digest, study_tokens)
-    return len(items)
+        for (digest, _), image_tokens in zip(chunk, tokens):
+            cache.store(digest, image_tokens)
+
+    seen: set[str] = set()
+    pending: list[tuple[str, Any]] = []
+    computed = 0
+    was_training = vision.training
+    vision.eval()  # deterministic tokens; BLIP's vision tower has no dropout, so training computes the same
+    try:
+        with tqdm(desc="Caching image tokens", unit="img", disable=not progress, leave=False) as bar:
+            for image in (image for rows in splits for image in images_of(rows)):
+                digest = image_hash(image)
+                if digest in seen or digest in cache:
+                    continue
+                seen.add(digest)
+                pending.append((digest, image))
+                if len(pending) == batch_size:
+                    compute(pending)
+                    computed, pending = computed + len(pending), []
+                    bar.update(batch_size)
+            if pending:
+                compute(pending)
+                computed += len(pending)
+                bar.update(len(pending))
+    finally:
+        vision.train(was_training)
+    return computed
 
 
 def prepare_cache(config: MedcapConfig, model: Any, processor: Any, splits: Sequence[Any],
