@@ -73,14 +73,14 @@ def _run_probe(config_path: str) -> int:
             record["writes"].append(relative)
 
     sys.addaudithook(audit)
-    real_study_inputs, real_generate, real_metrics = train.study_inputs, train.generate_reports, \
+    real_inputs, real_generate, real_metrics = train.generation_inputs, train.generate_reports, \
         train.MedcapTrainer.generation_metrics
     real_attach = distributed.attach_lora
     trained: list[Any] = []
 
-    def study_inputs(rows: Any) -> Any:
+    def generation_inputs(model: Any, processor: Any, rows: Any, config: Any) -> Any:
         record["generations"].append({"share": list(rows["study_id"])})
-        return real_study_inputs(rows)
+        return real_inputs(model, processor, rows, config)
 
     def generate_reports(*args: Any, **kwargs: Any) -> list[str]:
         predictions = real_generate(*args, **kwargs)
@@ -96,7 +96,7 @@ def _run_probe(config_path: str) -> int:
         trained.append(real_attach(*args, **kwargs))
         return trained[-1]
 
-    train.study_inputs, train.generate_reports = study_inputs, generate_reports
+    train.generation_inputs, train.generate_reports = generation_inputs, generate_reports
     train.MedcapTrainer.generation_metrics = generation_metrics
     distributed.attach_lora = attach_lora
     status = distributed.main([config_path])
