@@ -17,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from medcap_helpers.config import MedcapConfig
-from medcap_helpers.generation import generate_for_split, study_inputs
+from medcap_helpers.generation import generate_for_split, generation_inputs
 from medcap_helpers.images import open_rgb
 from medcap_helpers.metrics import normalize_report, paired_differences
 from medcap_helpers.pipeline import progress_bars_enabled
+from medcap_helpers.vision_cache import StudyTokens
 
 CONSTANT_SYSTEM = "constant (most frequent report)"
 """The baseline every model is compared with: the same report for every image."""
@@ -109,6 +110,33 @@ def image_embeddings(model: Any, processor: Any, images: Sequence[Any], batch_si
     return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
 
 
+@torch.no_grad()
+def embeddings_from_tokens(model: Any, studies: Sequence[torch.Tensor], views: int) -> torch.Tensor:
+    """:func:`image_embeddings` from cached image tokens (:class:`~medcap_helpers.vision_cache.StudyTokens`):
+    each view's [CLS] token through ``post_layernorm`` (BLIP's ``pooler_output``), normalised, the views
+    averaged. A one-view study's padding repeats its view, so the average is that view's embedding."""
+    vision = vision_model_of(model)
+    norm = vision.post_layernorm
+    weight = next(norm.parameters())
+    rows = []
+    for study in studies:
+        cls = study.reshape(views, -1, study.shape[-1])[:, 0].to(device=weight.device, dtype=weight.dtype)
+        pooled = torch.nn.functional.normalize(norm(cls).float().cpu(), dim=-1)
+        rows.append(pooled.mean(dim=0, keepdim=True))
+    if not rows:
+        return torch.empty((0, vision.config.hidden_size), dtype=torch.float32)
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+
+
+def study_embeddings(model: Any, processor: Any, split: Any, config: MedcapConfig, batch_size: int) -> torch.Tensor:
+    """The nearest neighbour's embedding of every study of ``split``: from the vision cache when
+    ``cache_vision_embeddings`` is on (filled here where missing; training reuses it), else from the images."""
+    inputs = generation_inputs(model, processor, split, config)
+    if isinstance(inputs, StudyTokens):
+        return embeddings_from_tokens(model, inputs, 2 if inputs.two_views else 1)
+    return image_embeddings(model, processor, inputs, batch_size)
+
+
 def nearest_neighbour_baseline(train_embeddings: np.ndarray | torch.Tensor, train_texts: Sequence[str],
                                query_embeddings: np.ndarray | torch.Tensor) -> list[str]:
     """For each query, the report of the training image with the highest cosine similarity.
@@ -148,8 +176,8 @@ def baseline_systems(base_model: Any, processor: Any, train_split: Any, test_spl
     train_texts = list(train_split["text"])
     zero_shot = generate_for_split(base_model, processor, test_split, config)
     embed_batch = min(config.eval_batch_size, EMBEDDING_BATCH)
-    train_embeddings = image_embeddings(base_model, processor, study_inputs(train_split), embed_batch)
-    test_embeddings = image_embeddings(base_model, processor, study_inputs(test_split), embed_batch)
+    train_embeddings = study_embeddings(base_model, processor, train_split, config, embed_batch)
+    test_embeddings = study_embeddings(base_model, processor, test_split, config, embed_batch)
     return {
         "zero-shot base": zero_shot,
         CONSTANT_SYSTEM: constant_baseline(train_texts, len(test_split)),

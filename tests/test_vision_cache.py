@@ -176,3 +176,31 @@ def test_reports_generated_from_cached_tokens_are_the_images_reports(tiny, views
         hook.remove()
     assert calls == [], "the vision tower ran although every study's tokens were cached"
     assert from_cache == from_images and len(set(from_images)) > 1
+
+
+@pytest.mark.parametrize("views", ["one", "two"])
+def test_the_nearest_neighbour_embeds_studies_from_cached_tokens_as_from_images(tiny, views: str,
+                                                                                 tmp_path: Path) -> None:
+    from medcap_helpers import baselines, generation
+
+    model, processor, config = tiny
+    rows = two_view_rows() if views == "two" else synthetic_rows()
+    columns = {"image": Image(), "text": Value("string")} | ({"image_2": Image()} if views == "two" else {})
+    split = Dataset.from_list([{k: r[k] for k in columns} for r in rows], features=Features(columns))
+    norm = vision_cache.unwrap_model(model).vision_model.post_layernorm
+    saved = [p.detach().clone() for p in norm.parameters()]
+    with torch.no_grad():  # trained-like: BLIP's pooler applies it a second time, idempotent only at 1 and 0
+        norm.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(0))
+        norm.bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    try:
+        from_images = baselines.image_embeddings(model, processor, generation.study_inputs(split), batch_size=3,
+                                                 progress=False)
+        from_cache = baselines.study_embeddings(model, processor, split,
+                                                config.replace(vision_cache_dir=str(tmp_path)), 3)
+    finally:
+        with torch.no_grad():
+            for param, original in zip(norm.parameters(), saved):
+                param.copy_(original)
+    assert len(list(tmp_path.rglob("*.npy"))) == sum(1 + (r.get("image_2") is not None) for r in rows)
+    torch.testing.assert_close(from_cache, from_images, rtol=1e-5, atol=1e-5)
+    assert from_cache.shape[0] == len(rows) and not torch.allclose(from_cache[0], from_cache[1])
