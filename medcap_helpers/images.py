@@ -229,7 +229,13 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "inspect_image",
 
 
 def open_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or an HxWxC/HxW array."""
+    """A PIL RGB image from a PIL image, a path, an HxWxC/HxW array, or an image as ``datasets`` stores it
+    undecoded (``{"bytes": ..., "path": ...}``)."""
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return opened.convert("RGB")
+        image = image.get("path")
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, (str, Path)):

@@ -62,7 +62,7 @@ from medcap_helpers.model import (
     remove_input_grad_hooks,
     trainable_parameters,
 )
-from medcap_helpers.multiview import accept_views, caption_outputs
+from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
 
@@ -197,25 +197,18 @@ class _EpochTrainLossCallback(TrainerCallback):
 
     def __init__(self, trainer: MedcapTrainer) -> None:
         self.trainer = trainer
-        self.started: float | None = None
-        self.first_step = 0
+        self.started = 0.0
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.trainer.reset_epoch_loss()
-        self.started, self.first_step = time.perf_counter(), state.global_step
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        mean = self.trainer.epoch_mean_loss()
-        entry: dict[str, Any] = {"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step}
-        if self.started is not None:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # the last step's kernels belong to this epoch
-            entry["train_seconds_epoch"] = time.perf_counter() - self.started
-            entry["train_steps_epoch"] = state.global_step - self.first_step
-        if mean is not None:
-            entry["train_loss_epoch"] = mean
-        if len(entry) > 2:
-            state.log_history.append(entry)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the last step's kernels belong to this epoch
+        state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
+                                  "train_seconds_epoch": time.perf_counter() - self.started,
+                                  "train_loss_epoch": self.trainer.epoch_mean_loss()})
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -405,9 +398,9 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
                                          "val_ce_micro_f1": None, "val_scores": {}, "peak_memory": {}})
 
     for entry in log_history:
-        if "train_loss_epoch" in entry or "train_seconds_epoch" in entry:
-            row(entry)["train_loss"] = entry.get("train_loss_epoch")
-            row(entry)["train_seconds"] = entry.get("train_seconds_epoch")
+        if "train_seconds_epoch" in entry:
+            row(entry)["train_loss"] = entry["train_loss_epoch"]
+            row(entry)["train_seconds"] = entry["train_seconds_epoch"]
         elif any(k in _ALL_MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
             row(entry)["peak_memory"].update({k: v for k, v in entry.items() if k in _ALL_MEMORY_KEYS})
         elif "eval_loss" in entry or "eval_cider" in entry:
@@ -486,9 +479,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
                            else list(val_rows[:max_generation_examples]))
     collator = CaptionCollator(processor, config.max_target_tokens)
     cache = vision_cache.prepare_cache(config, model, processor, [train_rows, val_rows])
-    if cache is not None:  # the loss reads cached image tokens; validation generation still reads images
+    if cache is not None:  # the loss reads cached image tokens (generation too: generation_inputs)
         collator = vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, cache)
-        accept_views(model)
         train_rows, val_rows = (vision_cache.without_image_decoding(rows) for rows in (train_rows, val_rows))
     memory_callback = PeakMemoryCallback(device)
     trainer = MedcapTrainer(

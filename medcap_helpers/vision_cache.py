@@ -15,7 +15,6 @@ per image (BLIP-large: 577 x 1024 in float16, 1.2 MB), read memory-mapped; train
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -88,16 +87,6 @@ def image_hash(image: Any) -> str:
         raise TypeError(f"Cannot key an image of type {type(image).__name__} (expected encoded bytes, a path "
                         "or a PIL image).")
     return digest.hexdigest()
-
-
-def decoded(image: Any) -> Image.Image:
-    """A PIL RGB image from what :func:`image_hash` accepts."""
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            with Image.open(io.BytesIO(image["bytes"])) as opened:
-                return opened.convert("RGB")
-        return open_rgb(image["path"])
-    return open_rgb(image)
 
 
 class VisionEmbeddingCache:
@@ -187,7 +176,7 @@ def fill_cache(cache: VisionEmbeddingCache, model: Any, processor: Any, splits: 
                               enabled=cache.autocast_dtype is not None)
 
     def compute(chunk: list[tuple[str, Any]]) -> None:
-        pixels = image_processor(images=[decoded(image) for _, image in chunk], return_tensors="pt")["pixel_values"]
+        pixels = image_processor(images=[open_rgb(image) for _, image in chunk], return_tensors="pt")["pixel_values"]
         with autocast:
             tokens = vision(pixel_values=pixels.to(device))[0]
         for (digest, _), image_tokens in zip(chunk, tokens):
