@@ -105,7 +105,9 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     wall = time.perf_counter() - start
     evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
     samples = len(dataset["train"]) * epochs
-    training_s = sum(e["train_seconds"] for e in result.history if e.get("train_seconds"))  # epochs' steps only
+    timed_epochs = [e for e in result.history if e.get("train_seconds")]
+    training_s = sum(e["train_seconds"] for e in timed_epochs)  # epochs' steps only
+    first_step_samples = config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus
     return {
         "gpus": gpus, "micro_batch": config.per_device_train_batch_size,
         "accumulation": config.gradient_accumulation_steps, "checkpointing": config.gradient_checkpointing,
@@ -113,22 +115,26 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
         "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus,
         "train_runtime_s": result.train_runtime_s, "validation_s": evaluation_s, "epochs_training_s": training_s,
         "samples_per_s": samples / training_s, "wall_s": wall,
-        "epoch_samples_per_s": [len(dataset["train"]) / e["train_seconds"] for e in result.history
-                                if e.get("train_seconds")],  # the first epoch carries each process's warm-up
+        "epoch_samples_per_s": [len(dataset["train"]) / e["train_seconds"] for e in timed_epochs],
+        # each epoch after its first optimizer step, which carries the start-up (workers, first batches)
+        "first_step_s": [e["first_step_seconds"] for e in timed_epochs],
+        "steady_samples_per_s": [(len(dataset["train"]) - first_step_samples) / (e["train_seconds"] - e["first_step_seconds"])
+                                 for e in timed_epochs],
         "steps": result.global_step,
         "loss_curve": [[e["step"], e["loss"]] for e in result.log_history if "loss" in e and "step" in e],
         "eval_loss": [e.get("eval_loss") for e in result.history],
         "peak_memory": result.peak_memory}
 
 
-def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float) -> dict[str, Any]:
+def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float,
+               settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """04's sweep on ``gpus`` GPUs: wall time of ``run_sweep`` and what it chose."""
     from medcap_helpers import sweep
     from medcap_helpers.data import load_saved_dataset
 
     from medcap_helpers import runs
 
-    config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share)
+    config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share, **(settings or {}))
     fitted = read_results().get("training", {}).get("2_gpu")  # 16 studies per process: the full profile's batch
     if PROFILE == "rehearsal" and not fitted:
         raise SystemExit("Run --part training first: the sweep's trials train at the batch it fitted for 2 GPUs.")
@@ -165,7 +171,9 @@ def in_fresh_process(kind: str, run: Path, data_dir: str, gpus: int, values: dic
 
 def compare_training(one: dict[str, Any], two: dict[str, Any]) -> dict[str, Any]:
     pairs = list(zip((loss for _, loss in one["loss_curve"]), (loss for _, loss in two["loss_curve"])))
+    steady = [b / a for a, b in zip(one.get("steady_samples_per_s", []), two.get("steady_samples_per_s", []))]
     return {"throughput_ratio": two["samples_per_s"] / one["samples_per_s"],
+            "steady_throughput_ratio_by_epoch": steady,  # without each epoch's first optimizer step
             "final_eval_loss_difference": abs(two["eval_loss"][-1] - one["eval_loss"][-1]) / one["eval_loss"][-1],
             "largest_logged_loss_difference": max((abs(a - b) for a, b in pairs), default=None),
             "goals": {"throughput_ratio": ">= 1.85", "final_eval_loss_difference": "<= 0.02"}}
@@ -208,7 +216,7 @@ def main() -> None:
     parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
     parser.add_argument("--gpus", default="1,2", help="the GPU counts to measure (one call each may be split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config setting for this measurement (training), e.g. cache_vision_embeddings=True")
+                        help="a config setting for this measurement, e.g. cache_vision_embeddings=True")
     parser.add_argument("--label", default="", help="recorded as '<gpus>_gpu_<label>' (a variant beside the plain one)")
     parser.add_argument("--once", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,7 +227,7 @@ def main() -> None:
         value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"),
                             spec.get("settings"))
                  if spec["kind"] == "training"
-                 else sweep_once(run, data_dir, gpus, spec["budget_share"]))
+                 else sweep_once(run, data_dir, gpus, spec["budget_share"], spec.get("settings")))
         print("RESULT " + json.dumps(value, default=str), flush=True)
         return
     if not args.part:
@@ -239,15 +247,15 @@ def main() -> None:
         values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch,
                    "settings": settings}
                   if args.part == "training"
-                  else {"budget_share": args.budget_share})
+                  else {"budget_share": args.budget_share, "settings": settings})
         measured[name] = {**in_fresh_process(args.part, run, args.data, gpus, values), "settings": settings,
                           "command": " ".join(["python"] + sys.argv)}
         print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[name])[:800]}", flush=True)
-        one, two = measured.get("1_gpu"), measured.get("2_gpu")
+        one, two = measured.get(f"1_gpu{suffix}"), measured.get(f"2_gpu{suffix}")
         if one and two and args.part == "training":
-            measured["comparison"] = compare_training(one, two)
+            measured[f"comparison{suffix}"] = compare_training(one, two)
         elif one and two:
-            measured["comparison"] = {"wall_time_ratio": two["wall_s"] / one["wall_s"],
+            measured[f"comparison{suffix}"] = {"wall_time_ratio": two["wall_s"] / one["wall_s"],
                                       "same_choice": one["chosen"] == two["chosen"],
                                       "goals": {"wall_time_ratio": "<= 0.55"}}
         record(args.part, measured)  # after each count: a later one that runs out of time loses only itself

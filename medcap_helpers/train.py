@@ -193,22 +193,36 @@ class PeakMemoryCallback(TrainerCallback):
 class _EpochTrainLossCallback(TrainerCallback):
     """Write each epoch's mean training loss (from the trainer's running sum) and training time to the log
     history. The time runs from the epoch's start to its last optimizer step: validation and checkpoint
-    saving, which follow, are not in it, so it gives the training throughput."""
+    saving, which follow, are not in it, so it gives the training throughput. The time to the epoch's first
+    optimizer step is recorded too: it holds the start-up (data-loader workers, first batches, kernel
+    selection), so the rest of the epoch gives the steady rate."""
 
     def __init__(self, trainer: MedcapTrainer) -> None:
         self.trainer = trainer
         self.started = 0.0
+        self.first_step_seconds: float | None = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.trainer.reset_epoch_loss()
+        self.first_step_seconds = None
         self.started = time.perf_counter()
 
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if self.first_step_seconds is None:
+            _synchronize()
+            self.first_step_seconds = time.perf_counter() - self.started
+
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the last step's kernels belong to this epoch
+        _synchronize()  # the last step's kernels belong to this epoch
         state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
                                   "train_seconds_epoch": time.perf_counter() - self.started,
+                                  "first_step_seconds_epoch": self.first_step_seconds,
                                   "train_loss_epoch": self.trainer.epoch_mean_loss()})
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -385,7 +399,8 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     """One dict per epoch from the Trainer's log history.
 
     Keys: ``epoch``, ``step``, ``train_loss`` (mean over the epoch), ``train_seconds`` (the epoch's training
-    time, validation excluded), ``eval_loss``, ``val_cider``,
+    time, validation excluded), ``first_step_seconds`` (its part up to the first optimizer step), ``eval_loss``,
+    ``val_cider``,
     ``val_ce_micro_f1``, ``val_scores`` (``{"CIDEr": .., "CE micro-F1": .., "BLEU-1": .., ...}``),
     ``mean_report_words``, ``peak_memory``.
     """
@@ -394,13 +409,14 @@ def epoch_history(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     def row(entry: Mapping[str, Any]) -> dict[str, Any]:
         epoch = round(float(entry.get("epoch", 0.0)), 4)
         return epochs.setdefault(epoch, {"epoch": epoch, "step": entry.get("step"), "train_loss": None,
-                                         "train_seconds": None, "eval_loss": None, "val_cider": None,
+                                         "train_seconds": None, "first_step_seconds": None, "eval_loss": None, "val_cider": None,
                                          "val_ce_micro_f1": None, "val_scores": {}, "peak_memory": {}})
 
     for entry in log_history:
         if "train_seconds_epoch" in entry:
             row(entry)["train_loss"] = entry["train_loss_epoch"]
             row(entry)["train_seconds"] = entry["train_seconds_epoch"]
+            row(entry)["first_step_seconds"] = entry.get("first_step_seconds_epoch")
         elif any(k in _ALL_MEMORY_KEYS for k in entry) and not any(k.startswith("eval_") for k in entry):
             row(entry)["peak_memory"].update({k: v for k, v in entry.items() if k in _ALL_MEMORY_KEYS})
         elif "eval_loss" in entry or "eval_cider" in entry:
