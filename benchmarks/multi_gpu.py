@@ -81,7 +81,8 @@ def fresh_run(base: Path, name: str) -> Path:
 
 
 def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
-               micro_batch: int | None = None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+               micro_batch: int | None = None, settings: dict[str, Any] | None = None,
+               train_rows: int | None = None) -> dict[str, Any]:
     """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
     from medcap_helpers import budget, distributed
     from medcap_helpers.data import load_saved_dataset
@@ -90,7 +91,11 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     config = config_for(run, data_dir, num_gpus=gpus, num_train_epochs=epochs, max_eval_examples=n_val,
                         per_device_train_batch_size=EFFECTIVE_BATCH // gpus, gradient_accumulation_steps=1,
                         **(settings or {}))
+    if config.cache_vision_embeddings and not config.vision_cache_dir:  # computed once for every measurement
+        config = config.replace(vision_cache_dir=str(run.parent / "vision_cache"))
     dataset, _ = load_saved_dataset(run)
+    if train_rows:
+        dataset["train"] = dataset["train"].select(range(min(train_rows, len(dataset["train"]))))
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
     peft_model = attach_lora(base, config)
@@ -213,6 +218,8 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=96, help="validation studies per epoch (training)")
     parser.add_argument("--micro-batch", type=int, help="train at this micro-batch with checkpointing instead of "
                         "the budget fit's choice (training)")
+    parser.add_argument("--train-rows", type=int, help="train on the first N training studies only (training), "
+                        "e.g. with --set profile_dir=DIR to profile a few steps")
     parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
     parser.add_argument("--gpus", default="1,2", help="the GPU counts to measure (one call each may be split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -225,7 +232,7 @@ def main() -> None:
         spec = json.loads(args.once)
         run, data_dir, gpus = Path(spec["run"]), spec["data"], spec["gpus"]
         value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"),
-                            spec.get("settings"))
+                            spec.get("settings"), spec.get("train_rows"))
                  if spec["kind"] == "training"
                  else sweep_once(run, data_dir, gpus, spec["budget_share"], spec.get("settings")))
         print("RESULT " + json.dumps(value, default=str), flush=True)
@@ -245,7 +252,7 @@ def main() -> None:
         name = f"{gpus}_gpu{suffix}"
         run = fresh_run(base, f"{args.part}-{gpus}gpu{suffix}")
         values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch,
-                   "settings": settings}
+                   "settings": settings, "train_rows": args.train_rows}
                   if args.part == "training"
                   else {"budget_share": args.budget_share, "settings": settings})
         measured[name] = {**in_fresh_process(args.part, run, args.data, gpus, values), "settings": settings,

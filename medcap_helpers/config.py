@@ -131,6 +131,10 @@ class MedcapConfig:
     same model and processor."""
     optim: str = "adamw_torch"
     logging_steps: int = 5
+    profile_dir: str | None = None
+    """A diagnostic: when set, stage 03 records optimizer steps 4-7 with ``torch.profiler`` and writes, per
+    process, the operators by GPU and CPU time, the steps' wall and GPU-busy time, and a trace into this
+    folder (:class:`medcap_helpers.train.TorchProfilerCallback`). It slows those steps."""
     vram_budget_gb: float | None = None
     num_gpus: int | None = None
     """GPUs stage 03 trains on, one data-parallel process each (:mod:`medcap_helpers.distributed`);
@@ -339,7 +343,7 @@ class MedcapConfig:
 
 _NULLABLE = {"data_path", "images_dir", "hub_dataset_id", "max_train_examples", "max_eval_examples",
              "vram_budget_gb", "cpu_threads", "min_new_tokens", "num_gpus", "vision_cache_dir",
-             "sweep_eval_examples"}
+             "sweep_eval_examples", "profile_dir"}
 
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The smoke run must show learning on its placeholder images in a few CPU minutes (issue 12): 300

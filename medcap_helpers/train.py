@@ -65,6 +65,7 @@ from medcap_helpers.model import (
 from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
+from medcap_helpers.profiling import TorchProfilerCallback
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BlipProcessor
@@ -499,10 +500,11 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         collator = vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, cache)
         train_rows, val_rows = (vision_cache.without_image_decoding(rows) for rows in (train_rows, val_rows))
     memory_callback = PeakMemoryCallback(device)
+    diagnostics = [TorchProfilerCallback(config.profile_dir)] if config.profile_dir else []
     trainer = MedcapTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
         data_collator=collator,
-        callbacks=[memory_callback, *(callbacks_extra or [])],
+        callbacks=[memory_callback, *diagnostics, *(callbacks_extra or [])],
         generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer)
 
     remove_incomplete_checkpoints(checkpoints_dir)

@@ -1,0 +1,39 @@
+"""The training profiler (``profile_dir``): it records the asked-for optimizer steps of stage 03."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from medcap_helpers.train import train
+from tests.test_train import qlora_model, smoke_config, synthetic_rows
+
+
+def test_profile_dir_records_steps_four_to_seven(tmp_path):
+    folder = tmp_path / "profile"
+    # 8 rows at batch 1: 8 optimizer steps, so the default window (after 3, then 4) fits with one to spare
+    config = smoke_config(tmp_path / "run", per_device_train_batch_size=1, num_train_epochs=1.0,
+                          profile_dir=str(folder))
+    model, processor = qlora_model(config)
+    rows = synthetic_rows()
+    train(config, model, processor, {"train": rows, "validation": rows[:2]})
+
+    summary = json.loads((folder / "profile_rank0.json").read_text())
+    assert summary["steps"] == 4
+    assert 0 < summary["wall_s"]
+    assert summary["gpu_busy_s"] == 0 and summary["gpu_busy_share"] == 0  # a CPU run has no kernels
+    tables = (folder / "profile_rank0.txt").read_text()
+    assert "4 optimizer steps" in tables and ("aten::addmm" in tables or "aten::mm" in tables)
+    with gzip.open(folder / "trace_rank0.json.gz", "rt") as trace:
+        events = json.load(trace)["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)
+    assert not (folder / "trace_rank0.json").exists()
+
+
+def test_no_profile_without_profile_dir(tmp_path):
+    config = smoke_config(tmp_path / "run", per_device_train_batch_size=4, num_train_epochs=1.0)
+    assert config.profile_dir is None
+    model, processor = qlora_model(config)
+    rows = synthetic_rows()
+    train(config, model, processor, {"train": rows, "validation": rows[:2]})
+    assert not list(tmp_path.rglob("profile_rank*"))
