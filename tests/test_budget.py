@@ -13,6 +13,10 @@ def test_candidates_keep_the_effective_batch_fastest_first() -> None:
     assert candidates[0] == TrainingCandidate(4, 1, False)
     assert candidates[-1] == TrainingCandidate(1, 4, True)
     assert [c.per_device_train_batch_size for c in candidate_settings(12)][::2] == [12, 6, 4, 3, 2, 1]
+    # the full profile's effective batch is tried whole first (one launch-bound micro-batch per step)
+    assert [(c.per_device_train_batch_size, c.gradient_checkpointing) for c in candidate_settings(32)][:3] == [
+        (32, False), (32, True), (16, False)]
+    assert candidate_settings(64)[0].per_device_train_batch_size == 32
 
 
 def fake_probe(peaks: dict[tuple[int, bool], float | None]):
