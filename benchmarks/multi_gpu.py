@@ -239,6 +239,8 @@ def main() -> None:
         return
     if not args.part:
         parser.error("--part training or --part sweep")
+    if args.train_rows and args.gpus != "1":
+        parser.error("--train-rows needs --gpus 1: data-parallel processes read the run's whole saved dataset")
     base = Path(args.runs) / "prepared"
     start = time.perf_counter()
     prepare(base, args.data)

@@ -43,13 +43,18 @@ def vision_tower_trains(model: Any) -> bool:
 
 def weights_digest(vision_model: Any) -> str:
     """A digest of the vision tower's weights (names, shapes, bytes). Remembered on the tower while no
-    weight has been changed in place (torch counts every in-place change in ``_version``), so the
-    sweep's trials, which share one base model, hash its 300M weights once."""
-    state = sorted(vision_model.state_dict().items())
-    versions = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+    parameter or buffer has been replaced or changed in place (torch counts every in-place change in
+    ``_version``), so the sweep's trials, which share one base model, hash its 300M weights once.
+
+    The memo is keyed by the parameters, not by ``state_dict()``'s tensors: a 4-bit layer's state dict
+    packs its quantization state into a new tensor at every call, and on the GPU the digest of the same
+    tower came out different after its first training steps (the cache was then filled twice)."""
+    versions = tuple((name, tensor.data_ptr(), tensor._version)
+                     for name, tensor in [*vision_model.named_parameters(), *vision_model.named_buffers()])
     remembered = getattr(vision_model, "_medcap_weights_digest", None)
     if remembered is not None and remembered[0] == versions:
         return remembered[1]
+    state = sorted(vision_model.state_dict().items())
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in state:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())

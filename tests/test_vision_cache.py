@@ -90,6 +90,22 @@ def test_a_changed_processor_or_model_gets_a_new_cache(tiny, tmp_path: Path) -> 
     assert fresh.folder != cache.folder and recomputed == len(rows)
 
 
+def test_the_weights_are_hashed_once_while_they_stay_the_same(tiny, monkeypatch) -> None:
+    """4-bit layers pack a new quantization-state tensor at every ``state_dict()``: the memo must not
+    depend on those, or every lookup rehashes the tower (and a changed packing changes the key)."""
+    model, processor, _ = tiny
+    vision = vision_cache.unwrap_model(model).vision_model
+    key = vision_cache.cache_key(model, processor, torch.float32)
+    hashed = []
+    full_state = type(vision).state_dict
+    monkeypatch.setattr(vision, "state_dict", lambda *a, **k: hashed.append(1) or full_state(vision, *a, **k))
+    assert vision_cache.cache_key(model, processor, torch.float32) == key and hashed == []
+    weight = next(vision.parameters())
+    with torch.no_grad():
+        weight.mul_(1.0)  # the same values, changed in place: hashed again, same key
+    assert vision_cache.cache_key(model, processor, torch.float32) == key and hashed == [1]
+
+
 def test_a_missing_image_says_to_fill_the_cache(tiny, tmp_path: Path) -> None:
     model, processor, config = tiny
     collator, _, _ = cached_collator(config, model, processor, synthetic_rows()[:2], tmp_path)
