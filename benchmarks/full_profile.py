@@ -284,6 +284,23 @@ def record_after(stages: dict[str, Any], run: str) -> None:
     print(f"after: {after['total_seconds'] / 60:.1f} min so far -> {path}")
 
 
+CACHE_FILL_IMAGES_PER_S = 143
+"""The vision cache's fill rate under the 4 GB cap on an H200 (hashing, 16 decoding threads, the NF4 tower):
+4,729 images in 33 s, measured in ``multi_gpu.py --part training --set cache_vision_embeddings=True`` at
+e821aae (its log's last "Caching image tokens" line)."""
+
+
+def profile_rate(measured: dict[str, Any], config: Any) -> dict[str, Any] | None:
+    """The ``multi_gpu.py`` training measurement that trained as ``config`` trains on one GPU: the same
+    micro-batch and accumulation per process and the same cache setting (one GPU preferred; else the
+    multi-GPU run, whose rate per GPU includes its gradient exchange)."""
+    matching = [m for m in measured.values()
+                if isinstance(m, dict) and m.get("micro_batch") == config.per_device_train_batch_size
+                and m.get("accumulation") == config.gradient_accumulation_steps
+                and bool((m.get("settings") or {}).get("cache_vision_embeddings")) == config.cache_vision_embeddings]
+    return min(matching, key=lambda m: m["gpus"], default=None)
+
+
 def project_after(results: dict[str, Any]) -> dict[str, Any]:
     """Per-stage "after" figures, projected the way "today" was: from rates measured under the cap
     (``--rates``: the budget's fit and its training rate, generation at the budget's batch) and the
@@ -296,26 +313,37 @@ def project_after(results: dict[str, Any]) -> dict[str, Any]:
     gen = rates["generation"]["reports_per_s"]
     train_rate = rates["training_fitted"]["samples_per_s"]
     train_how = "the budget's fit, on the first rows"
-    whole_epoch = json.loads((RESULTS / "multi_gpu.json").read_text()).get("training", {}).get("1_gpu") \
-        if (RESULTS / "multi_gpu.json").exists() else None
-    if whole_epoch:  # measured later: a whole epoch under the stricter fit, validation excluded
-        train_rate = whole_epoch["samples_per_s"]
-        train_how = (f"a whole epoch at the fitted {whole_epoch['micro_batch']} x {whole_epoch['accumulation']}, "
+    config = MedcapConfig.from_profile("rehearsal")
+    measured = json.loads((RESULTS / "multi_gpu.json").read_text()).get("training", {}) \
+        if (RESULTS / "multi_gpu.json").exists() else {}
+    whole_epoch = profile_rate(measured, config)
+    if whole_epoch:  # measured later: a whole epoch at the profile's batch and cache setting, validation excluded
+        train_rate = whole_epoch["samples_per_s"] / whole_epoch["gpus"]
+        per_gpu = f", per GPU of the {whole_epoch['gpus']}-GPU run" if whole_epoch["gpus"] > 1 else ""
+        train_how = (f"a whole epoch at {whole_epoch['micro_batch']} x {whole_epoch['accumulation']} per GPU"
+                     f"{', vision cache' if config.cache_vision_embeddings else ''}"
+                     f"{per_gpu}, "
                      "benchmarks/results/multi_gpu.json")
     sizes = today["01_data"]["split_sizes"]
     n_train, n_val, n_test = (sizes[s]["studies"] for s in ("train", "validation", "test"))
     load = today["02_baseline"]["load_s"]
     embed = today["02_baseline"]["embedding_studies_per_s"]
-    config = MedcapConfig.from_profile("rehearsal")
+    images = 2 * (n_train + n_val + n_test)  # both views of every study (the rehearsal's studies have two)
+    if config.cache_vision_embeddings:  # 02 fills the cache; the neighbours' embeddings come from it
+        embedding_s = images / CACHE_FILL_IMAGES_PER_S
+        embedding_how = f"the vision cache filled for {images:,} images at {CACHE_FILL_IMAGES_PER_S}/s"
+    else:
+        embedding_s = (n_train + n_test) / embed
+        embedding_how = f"embeddings at today's {embed:.1f}/s"
     rungs = sweep_schedule(config, n_train)
     sweep_examples = sum(r.trials * (r.train_examples or 0) for r in rungs)
     sweep_reports = sum(r.trials for r in rungs) * min(config.sweep_eval_examples or n_val, n_val)
     epoch = n_train / train_rate + n_val / gen
     stages = {
         "01_data": {"seconds": today["01_data"]["seconds"], "how": "unchanged code: today's measurement"},
-        "02_baseline": {"seconds": load + n_test / gen + (n_train + n_test) / embed,
+        "02_baseline": {"seconds": load + n_test / gen + embedding_s,
                         "how": f"projected: zero-shot generation of {n_test} test studies at {gen:.2f}/s, "
-                               f"embeddings at today's {embed:.1f}/s, today's load time"},
+                               f"{embedding_how}, today's load time"},
         "03_qlora_train": {"seconds": load + config.num_train_epochs * epoch,
                            "how": f"projected: {config.num_train_epochs:g} epochs of {n_train} studies at "
                                   f"{train_rate:.1f} samples/s ({train_how}) + {n_val} validation reports at "
