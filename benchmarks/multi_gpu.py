@@ -99,6 +99,7 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
     peft_model = attach_lora(base, config)
+    cache_fill = fill_vision_cache(config, peft_model, processor, dataset)
     if micro_batch is None:
         config, fit = budget.fit_config_to_budget(config, peft_model, processor, dataset["train"])  # as 03 does
     else:  # a fixed setting, under the same 4 GB cap
@@ -128,7 +129,25 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
         "steps": result.global_step,
         "loss_curve": [[e["step"], e["loss"]] for e in result.log_history if "loss" in e and "step" in e],
         "eval_loss": [e.get("eval_loss") for e in result.history],
-        "peak_memory": result.peak_memory}
+        "peak_memory": result.peak_memory, "vision_cache_fill": cache_fill}
+
+
+def fill_vision_cache(config: Any, peft_model: Any, processor: Any, dataset: Any) -> dict[str, float] | None:
+    """Fill the vision cache for the training and validation studies, timed, under the budget's cap (as
+    stage 02/03 fill it); None when the cache is off or was already full."""
+    import torch
+
+    from medcap_helpers import budget, vision_cache
+
+    cache = vision_cache.cache_for(config, peft_model, processor)
+    if cache is None:
+        return None
+    if config.vram_budget_gb is not None and torch.cuda.is_available():
+        budget.cap_gpu_memory(config.vram_budget_gb, "cuda")
+    started = time.perf_counter()
+    images = vision_cache.fill_cache(cache, peft_model, processor, [dataset["train"], dataset["validation"]])
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds} if images else None
 
 
 def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float,
@@ -140,9 +159,12 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float,
     from medcap_helpers import runs
 
     config = config_for(run, data_dir, num_gpus=gpus, sweep_budget_share=budget_share, **(settings or {}))
-    fitted = read_results().get("training", {}).get("2_gpu")  # 16 studies per process: the full profile's batch
+    from full_profile import profile_rate
+
+    fitted = profile_rate(read_results().get("training", {}), config)  # 03's setting: what the trials take over
     if PROFILE == "rehearsal" and not fitted:
-        raise SystemExit("Run --part training first: the sweep's trials train at the batch it fitted for 2 GPUs.")
+        raise SystemExit("Run --part training first (with this cache setting): the sweep's trials train at the "
+                         "per-GPU batch it fitted for the profile's batch of 16.")
     if fitted:  # what stage 03 records and the trials take over (sweep.fitted_training_settings)
         settings = {"per_device_train_batch_size": fitted["micro_batch"],
                     "gradient_accumulation_steps": fitted["accumulation"],

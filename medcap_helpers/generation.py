@@ -244,6 +244,10 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
             while len(reports) < len(images) and oom is None:
                 start = len(reports)
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+                # A compiled step is compiled (and its CUDA graphs recorded) again for every new batch shape:
+                # a short last batch is padded with its last study, whose extra reports are dropped.
+                padding = batch_size - len(batch) if compiled else 0
+                batch += [batch[-1]] * padding
                 try:
                     for module in shared_cross_attention:
                         module.reset()
@@ -261,9 +265,9 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
                     batch_size = max(1, len(batch) // 2)
                     continue
-                texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+                texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)[:len(batch) - padding]
                 reports.extend(" ".join(t.split()) for t in texts)
-                bar.update(len(batch))
+                bar.update(len(texts))
     finally:
         del decoder, shared_cross_attention
         if compiled:  # the next call compiles its own copy: drop this one's graphs (and keep under dynamo's limit)

@@ -333,11 +333,16 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     static_init = cache_utils.StaticCache.__init__
     monkeypatch.setattr(cache_utils.StaticCache, "__init__",
                         lambda self, *a, **k: static_caches.append(1) or static_init(self, *a, **k))
+    batch_sizes = []
+    multiview_generate = generation.multiview_generate
+    monkeypatch.setattr(generation, "multiview_generate",
+                        lambda model, pixels, **k: batch_sizes.append(len(pixels)) or multiview_generate(model, pixels, **k))
     torch.compiler.reset()
     counters.clear()
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", **settings) == plain
     assert compiled_forwards == ["eager"] and counters["stats"]["unique_graphs"] >= 1
     assert len(static_caches) == 3, "one static key/value cache per batch"
+    assert batch_sizes == [3, 3, 3], "the last study, alone, padded to the batch: one shape to compile"
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", min_new_tokens=6,
                                        **settings) == at_least
     assert len(set(plain)) > 1, "reports that all look alike could not show a mix-up between studies"
