@@ -155,6 +155,10 @@ class MedcapConfig:
     """On a GPU, decode from a static key/value cache with the decoder's step compiled by ``torch.compile``
     (``reduce-overhead``: CUDA graphs, one launch per step instead of hundreds). Each generation call
     compiles once; off by default until measured (``benchmarks/decoding.py``). Ignored on the CPU."""
+    sdpa_attention: bool = False
+    """Train with the text decoder's attention computed by PyTorch's fused ``scaled_dot_product_attention``
+    (:mod:`medcap_helpers.attention`): the same attention in one kernel, without keeping its probabilities for
+    the backward pass. Generation is unchanged. Off by default until measured on a GPU."""
     eval_batch_size: int = 8
     """Studies per generation batch (at most: with ``vram_budget_gb`` the batch is fitted to the budget).
     The validation loss runs at ``per_device_train_batch_size``."""

@@ -465,6 +465,7 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     k-bit models go through ``prepare_model_for_kbit_training`` (freeze, fp32 norms/embeddings) with
     non-reentrant checkpointing so that no input-grad hook is registered; gradient checkpointing
     defaults to ``config.gradient_checkpointing``. LoRA weights are initialised from ``config.seed``.
+    With ``config.sdpa_attention`` the decoder's cache-free attention runs fused (:mod:`medcap_helpers.attention`).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -480,6 +481,10 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     remove_input_grad_hooks(peft_model)
     if checkpointing:
         enable_gradient_checkpointing(peft_model)
+    if config.sdpa_attention:
+        from medcap_helpers.attention import use_sdpa_attention
+
+        use_sdpa_attention(peft_model)
     return peft_model
 
 
