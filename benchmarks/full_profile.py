@@ -291,6 +291,14 @@ e821aae (its log's last "Caching image tokens" line). Later measurements record 
 (``vision_cache_fill`` in ``multi_gpu.json``), which the projection then uses."""
 
 
+def cached_tokens(measurement: dict[str, Any]) -> bool:
+    """Whether a ``multi_gpu.py`` training measurement trained on cached image tokens (recorded since
+    the full profile caches by default; earlier entries say so in their ``--set`` settings)."""
+    if "cache_vision_embeddings" in measurement:
+        return bool(measurement["cache_vision_embeddings"])
+    return bool((measurement.get("settings") or {}).get("cache_vision_embeddings"))
+
+
 def profile_rate(measured: dict[str, Any], config: Any) -> dict[str, Any] | None:
     """The ``multi_gpu.py`` training measurement that trained as ``config`` trains on one GPU: the same
     micro-batch and accumulation per process and the same cache setting (one GPU preferred; else the
@@ -298,7 +306,8 @@ def profile_rate(measured: dict[str, Any], config: Any) -> dict[str, Any] | None
     matching = [m for m in measured.values()
                 if isinstance(m, dict) and m.get("micro_batch") == config.per_device_train_batch_size
                 and m.get("accumulation") == config.gradient_accumulation_steps
-                and bool((m.get("settings") or {}).get("cache_vision_embeddings")) == config.cache_vision_embeddings]
+                and cached_tokens(m) == config.cache_vision_embeddings
+                and bool(m.get("sdpa_attention")) == config.sdpa_attention]
     return min(matching, key=lambda m: m["gpus"], default=None)
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from full_profile import cached_tokens  # benchmarks/ is this script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
@@ -115,7 +117,7 @@ def multi_gpu_table(results: dict[str, Any]) -> list[str]:
     for name, train in training.items():
         if not (isinstance(train, dict) and "micro_batch" in train):
             continue
-        cached = (train.get("settings") or {}).get("cache_vision_embeddings") or "cached" in name
+        cached = cached_tokens(train)
         steady = train.get("steady_samples_per_s") or []
         losses = train.get("eval_loss") or [None]
         lines.append(f"| {train['gpus']} | {'cached' if cached else 'from pixels'} | {train['micro_batch']} × "

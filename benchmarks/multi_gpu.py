@@ -115,7 +115,8 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     training_s = sum(e["train_seconds"] for e in timed_epochs)  # epochs' steps only
     first_step_samples = config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus
     return {
-        "gpus": gpus, "micro_batch": config.per_device_train_batch_size,
+        "gpus": gpus, "cache_vision_embeddings": config.cache_vision_embeddings,
+        "sdpa_attention": config.sdpa_attention, "micro_batch": config.per_device_train_batch_size,
         "accumulation": config.gradient_accumulation_steps, "checkpointing": config.gradient_checkpointing,
         "budget_fit": fit.to_dict() if fit else None, "samples": samples,
         "effective_batch": config.per_device_train_batch_size * config.gradient_accumulation_steps * gpus,
