@@ -19,15 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medcap_helpers.model import unwrap_model
-
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
 def _attention_modules(model: Any) -> list[Any]:
     from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
-    return [m for m in unwrap_model(model).text_decoder.modules() if isinstance(m, BlipTextSelfAttention)]
+    return [m for m in model.modules() if isinstance(m, BlipTextSelfAttention)]  # only the text decoder has them
 
 
 def use_sdpa_attention(model: Any) -> int:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from medcap_helpers.attention import use_sdpa_attention
 from medcap_helpers.atomic import atomic_folder, folder_ready
 from medcap_helpers.config import (
     LOCAL_MODELS,
@@ -482,8 +483,6 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     if checkpointing:
         enable_gradient_checkpointing(peft_model)
     if config.sdpa_attention:
-        from medcap_helpers.attention import use_sdpa_attention
-
         use_sdpa_attention(peft_model)
     return peft_model
 
