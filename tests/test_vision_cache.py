@@ -68,6 +68,26 @@ def test_images_are_found_by_their_encoded_bytes_without_decoding(tiny, tmp_path
         torch.testing.assert_close(multiview.caption_outputs(model, batch).loss, expected.loss)
 
 
+def test_the_cache_fills_window_by_window(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Images are read, decoded and encoded a window at a time (the next window decoding while the tower
+    runs), never a whole split first: the tower has run before the last images are even looked up."""
+    model, processor, config = tiny
+    events: list[str] = []
+    image_hash = vision_cache.image_hash
+    monkeypatch.setattr(vision_cache, "image_hash", lambda image: events.append("hash") or image_hash(image))
+    vision = vision_cache.unwrap_model(model).vision_model
+    hook = vision.register_forward_hook(lambda *_: events.append("tower"))
+    try:
+        cache = vision_cache.cache_for(config.replace(vision_cache_dir=str(tmp_path)), model, processor)
+        computed = vision_cache.fill_cache(cache, model, processor, [synthetic_rows()], batch_size=2,
+                                           progress=False, window=2)
+    finally:
+        hook.remove()
+    assert computed == 8 and events.count("tower") == 4
+    assert events.index("tower") < len(events) - 1 - events[::-1].index("hash"), events  # before the last lookup
+    assert len(list(cache.folder.rglob("*.npy"))) == 8 and not list(cache.folder.rglob("*.tmp.npy"))
+
+
 def test_a_changed_processor_or_model_gets_a_new_cache(tiny, tmp_path: Path) -> None:
     model, processor, config = tiny
     key = vision_cache.cache_key(model, processor, torch.float32)
