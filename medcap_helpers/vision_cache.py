@@ -47,8 +47,11 @@ def weights_digest(vision_model: Any) -> str:
     ``_version``), so the sweep's trials, which share one base model, hash its 300M weights once.
 
     The memo is keyed by the parameters, not by ``state_dict()``'s tensors: a 4-bit layer's state dict
-    packs its quantization state into a new tensor at every call, and on the GPU the digest of the same
-    tower came out different after its first training steps (the cache was then filled twice)."""
+    packs its quantization state into a new tensor at every call, so the memo never held and every lookup
+    rehashed the tower. On the GPU the rehashed digest also differed after the budget probe from the one
+    before it (03 then filled the cache again under a second key, 4,729 images; which packed value changed
+    is not established). Keyed by the parameters, a loaded tower keeps the key it was first given, which is
+    also what a freshly loaded one gets in another process."""
     versions = tuple((name, tensor.data_ptr(), tensor._version)
                      for name, tensor in [*vision_model.named_parameters(), *vision_model.named_buffers()])
     remembered = getattr(vision_model, "_medcap_weights_digest", None)
