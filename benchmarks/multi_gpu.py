@@ -9,7 +9,7 @@ Both parts go through the library functions the notebooks call: ``distributed.tr
 every process capped at 4 GB (the rehearsal profile's ``vram_budget_gb``).
 
 * training: the rehearsal profile's training set, ``--epochs`` epochs, an effective batch of 32 on one GPU
-  and on two (16 per GPU), micro-batch and checkpointing fitted to the 4 GB budget as 03 fits them
+  and on two (16 per GPU; ``--effective-batch 16`` is the full profile's own), micro-batch and checkpointing fitted to the 4 GB budget as 03 fits them
   (``budget.fit_config_to_budget``). Throughput is samples / the epochs' training time (each epoch's start
   to its last optimizer step: validation and checkpoints excluded), from the Trainer's own log; the loss
   curve and the validation loss come from the same log.
@@ -82,14 +82,14 @@ def fresh_run(base: Path, name: str) -> Path:
 
 def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
                micro_batch: int | None = None, settings: dict[str, Any] | None = None,
-               train_rows: int | None = None) -> dict[str, Any]:
+               train_rows: int | None = None, effective_batch: int = EFFECTIVE_BATCH) -> dict[str, Any]:
     """03's training on ``gpus`` GPUs (in this process when 1): throughput, loss curve, validation loss."""
     from medcap_helpers import budget, distributed
     from medcap_helpers.data import load_saved_dataset
     from medcap_helpers.model import attach_lora, load_model_and_processor
 
     config = config_for(run, data_dir, num_gpus=gpus, num_train_epochs=epochs, max_eval_examples=n_val,
-                        per_device_train_batch_size=EFFECTIVE_BATCH // gpus, gradient_accumulation_steps=1,
+                        per_device_train_batch_size=effective_batch // gpus, gradient_accumulation_steps=1,
                         **(settings or {}))
     if config.cache_vision_embeddings and not config.vision_cache_dir:  # computed once for every measurement
         config = config.replace(vision_cache_dir=str(run.parent / "vision_cache"))
@@ -106,7 +106,7 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
         if config.vram_budget_gb is not None:
             budget.cap_gpu_memory(config.vram_budget_gb, "cuda")
         config, fit = config.replace(per_device_train_batch_size=micro_batch, gradient_checkpointing=True,
-                                     gradient_accumulation_steps=EFFECTIVE_BATCH // gpus // micro_batch), None
+                                     gradient_accumulation_steps=effective_batch // gpus // micro_batch), None
     result = distributed.train_data_parallel(config, peft_model, processor, dataset)
     wall = time.perf_counter() - start
     evaluation_s = sum(e.get("eval_runtime", 0.0) for e in result.log_history if "eval_runtime" in e)
@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=96, help="validation studies per epoch (training)")
     parser.add_argument("--micro-batch", type=int, help="train at this micro-batch with checkpointing instead of "
                         "the budget fit's choice (training)")
+    parser.add_argument("--effective-batch", type=int, default=EFFECTIVE_BATCH,
+                        help="studies per optimizer step over all GPUs (training); the full profile's is 16")
     parser.add_argument("--train-rows", type=int, help="train on the first N training studies only (training), "
                         "e.g. with --set profile_dir=DIR to profile a few steps")
     parser.add_argument("--budget-share", type=float, default=0.3, help="the sweep's sweep_budget_share")
@@ -255,7 +257,7 @@ def main() -> None:
         spec = json.loads(args.once)
         run, data_dir, gpus = Path(spec["run"]), spec["data"], spec["gpus"]
         value = (train_once(run, data_dir, gpus, spec["epochs"], spec["validation"], spec.get("micro_batch"),
-                            spec.get("settings"), spec.get("train_rows"))
+                            spec.get("settings"), spec.get("train_rows"), spec.get("effective_batch", EFFECTIVE_BATCH))
                  if spec["kind"] == "training"
                  else sweep_once(run, data_dir, gpus, spec["budget_share"], spec.get("settings")))
         print("RESULT " + json.dumps(value, default=str), flush=True)
@@ -277,7 +279,7 @@ def main() -> None:
         name = f"{gpus}_gpu{suffix}"
         run = fresh_run(base, f"{args.part}-{gpus}gpu{suffix}")
         values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch,
-                   "settings": settings, "train_rows": args.train_rows}
+                   "settings": settings, "train_rows": args.train_rows, "effective_batch": args.effective_batch}
                   if args.part == "training"
                   else {"budget_share": args.budget_share, "settings": settings})
         measured[name] = {**in_fresh_process(args.part, run, args.data, gpus, values), "settings": settings,
