@@ -125,8 +125,8 @@ class MedcapConfig:
     """Compute the frozen vision tower's tokens of each image once and train on them from disk
     (:mod:`medcap_helpers.vision_cache`; about 1.2 MB per image at BLIP-large size). Not used with
     ``lora_vision``, whose tower changes as it trains. On in the smoke and full profiles: the same
-    metrics (smoke: 03 in 45 s instead of 55 s; rehearsal on two H200s: the same validation loss, 2.4x the
-    training throughput)."""
+    metrics (smoke: 03 in 45 s instead of 55 s; rehearsal on two H200s: the same validation loss, 119
+    samples/s against 50 from pixels in an earlier session)."""
     vision_cache_dir: str | None = None
     """Where that cache lives (None: ``<run_dir>/vision_cache``); a shared folder serves several runs of the
     same model and processor."""
@@ -376,7 +376,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         learning_rate=4e-4, max_target_tokens=128, max_new_tokens=100, num_beams=3, eval_batch_size=64,
         vram_budget_gb=4.0, sweep_eval_examples=64, group_by_length=True,
         # Measured on the rehearsal (H200, 4 GB cap, 2 GPUs at 16 x 1): the same validation loss as from the
-        # images (8.1145 both), 119 instead of 50 samples/s (benchmarks/results/multi_gpu.json).
+        # images (8.1145 both); 119 samples/s against 50 from pixels in an earlier session (multi_gpu.json).
         cache_vision_embeddings=True,
     ),
 }
