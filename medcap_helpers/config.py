@@ -155,6 +155,11 @@ class MedcapConfig:
     """On a GPU, decode from a static key/value cache with the decoder's step compiled by ``torch.compile``
     (``reduce-overhead``: CUDA graphs, one launch per step instead of hundreds). Each generation call
     compiles once; off by default until measured (``benchmarks/decoding.py``). Ignored on the CPU."""
+    compile_training: bool = False
+    """On a GPU, run each training step's forward and backward compiled by ``torch.compile`` (inductor):
+    fused kernels, far fewer launches for a step that the CPU's launching bounds. The step compiles on the
+    first batches (again once when the report length changes, then with a dynamic length). Off by default
+    until measured; ignored on the CPU."""
     sdpa_attention: bool = False
     """Train with the text decoder's attention computed by PyTorch's fused ``scaled_dot_product_attention``
     (:mod:`medcap_helpers.attention`): the same attention in one kernel, without keeping its probabilities for

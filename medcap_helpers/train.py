@@ -62,7 +62,7 @@ from medcap_helpers.model import (
     remove_input_grad_hooks,
     trainable_parameters,
 )
-from medcap_helpers.multiview import caption_outputs
+from medcap_helpers.multiview import accept_views, caption_outputs
 from medcap_helpers.pretrain import pretraining_record
 from medcap_helpers.processing import CaptionCollator
 from medcap_helpers.profiling import TorchProfilerCallback
@@ -221,6 +221,16 @@ class _EpochTrainLossCallback(TrainerCallback):
                                   "train_loss_epoch": self.trainer.epoch_mean_loss()})
 
 
+def _caption_loss(model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """What ``compile_training`` compiles: the batch's mean loss through the model's own call."""
+    return model(**inputs).loss
+
+
+def training_compile_backend(config: MedcapConfig, device: torch.device) -> str | None:
+    """``"inductor"`` when ``config.compile_training`` asks for it on a GPU, else None (eager)."""
+    return "inductor" if config.compile_training and device.type == "cuda" else None
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -237,8 +247,9 @@ class MedcapTrainer(Trainer):
 
     def __init__(self, *args: Any, generation_rows: Sequence[Mapping[str, Any]] = (),
                  processor: BlipProcessor | None = None, medcap_config: MedcapConfig | None = None,
-                 scorer: Scorer | None = None, **kwargs: Any) -> None:
+                 scorer: Scorer | None = None, compile_backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.compiled_loss = torch.compile(_caption_loss, backend=compile_backend) if compile_backend else None
         self.model_accepts_loss_kwargs = False
         self.generation_rows = generation_rows
         self.processor = processor
@@ -267,6 +278,10 @@ class MedcapTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        if self.compiled_loss is not None and model.training:  # compile_training: the step's forward and backward
+            accept_views(model)  # outside the compiled code: it sets the model's forward once
+            loss = self.compiled_loss(model, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
         if "image_embeds" in inputs or inputs["pixel_values"].ndim == 5:  # cached tokens; two-view studies
             outputs = caption_outputs(model, inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -505,7 +520,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
         data_collator=collator,
         callbacks=[memory_callback, *diagnostics, *(callbacks_extra or [])],
-        generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer)
+        generation_rows=generation_rows, processor=processor, medcap_config=config, scorer=scorer,
+        compile_backend=training_compile_backend(config, device))
 
     remove_incomplete_checkpoints(checkpoints_dir)
     resume = last_complete_checkpoint(checkpoints_dir)
