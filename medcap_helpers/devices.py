@@ -105,6 +105,12 @@ def memory_snapshot(device: torch.device | str) -> dict[str, float]:
     return {k: round(v, 4) for k, v in snap.items()}
 
 
+def synchronize_gpu() -> None:
+    """Wait for the GPU's queued kernels (a no-op without CUDA in use), so a wall-clock time includes them."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start a new CUDA peak measurement (CPU peak RSS cannot be reset)."""
     device = torch.device(device)

@@ -13,16 +13,16 @@ A GPU busy for much less than the wall time is waiting for the CPU: launches, da
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from medcap_helpers.devices import synchronize_gpu
 
 SYNCHRONISING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
                        "aten::_local_scalar_dense", "aten::item")
@@ -72,7 +72,7 @@ class TorchProfilerCallback(TrainerCallback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-                torch.cuda.synchronize()
+            synchronize_gpu()
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             self.started = time.perf_counter()
@@ -84,8 +84,7 @@ class TorchProfilerCallback(TrainerCallback):
             self._finish(state.global_step - self.skip)
 
     def _finish(self, steps: int) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize_gpu()
         wall_s = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
         self.done = True
@@ -100,9 +99,5 @@ class TorchProfilerCallback(TrainerCallback):
         (self.folder / f"profile_rank{rank}.txt").write_text("\n".join(tables))
         summary = profile_summary(self.profiler, wall_s, steps)
         (self.folder / f"profile_rank{rank}.json").write_text(json.dumps(summary, indent=1))
-        trace = self.folder / f"trace_rank{rank}.json"
-        self.profiler.export_chrome_trace(str(trace))
-        with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
-            shutil.copyfileobj(source, target)
-        trace.unlink()
+        self.profiler.export_chrome_trace(str(self.folder / f"trace_rank{rank}.json.gz"))  # gzipped by the suffix
         print(f"Profiled {steps} optimizer steps into {self.folder}: {json.dumps(summary)}", flush=True)

@@ -42,6 +42,7 @@ from medcap_helpers.devices import (
     pick_device,
     release_memory,
     reset_peak_memory,
+    synchronize_gpu,
 )
 from medcap_helpers.errors import ConfigError
 from medcap_helpers.generation import (
@@ -210,11 +211,11 @@ class _EpochTrainLossCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.first_step_seconds is None:
-            _synchronize()
+            synchronize_gpu()
             self.first_step_seconds = time.perf_counter() - self.started
 
     def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        _synchronize()  # the last step's kernels belong to this epoch
+        synchronize_gpu()  # the last step's kernels belong to this epoch
         state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
                                   "train_seconds_epoch": time.perf_counter() - self.started,
                                   "first_step_seconds_epoch": self.first_step_seconds,
@@ -229,11 +230,6 @@ def _caption_loss(model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tenso
 def training_compile_backend(config: MedcapConfig, device: torch.device) -> str | None:
     """``"inductor"`` when ``config.compile_training`` asks for it on a GPU, else None (eager)."""
     return "inductor" if config.compile_training and device.type == "cuda" else None
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------- trainer
