@@ -96,6 +96,7 @@ def train_once(run: Path, data_dir: str, gpus: int, epochs: float, n_val: int,
     dataset, _ = load_saved_dataset(run)
     if train_rows:
         dataset["train"] = dataset["train"].select(range(min(train_rows, len(dataset["train"]))))
+    dataset["validation"] = dataset["validation"].select(range(min(n_val, len(dataset["validation"]))))
     start = time.perf_counter()
     base, processor = load_model_and_processor(config, dataset)
     peft_model = attach_lora(base, config)
