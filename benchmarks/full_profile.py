@@ -330,7 +330,9 @@ def project_after(results: dict[str, Any]) -> dict[str, Any]:
     if whole_epoch:  # measured later: a whole epoch at the profile's batch and cache setting, validation excluded
         train_rate = whole_epoch["samples_per_s"] / whole_epoch["gpus"]
         per_gpu = f", per GPU of the {whole_epoch['gpus']}-GPU run" if whole_epoch["gpus"] > 1 else ""
-        train_how = (f"a whole epoch at {whole_epoch['micro_batch']} x {whole_epoch['accumulation']} per GPU"
+        train_how = (f"an epoch of {whole_epoch['samples']:.0f} studies at {whole_epoch['micro_batch']} x "
+                     f"{whole_epoch['accumulation']} per GPU"
+                     f"{', SDPA attention' if whole_epoch.get('sdpa_attention') else ''}"
                      f"{', vision cache' if config.cache_vision_embeddings else ''}"
                      f"{per_gpu}, "
                      "benchmarks/results/multi_gpu.json")

@@ -109,11 +109,10 @@ def tables() -> str:
 def multi_gpu_table(results: dict[str, Any]) -> list[str]:
     """One GPU against two (``benchmarks/multi_gpu.py``): training throughput, validation loss, sweep time."""
     training, sweep = results.get("training", {}), results.get("sweep", {})
-    lines = ["**One GPU or two** (H200s, rehearsal, 4 GB cap per GPU, effective batch 32; "
-             "`python benchmarks/multi_gpu.py`)", "",
-             "| GPUs | image tokens | micro-batch × accumulation | epochs | training samples/s: all epochs (each after its first step) "
-             "| final validation loss |",
-             "|---:|---|---|---:|---:|---:|"]
+    lines = ["**One GPU or two** (H200s, rehearsal, 4 GB cap per GPU; `python benchmarks/multi_gpu.py`)", "",
+             "| GPUs | image tokens | micro-batch × accumulation | other settings | training studies | epochs | "
+             "training samples/s: all epochs (each after its first step) | final validation loss |",
+             "|---:|---|---|---|---:|---:|---:|---:|"]
     for name, train in training.items():
         if not (isinstance(train, dict) and "micro_batch" in train):
             continue
@@ -122,6 +121,7 @@ def multi_gpu_table(results: dict[str, Any]) -> list[str]:
         losses = train.get("eval_loss") or [None]
         lines.append(f"| {train['gpus']} | {'cached' if cached else 'from pixels'} | {train['micro_batch']} × "
                      f"{train['accumulation']}{', checkpointing' if train.get('checkpointing') else ''} | "
+                     f"{other_settings(train)} | {_f(_studies(train), 0)} | "
                      f"{len(train.get('eval_loss') or [])} | {_f(train.get('samples_per_s'), 1)}"
                      f"{' (' + ', '.join(_f(r, 1) for r in steady) + ')' if steady else ''} | {_f(losses[-1], 3)} |")
     ratios = []
@@ -142,6 +142,17 @@ def multi_gpu_table(results: dict[str, Any]) -> list[str]:
               "different machines (this step is bound by the CPU launching kernels: the budget probe's rate for "
               "one setting ranged from 52 to 90 samples/s over three calls). Compare rows of one pair."]
     return lines + ([""] + [f"Two GPUs against one, {r}." for r in ratios] if ratios else []) + [""]
+
+
+def other_settings(train: dict[str, Any]) -> str:
+    """A training entry's ``--set`` values other than the image-token cache (its own column)."""
+    values = {k: v for k, v in (train.get("settings") or {}).items() if k != "cache_vision_embeddings"}
+    return ", ".join(f"`{k}={v}`" for k, v in values.items()) or "–"
+
+
+def _studies(train: dict[str, Any]) -> float | None:
+    epochs = len(train.get("eval_loss") or []) or 1
+    return train["samples"] / epochs if train.get("samples") else None
 
 
 def _duration(seconds: float | None) -> str:

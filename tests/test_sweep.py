@@ -205,3 +205,17 @@ def test_a_failing_trial_in_a_worker_process_stops_the_sweep_with_its_error(tmp_
             workers.run(halving_schedule(2, 10, 10)[0], [(4, 16), (4, 64)])
     finally:
         workers.close()
+
+
+def test_trials_share_the_main_runs_vision_cache(tmp_path) -> None:
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), sweep_strategy="grid")
+    assert trial_config(config, 4, 16).vision_cache_dir == str(tmp_path / "vision_cache")
+    shared = config.replace(vision_cache_dir=str(tmp_path / "elsewhere"))
+    assert trial_config(shared, 4, 16).vision_cache_dir == shared.vision_cache_dir
+
+
+def test_the_smoke_sweeps_trials_cached_nothing_of_their_own(smoke_run: dict) -> None:
+    """04's trials train and generate from the tokens 02 and 03 cached: no trial folder holds a cache."""
+    run_dir = Path(smoke_run["dir"])
+    assert list((run_dir / "sweep").rglob("*.npy")) == []
+    assert any((run_dir / "vision_cache").rglob("*.npy"))
