@@ -261,6 +261,10 @@ def main() -> None:
                             spec.get("settings"), spec.get("train_rows"), spec.get("effective_batch", EFFECTIVE_BATCH))
                  if spec["kind"] == "training"
                  else sweep_once(run, data_dir, gpus, spec["budget_share"], spec.get("settings")))
+        if spec.get("name"):  # kept even if the calling script is stopped before it records (a call's time limit)
+            value = json.loads(json.dumps(value, default=str))
+            entry = {**value, "settings": spec.get("settings") or {}, "command": spec.get("command")}
+            record(spec["kind"], {**read_results().get(spec["kind"], {}), spec["name"]: entry})
         print("RESULT " + json.dumps(value, default=str), flush=True)
         return
     if not args.part:
@@ -279,12 +283,14 @@ def main() -> None:
     for gpus in (int(g) for g in args.gpus.split(",")):
         name = f"{gpus}_gpu{suffix}"
         run = fresh_run(base, f"{args.part}-{gpus}gpu{suffix}")
+        command = " ".join(["python"] + sys.argv)
         values = ({"epochs": args.epochs, "validation": args.validation, "micro_batch": args.micro_batch,
                    "settings": settings, "train_rows": args.train_rows, "effective_batch": args.effective_batch}
                   if args.part == "training"
                   else {"budget_share": args.budget_share, "settings": settings})
+        values.update(name=name, command=command)
         measured[name] = {**in_fresh_process(args.part, run, args.data, gpus, values), "settings": settings,
-                          "command": " ".join(["python"] + sys.argv)}
+                          "command": command}
         print(f"{args.part} on {gpus} GPU(s): {json.dumps(measured[name])[:800]}", flush=True)
         one, two = measured.get(f"1_gpu{suffix}"), measured.get(f"2_gpu{suffix}")
         if one and two and args.part == "training":

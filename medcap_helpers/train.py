@@ -391,7 +391,11 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         disable_tqdm=False,
         # On a GPU, worker processes decode and resize the next batches' images while the GPU trains.
         dataloader_num_workers=dataloader_workers(device),
-        dataloader_persistent_workers=dataloader_workers(device) > 0,
+        # Not persistent: with pinned memory, persistent workers still holding prefetched batches are each
+        # waited for 5 s and then killed when their loader goes (pytorch/pytorch#81794). On the GPU machine
+        # that stalled every sweep trial (~25 s unaccounted for between trials) and kept finished
+        # benchmark processes from exiting. Starting 8 forked workers per epoch costs far less.
+        dataloader_persistent_workers=False,
         dataloader_pin_memory=on_cuda,
         ddp_find_unused_parameters=False,  # data-parallel: every LoRA weight gets a gradient every step
         **version_specific,
