@@ -5,6 +5,8 @@
     python benchmarks/full_profile.py --check          # the levers side by side on one slice (same results?)
     python benchmarks/full_profile.py --after 01-03    # "after": the real pipeline, stage by stage, measured
     python benchmarks/full_profile.py --after 04       #   (pieces of under 10 minutes; a run folder resumes)
+    python benchmarks/full_profile.py --pack-state state.tgz    # a run's results between two GPU machines
+    python benchmarks/full_profile.py --unpack-state state.tgz  #   (then --after 01,04-06 goes on)
 
 ``--after`` runs ``medcap run --profile rehearsal`` one stage at a time (the pipeline's own code and
 defaults: 4 GB budget, the fitted batch, successive-halving sweep) and times each stage whole; peak GPU
@@ -282,6 +284,45 @@ def record_after(stages: dict[str, Any], run: str) -> None:
     results["after"] = after
     write_json(path, results)
     print(f"after: {after['total_seconds'] / 60:.1f} min so far -> {path}")
+
+
+REBUILT_FOLDERS = ("dataset", "random_blip_large", "tiny_model", "vision_cache", "checkpoints", "notebooks")
+"""What a run rebuilds by itself, left out of a packed state: 01's dataset and the seeded random model
+(deterministic), the vision cache (refilled on demand), checkpoints (only a stopped 03 needs them) and
+the executed notebooks (kept as artefacts separately)."""
+
+
+def pack_run_state(run: str | Path, archive: str | Path) -> int:
+    """Pack ``run``'s results (stages' metrics, predictions, adapter, sweep) into ``archive`` (.tgz), without
+    what a run rebuilds (:data:`REBUILT_FOLDERS`) and without 01's done marker, so that on another machine
+    ``--unpack-state`` then ``--after 01,<next stages>`` rebuilds the data and goes on. Returns its size."""
+    import tarfile
+
+    run = Path(run)
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        top = parts[1] if len(parts) > 1 else ""
+        return None if top in REBUILT_FOLDERS or top.startswith(".lock") or top == "01_data.done" else info
+
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(run, arcname=run.name, filter=keep)
+    return Path(archive).stat().st_size
+
+
+def unpack_run_state(archive: str | Path, run: str | Path) -> None:
+    """Unpack a :func:`pack_run_state` archive as the run folder ``run``."""
+    import tarfile
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = Path(*Path(member.name).parts[1:])
+            if str(name) in ("", "."):
+                continue
+            member.name = str(name)
+            tar.extract(member, run, filter="data")
 
 
 CACHE_FILL_IMAGES_PER_S = 143
@@ -605,6 +646,8 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="the levers against today's path on one slice")
     parser.add_argument("--rates", action="store_true", help="budget fit, rates and a profile of generation")
     parser.add_argument("--project", action="store_true", help="write the projected 'after' figures from --rates")
+    parser.add_argument("--pack-state", metavar="ARCHIVE", help="pack --run's results for another machine")
+    parser.add_argument("--unpack-state", metavar="ARCHIVE", help="unpack them as --run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.project:
@@ -615,8 +658,16 @@ def main() -> None:
         write_json(RESULTS / "full_profile.json", results)
         print(json.dumps(results["after_projected"], indent=1))
         return
+    after_run = str(Path(args.run).with_name("medcap_rehearsal_after")) if "today" in args.run else args.run
+    if args.pack_state:
+        print(f"packed {after_run} into {args.pack_state}: {pack_run_state(after_run, args.pack_state) / 1e6:.1f} MB")
+        return
+    if args.unpack_state:
+        unpack_run_state(args.unpack_state, after_run)
+        print(f"unpacked {args.unpack_state} as {after_run}")
+        return
     if args.after:
-        run = str(Path(args.run).with_name("medcap_rehearsal_after")) if "today" in args.run else args.run
+        run = after_run
         record_after(run_after(args.after, run, args.data), run)
         return
     if args.check or args.rates:

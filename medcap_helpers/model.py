@@ -241,12 +241,19 @@ def load_model_and_processor(config: MedcapConfig, dataset: Any = None,
     processor are saved to ``<run_dir>/tiny_model`` once and reused afterwards (a resumed run keeps its
     vocabulary and weights).
     """
+    prepare_local_model(config, dataset, texts)
+    processor = load_processor(config)
+    return load_base_model(config), processor
+
+
+def prepare_local_model(config: MedcapConfig, dataset: Any = None, texts: Sequence[str] | None = None) -> None:
+    """Build the run's own model folder (tiny or random BLIP-large, both seeded) when the config names one
+    and it is missing, without loading it: a run whose folder lost it (a run carried to another machine
+    without its model) gets the same model back. A hub model needs nothing here."""
     folder = local_model_dir(config)
     if config.model_name in LOCAL_MODELS and not (folder_ready(folder, WEIGHTS_FILE) and has_saved_processor(folder)):
         corpus = list(texts) if texts is not None else _tokenizer_corpus(config, dataset)
         ensure_local_model(config, load_processor(config, corpus), texts=corpus)
-    processor = load_processor(config)
-    return load_base_model(config), processor
 
 
 def _tokenizer_corpus(config: MedcapConfig, dataset: Any) -> list[str]:

@@ -1,0 +1,28 @@
+"""``benchmarks/full_profile.py --pack-state``: a run's results carried between two GPU machines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from full_profile import REBUILT_FOLDERS, pack_run_state, unpack_run_state  # noqa: E402
+
+
+def test_a_packed_run_keeps_its_results_and_leaves_what_the_run_rebuilds(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    kept = {"metrics/03_qlora_train.json": "{}", "adapter/adapter_model.safetensors": "weights",
+            "sweep/chosen.json": "{}", "02_baseline.done": "", "03_qlora_train.done": "",
+            "predictions/test.json": "[]"}
+    rebuilt = {f"{folder}/file": "x" for folder in REBUILT_FOLDERS} | {"01_data.done": "", ".lock": ""}
+    for name, text in (kept | rebuilt).items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+
+    assert pack_run_state(run, tmp_path / "state.tgz") > 0
+    unpack_run_state(tmp_path / "state.tgz", tmp_path / "elsewhere")
+
+    found = {str(p.relative_to(tmp_path / "elsewhere")) for p in (tmp_path / "elsewhere").rglob("*") if p.is_file()}
+    assert found == set(kept)  # 01 reruns (its marker is gone) and rebuilds the data; 02 and 03 stay done
+    assert (tmp_path / "elsewhere" / "adapter" / "adapter_model.safetensors").read_text() == "weights"
