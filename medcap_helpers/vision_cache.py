@@ -42,28 +42,43 @@ def vision_tower_trains(model: Any) -> bool:
 
 
 def weights_digest(vision_model: Any) -> str:
-    """A digest of the vision tower's weights (names, shapes, bytes). Remembered on the tower while no
-    parameter or buffer has been replaced or changed in place (torch counts every in-place change in
-    ``_version``), so the sweep's trials, which share one base model, hash its 300M weights once.
+    """A digest of what the vision tower computes with: every parameter and buffer by name, shape and
+    value (as float32), a 4-bit weight by its dequantized value (:func:`effective_tensors`).
 
-    The memo is keyed by the parameters, not by ``state_dict()``'s tensors: a 4-bit layer's state dict
-    packs its quantization state into a new tensor at every call, so the memo never held and every lookup
-    rehashed the tower. On the GPU the rehashed digest also differed after the budget probe from the one
-    before it (03 then filled the cache again under a second key, 4,729 images; which packed value changed
-    is not established). Keyed by the parameters, a loaded tower keeps the key it was first given, which is
-    also what a freshly loaded one gets in another process."""
+    Values, not storage: 4-bit layers pack their quantization state anew at every ``state_dict()``, and
+    on the GPU that packing changed after the first forward pass, so a digest of the state dict gave one
+    run two keys for one tower (03 cached 4,729 images twice; a sweep trial cached its training and its
+    validation studies under different keys). A dtype change that keeps the values (a LayerNorm cast to
+    float32) keeps the key too.
+
+    Remembered on the tower while no parameter or buffer has been replaced or changed in place (torch
+    counts every in-place change in ``_version``), so the sweep's trials, which share one base model,
+    hash its weights once."""
     versions = tuple((name, tensor.data_ptr(), tensor._version)
                      for name, tensor in [*vision_model.named_parameters(), *vision_model.named_buffers()])
     remembered = getattr(vision_model, "_medcap_weights_digest", None)
     if remembered is not None and remembered[0] == versions:
         return remembered[1]
-    state = sorted(vision_model.state_dict().items())
     digest = hashlib.blake2b(digest_size=12)
-    for name, tensor in state:
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
+    for name, tensor in sorted(effective_tensors(vision_model), key=lambda item: item[0]):
+        tensor = tensor.detach()
+        tensor = tensor.float() if tensor.is_floating_point() else tensor
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     vision_model._medcap_weights_digest = (versions, digest.hexdigest())
     return digest.hexdigest()
+
+
+def effective_tensors(vision_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tower's parameters and buffers as it computes with them: a 4-bit weight dequantized."""
+    for name, param in vision_model.named_parameters():
+        if type(param).__name__ == "Params4bit" and getattr(param, "quant_state", None) is not None:
+            import bitsandbytes.functional as bnb_functional
+
+            yield name, bnb_functional.dequantize_4bit(param.data, param.quant_state)
+        else:
+            yield name, param
+    yield from vision_model.named_buffers()
 
 
 def cache_key(model: Any, processor: Any, dtype: torch.dtype) -> str:

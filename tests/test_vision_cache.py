@@ -112,18 +112,40 @@ def test_a_changed_processor_or_model_gets_a_new_cache(tiny, tmp_path: Path) -> 
 
 def test_the_weights_are_hashed_once_while_they_stay_the_same(tiny, monkeypatch) -> None:
     """4-bit layers pack a new quantization-state tensor at every ``state_dict()``: the memo must not
-    depend on those, or every lookup rehashes the tower (and a changed packing changes the key)."""
+    depend on those, or every lookup rehashes the tower."""
     model, processor, _ = tiny
     vision = vision_cache.unwrap_model(model).vision_model
     key = vision_cache.cache_key(model, processor, torch.float32)
     hashed = []
-    full_state = type(vision).state_dict
-    monkeypatch.setattr(vision, "state_dict", lambda *a, **k: hashed.append(1) or full_state(vision, *a, **k))
+    tensors = vision_cache.effective_tensors
+    monkeypatch.setattr(vision_cache, "effective_tensors", lambda tower: hashed.append(1) or tensors(tower))
     assert vision_cache.cache_key(model, processor, torch.float32) == key and hashed == []
     weight = next(vision.parameters())
     with torch.no_grad():
         weight.mul_(1.0)  # the same values, changed in place: hashed again, same key
     assert vision_cache.cache_key(model, processor, torch.float32) == key and hashed == [1]
+
+
+def test_the_key_follows_the_values_the_tower_computes_with_not_their_storage(tiny) -> None:
+    """A 4-bit weight counts by its dequantized value, any other tensor by its value: a LayerNorm cast to
+    float64 with the same values keeps the key, one changed value does not."""
+    model, processor, _ = tiny
+    vision = vision_cache.unwrap_model(model).vision_model
+    quantized = [n for n, p in vision.named_parameters() if type(p).__name__ == "Params4bit"]
+    assert quantized, "the tiny tower should have 4-bit layers"
+    dequantized = dict(vision_cache.effective_tensors(vision))
+    assert all(dequantized[n].is_floating_point() and dequantized[n].dim() == 2 for n in quantized)
+    key = vision_cache.cache_key(model, processor, torch.float32)
+    norm = vision.post_layernorm
+    original = norm.weight.data
+    try:
+        norm.weight.data = original.to(torch.float64)
+        assert vision_cache.cache_key(model, processor, torch.float32) == key
+        norm.weight.data = original.to(torch.float64) + 1e-3
+        assert vision_cache.cache_key(model, processor, torch.float32) != key
+    finally:
+        norm.weight.data = original
+    assert vision_cache.cache_key(model, processor, torch.float32) == key
 
 
 def test_a_missing_image_says_to_fill_the_cache(tiny, tmp_path: Path) -> None:
