@@ -12,6 +12,13 @@ identical (random weights make near-ties common: the 16-bit decoder copy already
 token agrees wherever the top two logits differ by more than 0.1).
 
 Results go to ``benchmarks/results/decoding.json`` (and ``$OUT`` when set).
+
+    python benchmarks/decoding.py --count-ops            # CPU: PyTorch operators per decoding step
+
+``--count-ops`` counts, on the CPU with the smoke run's tiny model (2 decoder layers), the operators a
+beam-3 decoding step calls, inside the decoder (per layer) and in transformers' generation loop (beam
+search bookkeeping), leaving out views and other calls that launch no kernel. On a GPU each is a launch
+issued by the CPU, which is what bounds a decoding step (``benchmarks/results/decoding_ops.json``).
 """
 
 from __future__ import annotations
@@ -51,13 +58,95 @@ def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_bac
             "reports": reports}
 
 
+NO_KERNEL = {"as_strided", "view", "expand", "empty", "resolve_conj", "reshape", "transpose", "unsqueeze", "t",
+             "broadcast_to", "select", "slice", "_unsafe_view", "empty_strided", "empty_like", "detach", "alias",
+             "permute", "contiguous", "to", "_reshape_alias", "lift_fresh", "split", "chunk", "squeeze", "flatten",
+             "linear", "matmul", "_to_copy", "dropout", "softmax", "layer_norm", "gelu", "item", "is_nonzero",
+             "narrow", "numpy_T"}
+"""Operators that are views, allocations or wrappers around the counted kernels' own operators."""
+
+
+def count_step_ops(run_dir: str, steps: tuple[int, int] = (10, 30)) -> dict[str, Any]:
+    """Kernel-launching operators per beam-3 decoding step, in the decoder and in the generation loop: the
+    difference between two generation lengths, divided by the extra steps (so set-up is not counted)."""
+    from collections import Counter
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from medcap_helpers import data, generation
+    from medcap_helpers.config import MedcapConfig
+    from medcap_helpers.model import attach_lora, load_model_and_processor
+
+    config = MedcapConfig.from_profile("smoke", run_dir=run_dir)
+    if not (Path(run_dir) / "dataset").exists():
+        dataset, report = data.build_dataset(config, progress=False)
+        data.save_dataset(dataset, report, run_dir)
+    dataset = data.load_saved_dataset(run_dir)[0]
+    base, processor = load_model_and_processor(config, dataset)
+    model = attach_lora(base, config)
+    layers = base.config.text_config.num_hidden_layers
+    studies = generation.study_inputs(dataset["test"].select(range(4)))
+    make_copy = generation.decoder_for_generation
+
+    def mark(module: Any, name: str) -> None:  # the module's calls under one profiler label
+        open_labels: list[Any] = []
+        module.register_forward_pre_hook(lambda *_: open_labels.append(torch.profiler.record_function(name).__enter__()))
+        module.register_forward_hook(lambda *_: open_labels.pop().__exit__(None, None, None))
+
+    def marked_copy(source: Any, num_beams: int = 1) -> Any:
+        decoder = make_copy(source, num_beams)
+        mark(decoder, "decoder")
+        for layer in decoder.bert.encoder.layer:
+            mark(layer, "layer")
+        return decoder
+
+    counted: dict[int, dict[str, Counter]] = {}
+    generation.decoder_for_generation = marked_copy
+    try:
+        for length in steps:
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                generation.generate_reports(model, processor, studies, max_new_tokens=length, min_new_tokens=length,
+                                            num_beams=3, batch_size=4, progress=False)
+            where: dict[str, Counter] = {"layer": Counter(), "decoder": Counter(), "loop": Counter()}
+            for event in profiler.events():
+                name = event.name.removeprefix("aten::")
+                if not event.name.startswith("aten::") or name in NO_KERNEL:
+                    continue
+                parent = event.cpu_parent
+                while parent is not None and parent.name not in ("layer", "decoder"):
+                    parent = parent.cpu_parent
+                where["loop" if parent is None else parent.name][name] += 1
+            counted[length] = where
+    finally:
+        generation.decoder_for_generation = make_copy
+    extra = steps[1] - steps[0]
+    per_step = {part: counted[steps[1]][part] - counted[steps[0]][part] for part in ("layer", "decoder", "loop")}
+    layer, rest, loop = (sum(per_step[part].values()) / extra for part in ("layer", "decoder", "loop"))
+    return {"model": f"tiny BLIP, {layers} decoder layers, beam 3, 4 studies, CPU",
+            "ops_per_step_per_layer": layer / layers, "ops_per_step_decoder_outside_layers": rest,
+            "ops_per_step_generation_loop": loop,
+            "blip_large_ops_per_step": layer / layers * 12 + rest + loop,
+            "layer_top": {k: v / extra / layers for k, v in per_step["layer"].most_common(12)},
+            "generation_loop_top": {k: v / extra for k, v in per_step["loop"].most_common(12)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/rehearsal")
     parser.add_argument("--run", default=str(Path(tempfile.gettempdir()) / "medcap_decoding"))
     parser.add_argument("--studies", type=int, default=296)
+    parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.count_ops:
+        from medcap_helpers.runs import environment_info, write_json
+
+        counts = {"part": "decoding_ops", **count_step_ops(str(Path(tempfile.gettempdir()) / "medcap_decoding_ops")),
+                  "environment": environment_info(), "command": " ".join(["python"] + sys.argv)}
+        write_json(RESULTS.with_name("decoding_ops.json"), counts)
+        print(json.dumps(counts, indent=1)[:3000])
+        return
     import torch
 
     if not torch.cuda.is_available():

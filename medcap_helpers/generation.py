@@ -12,11 +12,11 @@ logits agree); it costs the copy's memory (about 0.3 GB at BLIP-large size).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
@@ -127,8 +127,9 @@ class SharedMemoryCrossAttention(nn.Module):
         if self.keys is None or self.rows != encoder_hidden_states.shape[0]:  # a new batch (see reset)
             memory = encoder_hidden_states[:: self.num_beams]
             studies, tokens = memory.shape[:2]
-            self.keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2)
-            self.values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2)
+            # contiguous once per batch: a strided copy would otherwise be made of them at every step
+            self.keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
+            self.values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
             self.rows = encoder_hidden_states.shape[0]
         studies = self.keys.shape[0]
         rows, length = hidden_states.shape[:2]
@@ -136,8 +137,7 @@ class SharedMemoryCrossAttention(nn.Module):
         # The beams' queries side by side, as if one longer sequence per study.
         query = attention.query(hidden_states).view(studies, beams, length, heads, size)
         query = query.permute(0, 3, 1, 2, 4).reshape(studies, heads, beams * length, size)
-        scores = torch.matmul(query, self.keys.transpose(-1, -2)) / math.sqrt(size)
-        context = torch.matmul(scores.softmax(dim=-1), self.values)
+        context = F.scaled_dot_product_attention(query, self.keys, self.values)  # softmax(q k^T / sqrt(size)) v
         context = context.view(studies, heads, beams, length, size).permute(0, 2, 3, 1, 4)
         context = context.reshape(rows, length, heads * size)
         return self.attention.output(context, hidden_states), None
