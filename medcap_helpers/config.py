@@ -167,8 +167,8 @@ class MedcapConfig:
     (:mod:`medcap_helpers.attention`): the same attention in one kernel, without keeping its probabilities for
     the backward pass. Generation is unchanged. On in the full profile: measured on the rehearsal (H200, 4 GB
     cap, 16 x 1, cached tokens, one call; with the fused AdamW, which alone changed nothing measurable) 65.7
-    samples/s against 61.8 after the first step, with the same
-    logged losses to three decimals and the same validation loss (8.4410 against 8.4409)."""
+    samples/s against 61.8 after the first step, with the same logged losses to three decimals and the same
+    validation loss (8.4410 against 8.4409)."""
     eval_batch_size: int = 8
     """Studies per generation batch (at most: with ``vram_budget_gb`` the batch is fitted to the budget).
     The validation loss runs at ``per_device_train_batch_size``."""
