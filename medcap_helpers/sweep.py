@@ -40,7 +40,7 @@ from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
 from medcap_helpers.sharding import visible_gpu
 from medcap_helpers.train import train, value_at_epoch
-from medcap_helpers.vision_cache import CACHE_FOLDER
+from medcap_helpers.vision_cache import cache_root
 
 TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
 """What the trials take over from stage 03's fit to the VRAM budget (``training_settings`` in its metrics)."""
@@ -141,9 +141,8 @@ def trial_config(config: MedcapConfig, rank: int, alpha: int, rung: Rung | None 
             raise ValueError("A halving rung needs n_train, the size of the training split.")
         examples = min(rung.train_examples, n_train)
         epochs = max(1.0, rung.train_examples / n_train)
-    cache_dir = config.vision_cache_dir or str(Path(config.run_dir) / CACHE_FOLDER)
     return config.replace(run_dir=str(trial_dir(config, rank, alpha, rung)), lora_r=rank, lora_alpha=alpha,
-                          vision_cache_dir=cache_dir,
+                          vision_cache_dir=str(cache_root(config)),
                           num_train_epochs=epochs, model_name=model_name, max_train_examples=examples,
                           **fitted_training_settings(config))
 

@@ -157,9 +157,13 @@ def cache_for(config: MedcapConfig, model: Any, processor: Any) -> VisionEmbeddi
     mixed = compute_dtype(config, device) if device.type == "cuda" else None  # the Trainer's autocast
     mixed = mixed if mixed in (torch.float16, torch.bfloat16) else None
     dtype = torch.float16 if mixed is not None else torch.float32  # half the disk; the tokens are half already
-    root = Path(config.vision_cache_dir) if config.vision_cache_dir else Path(config.run_dir) / CACHE_FOLDER
     key = cache_key(model, processor, mixed or dtype)
-    return VisionEmbeddingCache(root, key, dtype, autocast_dtype=mixed)
+    return VisionEmbeddingCache(cache_root(config), key, dtype, autocast_dtype=mixed)
+
+
+def cache_root(config: MedcapConfig) -> Path:
+    """The folder of the run's cache keys: ``vision_cache_dir``, else ``<run_dir>/vision_cache``."""
+    return Path(config.vision_cache_dir) if config.vision_cache_dir else Path(config.run_dir) / CACHE_FOLDER
 
 
 def images_of(rows: Any, chunk_rows: int = 256) -> Iterator[Any]:
