@@ -236,6 +236,7 @@ def run_after(spec: str, run: str, data_dir: str) -> dict[str, Any]:
         if done.returncode != 0:
             results[stage]["error"] = (done.stdout + done.stderr)[-3000:]
         print(stage, json.dumps(results[stage])[:3000], flush=True)
+        record_after({stage: results[stage]}, run)  # each stage as it ends: a call cut off keeps the others
         if done.returncode != 0:
             break
     return results
@@ -288,8 +289,8 @@ def record_after(stages: dict[str, Any], run: str) -> None:
 
 REBUILT_FOLDERS = ("dataset", "random_blip_large", "tiny_model", "vision_cache", "checkpoints", "notebooks")
 """What a run rebuilds by itself, left out of a packed state: 01's dataset and the seeded random model
-(deterministic), the vision cache (refilled on demand), checkpoints (only a stopped 03 needs them) and
-the executed notebooks (kept as artefacts separately)."""
+(deterministic), the vision cache (refilled on demand), checkpoints (only a stopped 03 needs them: its
+newest complete one is kept then) and the executed notebooks (kept as artefacts separately)."""
 
 
 def pack_run_state(run: str | Path, archive: str | Path) -> int:
@@ -298,11 +299,17 @@ def pack_run_state(run: str | Path, archive: str | Path) -> int:
     ``--unpack-state`` then ``--after 01,<next stages>`` rebuilds the data and goes on. Returns its size."""
     import tarfile
 
+    from medcap_helpers.checkpoints import last_complete_checkpoint
+    from medcap_helpers.runs import is_done
+
     run = Path(run)
+    resume_from = None if is_done(run, "03_qlora_train") else last_complete_checkpoint(run / "checkpoints")
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(info.name).parts
         top = parts[1] if len(parts) > 1 else ""
+        if top == "checkpoints" and resume_from is not None and (len(parts) == 2 or parts[2] == resume_from.name):
+            return info  # a stopped 03 resumes from its newest checkpoint there
         return None if top in REBUILT_FOLDERS or top.startswith(".lock") or top == "01_data.done" else info
 
     with tarfile.open(archive, "w:gz") as tar:
@@ -667,8 +674,7 @@ def main() -> None:
         print(f"unpacked {args.unpack_state} as {after_run}")
         return
     if args.after:
-        run = after_run
-        record_after(run_after(args.after, run, args.data), run)
+        run_after(args.after, after_run, args.data)
         return
     if args.check or args.rates:
         from medcap_helpers.runs import read_json, write_json

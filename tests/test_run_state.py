@@ -26,3 +26,23 @@ def test_a_packed_run_keeps_its_results_and_leaves_what_the_run_rebuilds(tmp_pat
     found = {str(p.relative_to(tmp_path / "elsewhere")) for p in (tmp_path / "elsewhere").rglob("*") if p.is_file()}
     assert found == set(kept)  # 01 reruns (its marker is gone) and rebuilds the data; 02 and 03 stay done
     assert (tmp_path / "elsewhere" / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+
+
+def test_a_stopped_training_stage_keeps_its_newest_complete_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        checkpoint = run / "checkpoints" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_model.safetensors").write_text(f"step {step}")
+        if step < 30:  # checkpoint-30 was cut off before its trainer state was written
+            (checkpoint / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    (run / "02_baseline.done").write_text("")
+
+    pack_run_state(run, tmp_path / "stopped.tgz")
+    unpack_run_state(tmp_path / "stopped.tgz", tmp_path / "stopped")
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["checkpoint-20"]
+
+    (run / "03_qlora_train.done").write_text("")  # once 03 has finished, its checkpoints stay behind
+    pack_run_state(run, tmp_path / "finished.tgz")
+    unpack_run_state(tmp_path / "finished.tgz", tmp_path / "finished")
+    assert not (tmp_path / "finished" / "checkpoints").exists()
