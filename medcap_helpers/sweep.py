@@ -38,7 +38,7 @@ from medcap_helpers.distributed import training_processes
 from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor
 from medcap_helpers.processing import local_model_dir
-from medcap_helpers.sharding import visible_gpu
+from medcap_helpers.sharding import process_environment
 from medcap_helpers.train import train, value_at_epoch
 from medcap_helpers.vision_cache import cache_root
 
@@ -229,7 +229,7 @@ def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_trai
 
 
 class TrialWorkers:
-    """One process per GPU (``CUDA_VISIBLE_DEVICES``), alive for the whole sweep: each loads the base
+    """One process per GPU (``CUDA_VISIBLE_DEVICES``, its share of the cores), alive for the whole sweep: each loads the base
     model once (:func:`trial_runner` on the run's saved dataset) and trains the trials it is dealt, rung
     after rung. Started with ``spawn`` (a fresh interpreter: CUDA is never forked). Use :meth:`close`
     (``run_sweep`` does, also on errors)."""
@@ -247,7 +247,7 @@ class TrialWorkers:
             # starts worker processes. close() ends them (run_sweep calls it, errors included).
             process = context.Process(target=_serve_trials, daemon=False, name=f"medcap-sweep-{index}",
                                       args=(config.to_dict(), n_train, index, self._jobs[index], self._results))
-            with temporary_environment({"CUDA_VISIBLE_DEVICES": visible_gpu(index)} if on_gpu else {}):
+            with temporary_environment(process_environment(index, processes, on_gpu, config.cpu_threads)):
                 process.start()  # the child's environment is this one at start
             self._processes.append(process)
 

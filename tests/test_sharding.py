@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +15,29 @@ from medcap_helpers.config import MedcapConfig
 from medcap_helpers.data import load_saved_dataset
 from medcap_helpers.errors import StageFailed
 from medcap_helpers.evaluation import ADAPTER_SYSTEM
-from medcap_helpers.sharding import generate_sharded, share_bounds
+from medcap_helpers.sharding import generate_sharded, process_environment, share_bounds, threads_per_process
 
 
 def test_shares_are_contiguous_cover_every_row_and_differ_by_at_most_one() -> None:
     assert share_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
     assert share_bounds(4, 2) == [(0, 2), (2, 4)]
     assert share_bounds(1, 2) == [(0, 1), (1, 1)]
+
+
+def test_each_worker_process_gets_its_own_gpu_and_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert process_environment(1, 2, on_gpu=True) == {"OMP_NUM_THREADS": "16", "MKL_NUM_THREADS": "16",
+                                                      "CUDA_VISIBLE_DEVICES": "5"}
+    assert process_environment(0, 2, on_gpu=False, cpu_threads=1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert threads_per_process(64) == 1  # more processes than cores: one thread each, never none
+
+
+def test_a_worker_process_runs_torch_with_the_threads_it_was_given() -> None:
+    env = dict(os.environ, **process_environment(0, 2, on_gpu=False, cpu_threads=1))  # torch caps it at the cores
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1" and (os.cpu_count() or 1) > 1
 
 
 @pytest.mark.slow
