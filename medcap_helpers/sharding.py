@@ -120,9 +120,8 @@ def threads_per_process(processes: int, cpu_threads: int | None = None) -> int:
 
 def process_environment(index: int, processes: int, on_gpu: bool, cpu_threads: int | None = None) -> dict[str, str]:
     """Environment for the ``index``-th of ``processes`` worker processes: its own GPU when ``on_gpu``
-    and its share of the cores. Left to PyTorch's default, every process runs one OpenMP thread per
-    core; side by side their spinning threads starve the Python threads that launch GPU kernels
-    (measured: two sweep workers trained 5-10x slower than one; torchrun sets ``OMP_NUM_THREADS`` for
+    and its share of the cores. Left to PyTorch's default, every process would run one OpenMP thread per
+    core, and side by side their threads compete for the cores (torchrun sets ``OMP_NUM_THREADS`` for
     the same reason)."""
     threads = str(threads_per_process(processes, cpu_threads))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,

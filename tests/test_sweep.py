@@ -219,3 +219,15 @@ def test_the_smoke_sweeps_trials_cached_nothing_of_their_own(smoke_run: dict) ->
     run_dir = Path(smoke_run["dir"])
     assert list((run_dir / "sweep").rglob("*.npy")) == []
     assert any((run_dir / "vision_cache").rglob("*.npy"))
+
+
+def test_a_trial_worker_process_forks_its_data_loader_workers() -> None:
+    """A process started with spawn would spawn its data loaders' workers too: a fresh interpreter each."""
+    import subprocess
+    import sys
+
+    script = ("import multiprocessing as mp; mp.set_start_method('spawn'); "
+              "from medcap_helpers.sweep import fork_data_loader_workers; "
+              "fork_data_loader_workers(); print(mp.get_start_method())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "fork"
