@@ -134,6 +134,12 @@ def multi_gpu_table(results: dict[str, Any]) -> list[str]:
     for gpus in (1, 2):
         if f"{gpus}_gpu" in sweep:
             ratios.append(f"sweep on {gpus} GPU(s): {_duration(sweep[f'{gpus}_gpu'].get('wall_s'))}")
+    cut = sweep.get("2_gpu_cut_off")
+    if cut and "2_gpu" not in sweep:
+        runtimes = cut["trial_train_runtime_s"]
+        ratios.append(f"sweep on 2 GPUs: not finished, {cut['trials_finished']} of {cut['trials_planned']} trials "
+                      f"in the {cut['time_limit_s']} s a call had left, {min(runtimes):.0f}-{max(runtimes):.0f} s "
+                      f"per trial (see `2_gpu_cut_off` in the results for why)")
     if "comparison" in sweep:
         comparison = sweep["comparison"]
         ratios.append(f"the sweep in {comparison['wall_time_ratio']:.2f}× the one-GPU time (goal ≤ 0.55×), "
@@ -163,19 +169,29 @@ def _duration(seconds: float | None) -> str:
 
 
 def full_profile_tables(profile: dict[str, Any]) -> list[str]:
-    """Today's and the projected "after" stage times, and the levers measured side by side."""
+    """Today's stage times, the projected "after" ones, those measured whole through ``medcap run``, and the
+    levers measured side by side."""
     today, after = profile["today"], profile.get("after_projected")
+    measured = (profile.get("after") or {}).get("stages", {})
     out = [f"**The full profile at real scale** (the rehearsal: random BLIP-large, 2,069 / 296 / 590 studies, both "
            f"views, 75-token reports, process capped at {profile['cap_gb']:g} GB on an H200; "
            "`benchmarks/full_profile.py`)", "",
-           "| stage | today | after | peak process GPU after (GB) | how (after) |", "|---|---:|---:|---:|---|"]
+           "| stage | today | after: projected | after: measured (`--after`) | peak process GPU, measured (GB) | "
+           "how (projected) |", "|---|---:|---:|---:|---:|---|"]
     for stage, r in today["stages"].items():
         later = (after or {}).get("stages", {}).get(stage, {})
+        run = measured.get(stage, {})
+        peak = run.get("peak_process_gpu_gb") if run else None
         out.append(f"| {stage} | {_duration(r.get('seconds'))} | {_duration(later.get('seconds'))} | "
-                   f"{_f(later.get('peak_process_gpu_gb'))} | {later.get('how', '')} |")
+                   f"{_duration(run.get('seconds'))} | {_f(peak)} | {later.get('how', '')} |")
     if after:
+        best = sum((measured.get(stage) or later).get("seconds") or 0.0 for stage, later in after["stages"].items())
         out += [f"| **01 → 06** | **{_duration(today['total_seconds'])}** | **{_duration(after['total_seconds'])}** "
-                f"({after['speedup']:.1f}x) | | |", "", after["note"], ""]
+                f"({after['speedup']:.1f}x) | {len(measured)} of {len(after['stages'])} stages; with the projection "
+                f"for the rest: **{_duration(best)}** ({today['total_seconds'] / best:.1f}x) | | |", "",
+                after["note"], ""]
+        if measured:
+            out += [(profile.get("after") or {}).get("note", ""), ""]
     check, rates = profile.get("check"), profile.get("rates")
     if check and rates:
         (old_name, old), (new_name, new) = [(k, v) for k, v in check.items() if k.startswith(("today", "after"))]
