@@ -392,9 +392,10 @@ def training_arguments(config: MedcapConfig, output_dir: str | Path, device: tor
         # On a GPU, worker processes decode and resize the next batches' images while the GPU trains.
         dataloader_num_workers=dataloader_workers(device),
         # Not persistent: with pinned memory, persistent workers still holding prefetched batches are each
-        # waited for 5 s and then killed when their loader goes (pytorch/pytorch#81794). On the GPU machine
-        # that stalled every sweep trial (~25 s unaccounted for between trials) and kept finished
-        # benchmark processes from exiting. Starting 8 forked workers per epoch costs far less.
+        # waited for 5 s and then killed when their loader goes (pytorch/pytorch#81794), a likely cause of
+        # the ~25 s unaccounted for between sweep trials on the GPU machine (with this and the shared
+        # vision cache, a one-GPU trial went from ~37 s to 5-12 s). Starting 8 forked workers per epoch
+        # costs far less.
         dataloader_persistent_workers=False,
         dataloader_pin_memory=on_cuda,
         ddp_find_unused_parameters=False,  # data-parallel: every LoRA weight gets a gradient every step
