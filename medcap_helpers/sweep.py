@@ -229,10 +229,10 @@ def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_trai
 
 
 class TrialWorkers:
-    """One process per GPU (``CUDA_VISIBLE_DEVICES``, its share of the cores), alive for the whole sweep: each loads the base
-    model once (:func:`trial_runner` on the run's saved dataset) and trains the trials it is dealt, rung
-    after rung. Started with ``spawn`` (a fresh interpreter: CUDA is never forked). Use :meth:`close`
-    (``run_sweep`` does, also on errors)."""
+    """One process per GPU (``CUDA_VISIBLE_DEVICES``, and its share of the cores), alive for the whole
+    sweep: each loads the base model once (:func:`trial_runner` on the run's saved dataset) and trains the
+    trials it is dealt, rung after rung. Started with ``spawn`` (a fresh interpreter: CUDA is never
+    forked). Use :meth:`close` (``run_sweep`` does, also on errors)."""
 
     POLL_S = 2.0
 
@@ -296,9 +296,9 @@ def fork_data_loader_workers() -> None:
     """Let this process's data loaders fork their workers (where the OS can). A process started with
     ``spawn`` inherits ``spawn`` as its default start method, so each trial's data loaders (training and
     evaluation, up to 8 workers each) would start fresh interpreters that import torch, transformers and
-    medcap again: 18-21 s before a trial's first step and 25 s per evaluation in the two-GPU sweep's log,
-    against 1 s and 5 s in one process. Forking a process that uses CUDA is safe for data loader workers,
-    which never touch the GPU (PyTorch's default on Linux)."""
+    medcap again. The two-GPU sweep's log showed 18-21 s before each trial's first step and 21-26 s per
+    evaluation, against 1 s and 4-8 s in one process (not yet remeasured with this). Forking a process
+    that uses CUDA is safe for data loader workers, which never touch the GPU (PyTorch's default on Linux)."""
     if "fork" in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method("fork", force=True)
 
