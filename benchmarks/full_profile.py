@@ -214,6 +214,22 @@ def peak_process_gb(log: Path) -> float | None:
     return max(values) if values else None
 
 
+def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, Any]]:
+    """Papermill's per-cell durations in an executed notebook (cells of ``at_least_s`` or more): where a
+    stage's time went, by the first line of each cell."""
+    try:
+        cells = json.loads(Path(notebook).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return []
+    times = []
+    for index, cell in enumerate(cells):
+        seconds = (cell.get("metadata", {}).get("papermill") or {}).get("duration")
+        if seconds is not None and seconds >= at_least_s:
+            source = "".join(cell.get("source", ""))
+            times.append({"cell": index, "seconds": round(seconds, 1), "code": source.split("\n")[0][:80]})
+    return times
+
+
 def run_after(spec: str, run: str, data_dir: str) -> dict[str, Any]:
     """Stages of ``spec`` through ``medcap run --profile rehearsal`` one by one: wall time and peak memory."""
     from medcap_helpers.pipeline import parse_stages
@@ -232,7 +248,8 @@ def run_after(spec: str, run: str, data_dir: str) -> dict[str, Any]:
         poller.terminate()
         poller.wait()
         results[stage] = {"seconds": seconds, "how": "measured (the whole stage, kernel start included)",
-                          "peak_process_gpu_gb": peak_process_gb(log), "rc": done.returncode}
+                          "peak_process_gpu_gb": peak_process_gb(log), "rc": done.returncode,
+                          "cells": cell_times(Path(run) / "notebooks" / f"{stage}.ipynb")}
         if done.returncode != 0:
             results[stage]["error"] = (done.stdout + done.stderr)[-3000:]
         print(stage, json.dumps(results[stage])[:3000], flush=True)

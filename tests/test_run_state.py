@@ -46,3 +46,19 @@ def test_a_stopped_training_stage_keeps_its_newest_complete_checkpoint(tmp_path:
     pack_run_state(run, tmp_path / "finished.tgz")
     unpack_run_state(tmp_path / "finished.tgz", tmp_path / "finished")
     assert not (tmp_path / "finished" / "checkpoints").exists()
+
+
+def test_cell_times_read_papermills_durations_from_an_executed_notebook(tmp_path: Path) -> None:
+    import json
+
+    from full_profile import cell_times
+
+    cells = [{"cell_type": "code", "source": ["import medcap_helpers\n", "x = 1"],
+              "metadata": {"papermill": {"duration": 17.06}}},
+             {"cell_type": "markdown", "source": "# notes", "metadata": {}},
+             {"cell_type": "code", "source": "fast()", "metadata": {"papermill": {"duration": 0.2}}},
+             {"cell_type": "code", "source": "train()", "metadata": {"papermill": {"duration": 310.7}}}]
+    (tmp_path / "03.ipynb").write_text(json.dumps({"cells": cells}))
+    assert cell_times(tmp_path / "03.ipynb") == [{"cell": 0, "seconds": 17.1, "code": "import medcap_helpers"},
+                                                 {"cell": 3, "seconds": 310.7, "code": "train()"}]
+    assert cell_times(tmp_path / "missing.ipynb") == []  # a stage that failed before writing its notebook
