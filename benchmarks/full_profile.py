@@ -6,7 +6,8 @@
     python benchmarks/full_profile.py --after 01-03    # "after": the real pipeline, stage by stage, measured
     python benchmarks/full_profile.py --after 04       #   (pieces of under 10 minutes; a run folder resumes)
     python benchmarks/full_profile.py --pack-state state.tgz    # a run's results between two GPU machines
-    python benchmarks/full_profile.py --unpack-state state.tgz  #   (then --after 01,04-06 goes on)
+    python benchmarks/full_profile.py --unpack-state state.tgz  #   (then --after 01 --warm-cache: 01, and the
+    python benchmarks/full_profile.py --after 04-06             #   cache refilled untimed; then the rest)
 
 ``--after`` runs ``medcap run --profile rehearsal`` one stage at a time (the pipeline's own code and
 defaults: 4 GB budget, the fitted batch, successive-halving sweep) and times each stage whole; peak GPU
@@ -212,6 +213,27 @@ def peak_process_gb(log: Path) -> float | None:
         if len(parts) == 2 and parts[1].isdigit():
             values.append(int(parts[1]) * 2 ** 20 / GB)
     return max(values) if values else None
+
+
+def warm_vision_cache(run: str | Path) -> dict[str, Any]:
+    """Set-up on a fresh machine, not a stage: ``run``'s vision cache filled for every split, as 02 and 03
+    leave it on one machine. A packed state leaves the cache behind (8.8 GB at full size), and without this
+    the first stage on the next machine would refill it inside its own time (03's probe cell: 45 s, most of
+    it 4,137 training images cached again). Needs 01's dataset (``--after 01`` first)."""
+    from medcap_helpers import vision_cache
+    from medcap_helpers.config import MedcapConfig
+    from medcap_helpers.data import load_saved_dataset
+    from medcap_helpers.model import load_model_and_processor
+
+    config = MedcapConfig.load(Path(run) / "config.json")
+    dataset, _ = load_saved_dataset(config.run_dir)
+    model, processor = load_model_and_processor(config, dataset)
+    start = time.perf_counter()
+    cache = vision_cache.prepare_cache(config, model, processor, [dataset[name] for name in dataset],
+                                       progress=False)
+    files = sum(1 for _ in cache.folder.rglob("*.npy")) if cache is not None else 0
+    return {"seconds": time.perf_counter() - start, "cached_images": files,
+            "how": "set-up of a fresh machine (not part of any stage's time)"}
 
 
 def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, Any]]:
@@ -672,6 +694,8 @@ def main() -> None:
     parser.add_argument("--project", action="store_true", help="write the projected 'after' figures from --rates")
     parser.add_argument("--pack-state", metavar="ARCHIVE", help="pack --run's results for another machine")
     parser.add_argument("--unpack-state", metavar="ARCHIVE", help="unpack them as --run")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="then fill --run's vision cache for every split (untimed set-up on a fresh machine)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.project:
@@ -690,8 +714,11 @@ def main() -> None:
         unpack_run_state(args.unpack_state, after_run)
         print(f"unpacked {args.unpack_state} as {after_run}")
         return
-    if args.after:
-        run_after(args.after, after_run, args.data)
+    if args.after or args.warm_cache:
+        if args.after:
+            run_after(args.after, after_run, args.data)
+        if args.warm_cache:  # after the stages: it reads 01's dataset
+            print(f"warmed the vision cache of {after_run}: {json.dumps(warm_vision_cache(after_run))}", flush=True)
         return
     if args.check or args.rates:
         from medcap_helpers.runs import read_json, write_json

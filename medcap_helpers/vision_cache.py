@@ -38,6 +38,14 @@ CACHE_FOLDER = "vision_cache"
 
 
 def vision_tower_trains(model: Any) -> bool:
+    """Whether training changes the vision tower's tokens: some of its parameters take gradients inside a
+    peft model (``lora_vision``). A model outside peft (02's base model, 05's merged and re-quantized ones)
+    is only run: a freshly loaded model has every ``requires_grad`` flag on, and judged by those flags 02
+    skipped the cache, generating its 590 zero-shot reports and its nearest-neighbour embeddings from the
+    images (the rehearsal's 02 notebook printed the skip four times)."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if getattr(inner, "peft_config", None) is None:
+        return False
     return any(p.requires_grad for p in unwrap_model(model).vision_model.parameters())
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from full_profile import REBUILT_FOLDERS, pack_run_state, unpack_run_state  # noqa: E402
@@ -62,3 +64,30 @@ def test_cell_times_read_papermills_durations_from_an_executed_notebook(tmp_path
     assert cell_times(tmp_path / "03.ipynb") == [{"cell": 0, "seconds": 17.1, "code": "import medcap_helpers"},
                                                  {"cell": 3, "seconds": 310.7, "code": "train()"}]
     assert cell_times(tmp_path / "missing.ipynb") == []  # a stage that failed before writing its notebook
+
+
+@pytest.mark.slow
+def test_warming_a_carried_runs_cache_fills_it_for_every_split(smoke_run: dict, tmp_path: Path) -> None:
+    """A run unpacked on a fresh machine has no vision cache; the set-up fills it as 02 and 03 would."""
+    import shutil
+
+    from full_profile import warm_vision_cache
+
+    from medcap_helpers import runs
+    from medcap_helpers.config import MedcapConfig
+    from medcap_helpers.data import load_saved_dataset
+    from medcap_helpers.vision_cache import image_hash, without_image_decoding
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["dir"], run, symlinks=True,
+                    ignore=shutil.ignore_patterns("kernel-ipc-*", ".lock*", "vision_cache"))
+    config = MedcapConfig.load(run / "config.json").replace(run_dir=str(run))
+    runs.write_json(run / "config.json", config.to_dict())
+
+    warmed = warm_vision_cache(run)
+
+    dataset, _ = load_saved_dataset(run)
+    images = {image_hash(row[column]) for name in dataset for row in without_image_decoding(dataset[name])
+              for column in ("image", "image_2") if row.get(column) is not None}
+    cached = {path.stem for path in (run / "vision_cache").rglob("*.npy")}
+    assert warmed["cached_images"] == len(cached) and cached == images

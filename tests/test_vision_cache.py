@@ -14,7 +14,7 @@ from medcap_helpers import multiview, vision_cache
 from medcap_helpers.processing import CaptionCollator
 from medcap_helpers.train import train
 from tests.test_multiview import two_view_rows
-from tests.test_train import qlora_model, smoke_config, synthetic_rows
+from tests.test_train import REPORTS, qlora_model, smoke_config, synthetic_rows
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,20 @@ def test_the_cache_is_skipped_when_the_vision_tower_trains(tmp_path: Path) -> No
     rows = synthetic_rows()
     train(config, model, processor, {"train": rows, "validation": rows})
     assert not (tmp_path / vision_cache.CACHE_FOLDER).exists()
+
+
+def test_the_base_model_of_02_and_a_merged_model_use_the_cache(tiny, tmp_path: Path) -> None:
+    """Only a peft model whose vision parameters take gradients skips it: a freshly loaded base model has
+    every requires_grad flag on and trains nothing (02 used to skip the cache for that reason)."""
+    from medcap_helpers.model import load_model_and_processor
+
+    _, processor, config = tiny
+    config = config.replace(run_dir=str(tmp_path))
+    base, _ = load_model_and_processor(config, texts=REPORTS)
+    assert any(p.requires_grad for p in base.vision_model.parameters())  # as loaded
+    assert not vision_cache.vision_tower_trains(base)
+    assert vision_cache.cache_for(config, base, processor) is not None
+    assert not vision_cache.vision_tower_trains(tiny[0])  # LoRA in the decoder only
 
 
 def test_training_on_cached_tokens_follows_the_same_loss_curve(tmp_path: Path) -> None:
