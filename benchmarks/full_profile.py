@@ -252,19 +252,25 @@ def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, 
     return times
 
 
-def run_after(spec: str, run: str, data_dir: str) -> dict[str, Any]:
-    """Stages of ``spec`` through ``medcap run --profile rehearsal`` one by one: wall time and peak memory."""
+def run_after(spec: str, run: str, data_dir: str, force: bool = False) -> dict[str, Any]:
+    """Stages of ``spec`` through ``medcap run --profile rehearsal`` one by one: wall time and peak memory.
+    A stage the run has finished is skipped, not timed (``medcap run`` would skip it in no time), unless
+    ``force`` reruns it."""
     from medcap_helpers.pipeline import parse_stages
+    from medcap_helpers.runs import is_done
 
     results: dict[str, Any] = {}
     for stage in parse_stages(spec):
+        if is_done(run, stage) and not force:
+            print(f"{stage} is done in {run}: not timed (--force reruns it)", flush=True)
+            continue
         log = Path(tempfile.mkdtemp()) / "smi.csv"
         poller = smi_poller(log)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "medcap_helpers.cli", "run", "--profile", "rehearsal",
                                "--out", run, "--stages", stage, "--no-progress", "--skip-check",
                                "--set", f"data_path={data_dir}/NLMCXR_reports.tgz",
-                               "--set", f"images_dir={data_dir}/NLMCXR_png"],
+                               "--set", f"images_dir={data_dir}/NLMCXR_png"] + (["--force"] if force else []),
                               capture_output=True, text=True)
         seconds = time.perf_counter() - start
         poller.terminate()
@@ -694,6 +700,7 @@ def main() -> None:
     parser.add_argument("--project", action="store_true", help="write the projected 'after' figures from --rates")
     parser.add_argument("--pack-state", metavar="ARCHIVE", help="pack --run's results for another machine")
     parser.add_argument("--unpack-state", metavar="ARCHIVE", help="unpack them as --run")
+    parser.add_argument("--force", action="store_true", help="with --after: rerun (and time) finished stages too")
     parser.add_argument("--warm-cache", action="store_true",
                         help="then fill --run's vision cache for every split (untimed set-up on a fresh machine)")
     args = parser.parse_args()
@@ -716,7 +723,7 @@ def main() -> None:
         return
     if args.after or args.warm_cache:
         if args.after:
-            run_after(args.after, after_run, args.data)
+            run_after(args.after, after_run, args.data, force=args.force)
         if args.warm_cache:  # after the stages: it reads 01's dataset
             print(f"warmed the vision cache of {after_run}: {json.dumps(warm_vision_cache(after_run))}", flush=True)
         return

@@ -91,3 +91,11 @@ def test_warming_a_carried_runs_cache_fills_it_for_every_split(smoke_run: dict, 
               for column in ("image", "image_2") if row.get(column) is not None}
     cached = {path.stem for path in (run / "vision_cache").rglob("*.npy")}
     assert warmed["cached_images"] == len(cached) and cached == images
+
+
+def test_a_finished_stage_is_not_timed_again_without_force(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from full_profile import run_after
+
+    (tmp_path / "01_data.done").write_text("{}")
+    assert run_after("01", str(tmp_path), "data/rehearsal") == {}  # medcap run would skip it in no time
+    assert "--force reruns it" in capsys.readouterr().out
