@@ -36,7 +36,7 @@ from medcap_helpers.data import limit_rows, load_saved_dataset
 from medcap_helpers.devices import pick_device, temporary_environment
 from medcap_helpers.distributed import training_processes
 from medcap_helpers.errors import StageFailed
-from medcap_helpers.model import attach_lora, load_model_and_processor
+from medcap_helpers.model import attach_lora, load_model_and_processor, prepare_local_model
 from medcap_helpers.processing import local_model_dir
 from medcap_helpers.sharding import process_environment
 from medcap_helpers.train import train, value_at_epoch
@@ -191,7 +191,9 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
             skipped += [str(trial_dir(config, *s, rung).relative_to(Path(config.run_dir) / "sweep")) for s in done]
             pending = [s for s in survivors if s not in done]
             if processes > 1 and len(pending) > 1:
-                workers = workers or TrialWorkers(config, n_train, processes)
+                if workers is None:  # the run's own model built once here, not by every process at once
+                    prepare_local_model(config, load_saved_dataset(config.run_dir)[0])
+                    workers = TrialWorkers(config, n_train, processes)
                 workers.run(rung, pending)
             else:
                 for rank, alpha in pending:
