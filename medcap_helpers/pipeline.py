@@ -214,7 +214,9 @@ def quiet_libraries() -> None:
     ``medcap run`` (:func:`headless`) the Hugging Face and ``datasets`` progress bars are off as well.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "datasets", "peft", "bitsandbytes", "papermill", "accelerate"):
+    # "kernels": bitsandbytes asks it for an optional CPU kernel from the hub at import time; offline it
+    # warns that it skips the publisher check, then bitsandbytes falls back to its own kernel.
+    for name in ("transformers", "datasets", "peft", "bitsandbytes", "papermill", "accelerate", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
