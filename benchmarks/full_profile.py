@@ -4,7 +4,8 @@
     python benchmarks/full_profile.py                  # "today": the seed's code path, slices + projections
     python benchmarks/full_profile.py --check          # the levers side by side on one slice (same results?)
     python benchmarks/full_profile.py --after 01-03    # "after": the real pipeline, stage by stage, measured
-    python benchmarks/full_profile.py --after 04       #   (pieces of under 10 minutes; a run folder resumes)
+    python benchmarks/full_profile.py --after 04       #   (pieces of under 10 minutes; a run folder resumes;
+                                                       #   --artefacts DIR, default $OUT: notebooks, logs, results)
     python benchmarks/full_profile.py --pack-state state.tgz    # a run's results between two GPU machines
     python benchmarks/full_profile.py --unpack-state state.tgz  #   (then --after 01 --warm-cache: 01, and the
     python benchmarks/full_profile.py --after 04-06             #   cache refilled untimed; then the rest)
@@ -252,10 +253,34 @@ def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, 
     return times
 
 
-def run_after(spec: str, run: str, data_dir: str, force: bool = False) -> dict[str, Any]:
+def keep_artefacts(run: str | Path, stage: str, output: str, artefacts: str | Path) -> list[Path]:
+    """Copy what a measured stage leaves behind into ``artefacts`` as soon as it ends: its executed notebook,
+    its console output and the results file so far. On the GPU machine ``artefacts`` is ``$OUT``, which comes
+    back with the call: a session cut off after it loses neither figures nor notebooks (a run folder on the
+    device does not come back)."""
+    import shutil
+
+    artefacts = Path(artefacts)
+    (artefacts / "notebooks").mkdir(parents=True, exist_ok=True)
+    kept = []
+    notebook = Path(run) / "notebooks" / f"{stage}.ipynb"
+    if notebook.exists():
+        kept.append(Path(shutil.copy2(notebook, artefacts / "notebooks" / notebook.name)))
+    log = artefacts / f"{stage}.log"
+    log.write_text(output)
+    kept.append(log)
+    results = RESULTS / "full_profile.json"
+    if results.exists():
+        kept.append(Path(shutil.copy2(results, artefacts / results.name)))
+    return kept
+
+
+def run_after(spec: str, run: str, data_dir: str, force: bool = False,
+              artefacts: str | Path | None = None) -> dict[str, Any]:
     """Stages of ``spec`` through ``medcap run --profile rehearsal`` one by one: wall time and peak memory.
     A stage the run has finished is skipped, not timed (``medcap run`` would skip it in no time), unless
-    ``force`` reruns it."""
+    ``force`` reruns it. With ``artefacts``, each stage's notebook, output and the results so far are copied
+    there as it ends (:func:`keep_artefacts`)."""
     from medcap_helpers.pipeline import parse_stages
     from medcap_helpers.runs import is_done
 
@@ -282,6 +307,8 @@ def run_after(spec: str, run: str, data_dir: str, force: bool = False) -> dict[s
             results[stage]["error"] = (done.stdout + done.stderr)[-3000:]
         print(stage, json.dumps(results[stage])[:3000], flush=True)
         record_after({stage: results[stage]}, run)  # each stage as it ends: a call cut off keeps the others
+        if artefacts is not None:
+            keep_artefacts(run, stage, done.stdout + done.stderr, artefacts)
         if done.returncode != 0:
             break
     return results
@@ -701,6 +728,9 @@ def main() -> None:
     parser.add_argument("--pack-state", metavar="ARCHIVE", help="pack --run's results for another machine")
     parser.add_argument("--unpack-state", metavar="ARCHIVE", help="unpack them as --run")
     parser.add_argument("--force", action="store_true", help="with --after: rerun (and time) finished stages too")
+    parser.add_argument("--artefacts", metavar="DIR", default=os.environ.get("OUT"),
+                        help="with --after: copy each stage's executed notebook, output and the results file here "
+                             "as it ends (default: $OUT, the folder a GPU call brings back)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="then fill --run's vision cache for every split (untimed set-up on a fresh machine)")
     args = parser.parse_args()
@@ -723,7 +753,7 @@ def main() -> None:
         return
     if args.after or args.warm_cache:
         if args.after:
-            run_after(args.after, after_run, args.data, force=args.force)
+            run_after(args.after, after_run, args.data, force=args.force, artefacts=args.artefacts)
         if args.warm_cache:  # after the stages: it reads 01's dataset
             print(f"warmed the vision cache of {after_run}: {json.dumps(warm_vision_cache(after_run))}", flush=True)
         return

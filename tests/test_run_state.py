@@ -99,3 +99,24 @@ def test_a_finished_stage_is_not_timed_again_without_force(tmp_path: Path, capsy
     (tmp_path / "01_data.done").write_text("{}")
     assert run_after("01", str(tmp_path), "data/rehearsal") == {}  # medcap run would skip it in no time
     assert "--force reruns it" in capsys.readouterr().out
+
+
+def test_a_measured_stage_leaves_its_notebook_output_and_results_in_the_artefacts_folder(tmp_path: Path) -> None:
+    """On the GPU machine the folder is $OUT, which comes back with the call, stage by stage."""
+    import json
+
+    from full_profile import RESULTS, keep_artefacts
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    (run / "notebooks").mkdir(parents=True)
+    (run / "notebooks" / "03_qlora_train.ipynb").write_text('{"cells": []}')
+
+    kept = keep_artefacts(run, "03_qlora_train", "[medcap] 03_qlora_train ran in 293 s\n", out)
+
+    assert (out / "notebooks" / "03_qlora_train.ipynb").read_text() == '{"cells": []}'
+    assert (out / "03_qlora_train.log").read_text() == "[medcap] 03_qlora_train ran in 293 s\n"
+    assert json.loads((out / "full_profile.json").read_text()) == json.loads((RESULTS / "full_profile.json").read_text())
+    assert sorted(p.name for p in kept) == ["03_qlora_train.ipynb", "03_qlora_train.log", "full_profile.json"]
+
+    keep_artefacts(run, "04_sweep", "failed before its notebook was written", out)  # a stage that failed early
+    assert (out / "04_sweep.log").exists() and not (out / "notebooks" / "04_sweep.ipynb").exists()
