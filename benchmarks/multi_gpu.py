@@ -180,7 +180,7 @@ def sweep_once(run: Path, data_dir: str, gpus: int, budget_share: float,
     wall = time.perf_counter() - start
     return {"gpus": gpus, "wall_s": wall, "schedule": sweep.schedule_markdown(config, n_train),
             "trials": [{k: t.get(k) for k in ("rung", "lora_r", "lora_alpha", "train_examples", "val_cider",
-                                              "wall_time_s", "peak_gpu_gb")} for t in result.trials],
+                                              "wall_time_s", "peak_gpu_gb", "process_id")} for t in result.trials],
             "chosen": None if result.chosen is None else [result.chosen["lora_r"], result.chosen["lora_alpha"]]}
 
 

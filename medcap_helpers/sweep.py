@@ -12,20 +12,23 @@ best can be dropped in the first rung. ``sweep_strategy="grid"`` trains every se
 
 Each trial trains in ``<run_dir>/sweep/<rung>/r<r>_alpha<alpha>/`` and writes ``trial.json`` last
 (atomically); a rerun finds it and skips the trial. Trials share one loaded base model (the adapter is
-removed after each); with several GPUs, one process per GPU serves the whole sweep. The chosen configuration (among trials that fit the budget) goes to
-``<run_dir>/sweep/chosen.json``.
+removed after each). With several GPUs the calling process trains on the first and one process per other
+GPU serves the whole sweep, each taking its next trial from a shared queue. The chosen configuration (among
+trials that fit the budget) goes to ``<run_dir>/sweep/chosen.json``.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import queue
 import random
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from medcap_helpers.distributed import training_processes
 from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor, prepare_local_model
 from medcap_helpers.processing import local_model_dir
-from medcap_helpers.sharding import process_environment
+from medcap_helpers.sharding import process_environment, threads_per_process
 from medcap_helpers.train import train, value_at_epoch
 from medcap_helpers.vision_cache import cache_root
 
@@ -172,9 +175,10 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
     ``val_ce_micro_f1`` (CE micro-F1 at the epoch of the best CIDEr); ``rung``, ``train_examples``,
     ``wall_time_s`` and the feasibility verdict are added here. Each rung keeps the better half of the
     previous rung's feasible trials (by ``best_model_metric``); ``n_train`` is the training split's size.
-    With ``processes`` > 1 (default: one per training GPU, ``num_gpus``) a rung's trials run in that many
-    processes at once, one per GPU (:class:`TrialWorkers`, started once for the whole sweep; they train
-    with the pipeline's own :func:`trial_runner` on the run's saved dataset, not with ``run_trial``).
+    With ``processes`` > 1 (default: one per training GPU, ``num_gpus``) a rung's trials run on that many
+    GPUs at once: this process trains with ``run_trial`` on the first while :class:`TrialWorkers` (started
+    once for the whole sweep) serve the others with the pipeline's own :func:`trial_runner` on the run's
+    saved dataset; every process takes its next trial from a shared queue.
     """
     processes = processes or training_processes(config)
     trials: list[dict[str, Any]] = []
@@ -194,7 +198,9 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
                 if workers is None:  # the run's own model built once here, not by every process at once
                     prepare_local_model(config, load_saved_dataset(config.run_dir)[0])
                     workers = TrialWorkers(config, n_train, processes)
-                workers.run(rung, pending)
+                with threads_for_share(processes):  # this process is one of `processes` side by side
+                    workers.run(rung, pending, run_here=lambda rank, alpha, rung=rung: record_trial(
+                        config, rank, alpha, rung, n_train, run_trial))
             else:
                 for rank, alpha in pending:
                     record_trial(config, rank, alpha, rung, n_train, run_trial)
@@ -223,7 +229,7 @@ def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_trai
     start = time.perf_counter()
     record = dict(run_trial(trial_config(config, rank, alpha, rung, n_train)))
     record.update(lora_r=rank, lora_alpha=alpha, rung=rung.index, train_examples=rung.train_examples,
-                  wall_time_s=round(time.perf_counter() - start, 2),
+                  wall_time_s=round(time.perf_counter() - start, 2), process_id=os.getpid(),
                   feasible=feasibility(record.get("peak_gpu_gb"), config.sweep_vram_budget_gb))
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the adapter is kept, not the states
     runs.write_json(folder / "trial.json", record)
@@ -231,24 +237,29 @@ def record_trial(config: MedcapConfig, rank: int, alpha: int, rung: Rung, n_trai
 
 
 class TrialWorkers:
-    """One process per GPU (``CUDA_VISIBLE_DEVICES``, and its share of the cores), alive for the whole
-    sweep: each loads the base model once (:func:`trial_runner` on the run's saved dataset) and trains the
-    trials it is dealt, rung after rung. Started with ``spawn`` (a fresh interpreter: CUDA is never
-    forked). Use :meth:`close` (``run_sweep`` does, also on errors)."""
+    """Worker processes for the GPUs after the first (``CUDA_VISIBLE_DEVICES``, and each its share of the
+    cores), alive for the whole sweep: each loads the base model once (:func:`trial_runner` on the run's
+    saved dataset) and trains trial after trial, taking the next from a queue shared with the calling
+    process, which trains on the first GPU meanwhile (:meth:`run`'s ``run_here``): nobody waits for the
+    workers to start, and a slow trial holds up only its own process. Started with ``spawn`` (a fresh
+    interpreter: CUDA is never forked). Use :meth:`close` (``run_sweep`` does, also on errors)."""
 
     POLL_S = 2.0
+    TAKE_S = 0.5
+    """How long the calling process waits on the queue before it takes it as empty (a job just put may
+    still be on its way through the queue's pipe)."""
 
     def __init__(self, config: MedcapConfig, n_train: int, processes: int) -> None:
         context = multiprocessing.get_context("spawn")
         self._results = context.Queue()
-        self._jobs = [context.Queue() for _ in range(processes)]
+        self._jobs = context.Queue()
         on_gpu = pick_device(config).type == "cuda"
         self._processes = []
-        for index in range(processes):
+        for index in range(1, processes):  # the calling process is the first
             # Not daemonic: a daemonic process may not start children, and on a GPU each trial's data loader
             # starts worker processes. close() ends them (run_sweep calls it, errors included).
             process = context.Process(target=_serve_trials, daemon=False, name=f"medcap-sweep-{index}",
-                                      args=(config.to_dict(), n_train, index, self._jobs[index], self._results))
+                                      args=(config.to_dict(), n_train, index, self._jobs, self._results))
             with temporary_environment(process_environment(index, processes, on_gpu, config.cpu_threads)):
                 process.start()  # the child's environment is this one at start
             self._processes.append(process)
@@ -257,41 +268,71 @@ class TrialWorkers:
     def pids(self) -> list[int | None]:
         return [process.pid for process in self._processes]
 
-    def run(self, rung: Rung, settings: list[tuple[int, int]]) -> None:
-        """Train ``settings`` (dealt round-robin) and wait for all; :class:`StageFailed` when a trial or a
-        process fails (the trials finished are kept: a rerun does the rest)."""
-        shares = [settings[i::len(self._processes)] for i in range(len(self._processes))]
-        waiting = set()
-        for index, share in enumerate(shares):
-            if share:
-                self._jobs[index].put((asdict(rung), share))
-                waiting.add(index)
+    def run(self, rung: Rung, settings: list[tuple[int, int]],
+            run_here: Callable[[int, int], Any] | None = None) -> None:
+        """Train ``settings``, each once, by whichever process is free first (``run_here(rank, alpha)``
+        trains one in this process; None: the workers train them all), and wait for all; :class:`StageFailed`
+        when a trial or a process fails (the trials finished are kept: a rerun does the rest)."""
+        for setting in settings:
+            self._jobs.put((asdict(rung), setting))
+        outstanding = len(settings)
         failures: list[str] = []
-        while waiting:
+        if run_here is not None:
+            while (job := self._take()) is not None:
+                outstanding -= 1
+                try:
+                    run_here(*job[1])
+                except Exception:  # noqa: BLE001 - reported with the workers' failures below
+                    failures.append(f"this process, r={job[1][0]} alpha={job[1][1]}: {traceback.format_exc()}")
+                    while self._take() is not None:  # the rest of the rung is not started
+                        outstanding -= 1
+        while outstanding:
             try:
                 index, error = self._results.get(timeout=self.POLL_S)
             except queue.Empty:
-                dead = [i for i in waiting if not self._processes[i].is_alive()]
+                dead = [p for p in self._processes if not p.is_alive()]
                 if dead:
-                    raise StageFailed(f"The sweep's {rung.name}: process {dead[0]} died with exit "
-                                      f"status {self._processes[dead[0]].exitcode}. Finished trials are kept; "
-                                      "rerunning the stage does the rest.") from None
+                    raise StageFailed(f"The sweep's {rung.name}: process {dead[0].name} died with exit status "
+                                      f"{dead[0].exitcode}. Finished trials are kept; rerunning the stage does "
+                                      "the rest.") from None
                 continue
-            waiting.discard(index)
+            outstanding -= 1
             if error:
                 failures.append(f"process {index}: {error}")
         if failures:
             raise StageFailed(f"The sweep's {rung.name} failed (finished trials are kept, a rerun does the rest):\n"
                               + "\n".join(f[-2000:] for f in failures))
 
+    def _take(self) -> tuple[dict[str, Any], tuple[int, int]] | None:
+        try:
+            return self._jobs.get(timeout=self.TAKE_S)
+        except queue.Empty:
+            return None
+
     def close(self) -> None:
-        for jobs in self._jobs:
-            jobs.put(None)
+        while self._take() is not None:  # after an error or an interrupt: trials not yet started stay undone
+            pass
+        for _ in self._processes:
+            self._jobs.put(None)
         for process in self._processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
                 process.join()
+
+
+@contextmanager
+def threads_for_share(processes: int) -> Iterator[None]:
+    """This process's CPU threads cut to its share while ``processes`` processes train side by side (the
+    workers get theirs through :func:`~medcap_helpers.sharding.process_environment`), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, threads_per_process(processes)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fork_data_loader_workers() -> None:
@@ -306,15 +347,15 @@ def fork_data_loader_workers() -> None:
 
 
 def _serve_trials(config_values: dict[str, Any], n_train: int, index: int, jobs: Any, results: Any) -> None:
-    """One :class:`TrialWorkers` process: train each share of trials it receives until it receives None."""
+    """One :class:`TrialWorkers` process: train the trials it takes from ``jobs``, one at a time, until it
+    takes None; one result per trial (None, or the error's traceback)."""
     fork_data_loader_workers()
     config = MedcapConfig.from_dict(config_values)
     run_trial = trial_runner(load_saved_dataset(config.run_dir)[0])
     while (job := jobs.get()) is not None:
-        rung_values, share = job
+        rung_values, (rank, alpha) = job
         try:
-            for rank, alpha in share:
-                record_trial(config, rank, alpha, Rung(**rung_values), n_train, run_trial)
+            record_trial(config, rank, alpha, Rung(**rung_values), n_train, run_trial)
             results.put((index, None))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises StageFailed with it
             results.put((index, traceback.format_exc()))

@@ -161,8 +161,11 @@ def test_training_sample_is_fixed_by_the_seed_and_never_larger_than_the_split() 
 
 @pytest.mark.slow
 def test_trials_in_two_processes_record_what_one_process_records(smoke_run: dict, tmp_path: Path) -> None:
-    """One process per GPU in a real sweep; here two CPU processes, started once, serve both rungs."""
+    """Two GPUs in a real sweep; here this process and one worker process on the CPU, the worker started
+    once for both rungs, each taking its next trial from the shared queue."""
+    import os
     import shutil
+    import time
 
     from medcap_helpers import sweep
     from medcap_helpers.data import load_saved_dataset
@@ -174,6 +177,16 @@ def test_trials_in_two_processes_record_what_one_process_records(smoke_run: dict
         started.append(workers.pids)
         original_close(workers)
 
+    def after_a_worker_trial(run_trial: sweep.TrialRunner, rung0: Path) -> sweep.TrialRunner:
+        """This process's first trial waits until the worker has recorded one: both take part, however
+        fast this process trains and however slowly the worker starts."""
+        def run(config: MedcapConfig) -> dict:
+            deadline = time.monotonic() + 300
+            while not list(rung0.glob("*/trial.json")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return run_trial(config)
+        return run
+
     results = {}
     for processes in (1, 2):
         run = tmp_path / f"run{processes}"
@@ -182,15 +195,41 @@ def test_trials_in_two_processes_record_what_one_process_records(smoke_run: dict
         config = MedcapConfig.load(run / "config.json").replace(
             run_dir=str(run), sweep_ranks=(2, 4), sweep_alphas=(16, 64), sweep_budget_share=0.05)
         dataset = load_saved_dataset(run)[0]
+        run_trial = sweep.trial_runner(dataset)
+        if processes == 2:
+            run_trial = after_a_worker_trial(run_trial, run / "sweep" / "rung0")
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sweep.TrialWorkers, "close", close_and_note)
-            results[processes] = run_sweep(config, sweep.trial_runner(dataset), n_train=len(dataset["train"]),
-                                           processes=processes)
+            results[processes] = run_sweep(config, run_trial, n_train=len(dataset["train"]), processes=processes)
     one, two = results[1], results[2]
     assert [t["rung"] for t in two.trials] == [0, 0, 0, 0, 1, 1]
     keys = ("lora_r", "lora_alpha", "val_cider", "val_ce_micro_f1", "trainable_params", "train_examples")
     assert [{k: t[k] for k in keys} for t in two.trials] == [{k: t[k] for k in keys} for t in one.trials]
-    assert len(started) == 1 and len(set(started[0])) == 2  # one pair of processes for both rungs, none for 1
+    assert len(started) == 1 and len(started[0]) == 1  # one worker for both rungs (none for one process)
+    assert {t["process_id"] for t in two.trials} == {os.getpid(), started[0][0]}  # both trained trials
+    assert {t["process_id"] for t in one.trials} == {os.getpid()}
+
+
+def test_a_failing_trial_in_this_process_stops_the_rung_and_names_the_setting(tmp_path: Path) -> None:
+    """The calling process trains too: its failure ends the rung like a worker's, trials not yet taken stay undone."""
+    from medcap_helpers.errors import StageFailed
+    from medcap_helpers.sweep import TrialWorkers
+
+    config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path / "no-saved-dataset"))
+    workers = TrialWorkers(config, n_train=10, processes=1)  # no worker process: this process takes every trial
+    tried = []
+
+    def fail(rank: int, alpha: int) -> None:
+        tried.append((rank, alpha))
+        raise RuntimeError("CUDA out of memory (as a test)")
+
+    try:
+        with pytest.raises(StageFailed, match=r"(?s)r=4 alpha=16.*CUDA out of memory"):
+            workers.run(halving_schedule(3, 10, 10)[0], [(4, 16), (4, 64), (8, 16)], run_here=fail)
+        assert tried == [(4, 16)]  # the first failure stops the rung: the other two are not started
+        assert workers._take() is None
+    finally:
+        workers.close()
 
 
 def test_a_failing_trial_in_a_worker_process_stops_the_sweep_with_its_error(tmp_path: Path) -> None:
