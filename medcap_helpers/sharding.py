@@ -1,12 +1,13 @@
 """Report generation spread over GPUs: one process per GPU, each writing a contiguous share of a split.
 
 :func:`generate_sharded` is what stage 06 calls for the test split. With one process (the CPU, one
-GPU, ``num_gpus=1``) it loads the model and generates in this process, as before. With more it starts
-one ``python -m medcap_helpers.sharding`` process per GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU):
-each reads the run's saved dataset, loads the model folder on its GPU (an adapter on the 4-bit base, or
-a merged model), generates the reports of its share — contiguous, the first shares one study longer
-when the split does not divide evenly — and writes them to ``<run>/distributed/<job>/share-<i>.json``.
-The caller reads the shares back in order. No process talks to another, so no process group is needed.
+GPU, ``num_gpus=1``) it loads the model and generates in this process, as before. With more, this
+process generates the first share on its GPU while it starts one ``python -m medcap_helpers.sharding``
+process per other GPU (``CUDA_VISIBLE_DEVICES`` set to that GPU): each reads the run's saved dataset,
+loads the model folder on its GPU (an adapter on the 4-bit base, or a merged model), generates the
+reports of its share — contiguous, the first shares one study longer when the split does not divide
+evenly — and writes them to ``<run>/distributed/<job>/share-<i>.json``. The caller reads the shares back
+in order. No process talks to another, so no process group is needed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,8 @@ def generate_sharded(config: MedcapConfig, model_dir: str | Path, split_name: st
     for index in range(processes):
         (job / f"share-{index}.json").unlink(missing_ok=True)
     run_in_processes("medcap_helpers.sharding", job / "job.json", processes, pick_device(config).type == "cuda",
-                     f"Generating the {split_name} reports on {processes} processes", config.cpu_threads)
+                     f"Generating the {split_name} reports on {processes} processes", config.cpu_threads,
+                     run_here=run_share)
     reports: list[str] = []
     for index in range(processes):
         reports.extend(runs.read_json(job / f"share-{index}.json")["reports"])
@@ -74,26 +77,51 @@ def generate_sharded(config: MedcapConfig, model_dir: str | Path, split_name: st
 
 
 def run_in_processes(module: str, job: Path, count: int, on_gpu: bool, doing: str,
-                     cpu_threads: int | None = None) -> None:
+                     cpu_threads: int | None = None, run_here: Callable[[Path, int], Any] | None = None) -> None:
     """``python -m <module> <job> <i>`` for each ``i`` < ``count`` at once, each on its own GPU
     (``CUDA_VISIBLE_DEVICES``) when ``on_gpu`` and with its share of the cores (:func:`process_environment`);
-    waits for all. Each process writes its output to
-    ``process-<i>.log`` beside ``job`` (a pipe read one process after another would stall the others once
-    their progress output filled it). :class:`~medcap_helpers.errors.StageFailed` names the first process
-    that failed, with the end of its output."""
-    logs = [job.parent / f"process-{index}.log" for index in range(count)]
-    workers = []
-    for index, log in enumerate(logs):
+    waits for all. With ``run_here``, this process does ``i = 0`` itself (``run_here(job, 0)``, on its own
+    GPU, with its share of the cores) while the others start: their start-up (imports, loading) is no
+    longer in series with the work. Each process writes its output to ``process-<i>.log`` beside ``job``
+    (a pipe read one process after another would stall the others once their progress output filled it).
+    :class:`~medcap_helpers.errors.StageFailed` names the first share that failed, with the end of its output."""
+    first = 0 if run_here is None else 1
+    workers: dict[int, tuple[subprocess.Popen, Path]] = {}
+    for index in range(first, count):
+        log = job.parent / f"process-{index}.log"
         with log.open("w") as output:  # the child keeps its own copy of the file
-            workers.append(subprocess.Popen(
+            workers[index] = (subprocess.Popen(
                 [sys.executable, "-m", module, str(job), str(index)], stdout=output, stderr=subprocess.STDOUT,
-                env=dict(os.environ, **process_environment(index, count, on_gpu, cpu_threads))))
-    for worker in workers:
+                env=dict(os.environ, **process_environment(index, count, on_gpu, cpu_threads))), log)
+    if run_here is not None:
+        try:
+            with threads_for_share(count):
+                run_here(job, 0)
+        except Exception as error:
+            for worker, _ in workers.values():  # their shares are of no use without this one
+                worker.terminate()
+                worker.wait()
+            raise StageFailed(f"{doing} failed: share 0, in this process: {error}") from error
+    for worker, _ in workers.values():
         worker.wait()
-    for index, (worker, log) in enumerate(zip(workers, logs)):
+    for index, (worker, log) in workers.items():
         if worker.returncode != 0:
             output = log.read_text(errors="replace")
             raise StageFailed(f"{doing} failed: process {index} exited with {worker.returncode}:\n{output[-2000:]}")
+
+
+@contextmanager
+def threads_for_share(processes: int) -> Iterator[None]:
+    """This process's CPU threads cut to its share while ``processes`` processes work side by side (the
+    workers get theirs through :func:`process_environment`), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, threads_per_process(processes)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def job_main(run: Callable[[Path, int], Any], description: str, argv: Sequence[str] | None = None) -> None:

@@ -27,8 +27,7 @@ import random
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from medcap_helpers.distributed import training_processes
 from medcap_helpers.errors import StageFailed
 from medcap_helpers.model import attach_lora, load_model_and_processor, prepare_local_model
 from medcap_helpers.processing import local_model_dir
-from medcap_helpers.sharding import process_environment, threads_per_process
+from medcap_helpers.sharding import process_environment, threads_for_share
 from medcap_helpers.train import train, value_at_epoch
 from medcap_helpers.vision_cache import cache_root
 
@@ -319,20 +318,6 @@ class TrialWorkers:
             if process.is_alive():
                 process.terminate()
                 process.join()
-
-
-@contextmanager
-def threads_for_share(processes: int) -> Iterator[None]:
-    """This process's CPU threads cut to its share while ``processes`` processes train side by side (the
-    workers get theirs through :func:`~medcap_helpers.sharding.process_environment`), then restored."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(before, threads_per_process(processes)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fork_data_loader_workers() -> None:

@@ -54,5 +54,8 @@ def test_two_processes_write_the_reports_one_process_writes_in_the_same_order(sm
     shares = sorted((run / "distributed" / "generate-test-adapter").glob("share-*.json"))
     assert [runs.read_json(p)["start"] for p in shares] == [0, len(test) - len(test) // 2]
 
-    with pytest.raises(StageFailed, match="process 0 exited"):  # a share that fails names its process
+    logs = sorted(p.name for p in (run / "distributed" / "generate-test-adapter").glob("process-*.log"))
+    assert logs == ["process-1.log"]  # this process generated share 0 itself
+
+    with pytest.raises(StageFailed, match="share 0, in this process"):  # a share that fails names itself
         generate_sharded(config, run / "no-such-model", "test", test, processes=2)
