@@ -31,7 +31,7 @@ from medcap_helpers.config import STAGES
 
 VOLATILE = ("time", "_s", "seconds", "runtime", "memory", "peak", "rss", "_gb", "dir", "path", "resumed_from",
             "skipped", "checkpoint", "latency", "device", "budget_note", "samples_per_second", "steps_per_second",
-            "flos", "convert", "note")
+            "flos", "convert", "note", "process_id")
 
 
 def comparable(value: Any, key: str = "") -> Any:

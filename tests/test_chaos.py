@@ -25,9 +25,12 @@ def load_chaos():
 
 def test_comparison_ignores_timings_and_paths_but_not_results() -> None:
     chaos = load_chaos()
-    first = {"test_table": {"m": {"CIDEr": 0.5}}, "wall_time_s": 3.0, "adapter_dir": "/a", "epochs": [{"loss": 1.0}]}
-    same = {"test_table": {"m": {"CIDEr": 0.5}}, "wall_time_s": 9.0, "adapter_dir": "/b", "epochs": [{"loss": 1.0}]}
-    other = {"test_table": {"m": {"CIDEr": 0.6}}, "wall_time_s": 3.0, "adapter_dir": "/a", "epochs": [{"loss": 1.0}]}
+    first = {"test_table": {"m": {"CIDEr": 0.5}}, "wall_time_s": 3.0, "adapter_dir": "/a", "epochs": [{"loss": 1.0}],
+             "trials": [{"val_cider": 0.1, "process_id": 101}]}
+    same = {"test_table": {"m": {"CIDEr": 0.5}}, "wall_time_s": 9.0, "adapter_dir": "/b", "epochs": [{"loss": 1.0}],
+            "trials": [{"val_cider": 0.1, "process_id": 202}]}  # who trained a trial is not a result
+    other = {"test_table": {"m": {"CIDEr": 0.6}}, "wall_time_s": 3.0, "adapter_dir": "/a", "epochs": [{"loss": 1.0}],
+             "trials": [{"val_cider": 0.1, "process_id": 101}]}
     assert chaos.differences(chaos.comparable(first), chaos.comparable(same)) == []
     assert chaos.differences(chaos.comparable(first), chaos.comparable(other)) == [".test_table.m.CIDEr: 0.5 != 0.6"]
 
