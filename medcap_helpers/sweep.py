@@ -197,9 +197,8 @@ def run_sweep(config: MedcapConfig, run_trial: TrialRunner, n_train: int, force:
                 if workers is None:  # the run's own model built once here, not by every process at once
                     prepare_local_model(config, load_saved_dataset(config.run_dir)[0])
                     workers = TrialWorkers(config, n_train, processes)
-                with threads_for_share(processes):  # this process is one of `processes` side by side
-                    workers.run(rung, pending, run_here=lambda rank, alpha, rung=rung: record_trial(
-                        config, rank, alpha, rung, n_train, run_trial))
+                workers.run(rung, pending, run_here=lambda rank, alpha, rung=rung: record_trial(
+                    config, rank, alpha, rung, n_train, run_trial))
             else:
                 for rank, alpha in pending:
                     record_trial(config, rank, alpha, rung, n_train, run_trial)
@@ -277,14 +276,15 @@ class TrialWorkers:
         outstanding = len(settings)
         failures: list[str] = []
         if run_here is not None:
-            while (job := self._take()) is not None:
-                outstanding -= 1
-                try:
-                    run_here(*job[1])
-                except Exception:  # noqa: BLE001 - reported with the workers' failures below
-                    failures.append(f"this process, r={job[1][0]} alpha={job[1][1]}: {traceback.format_exc()}")
-                    while self._take() is not None:  # the rest of the rung is not started
-                        outstanding -= 1
+            with threads_for_share(len(self._processes) + 1):  # this process is one of them, side by side
+                while (job := self._take()) is not None:
+                    outstanding -= 1
+                    try:
+                        run_here(*job[1])
+                    except Exception:  # noqa: BLE001 - reported with the workers' failures below
+                        failures.append(f"this process, r={job[1][0]} alpha={job[1][1]}: {traceback.format_exc()}")
+                        while self._take() is not None:  # the rest of the rung is not started
+                            outstanding -= 1
         while outstanding:
             try:
                 index, error = self._results.get(timeout=self.POLL_S)
