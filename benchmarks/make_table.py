@@ -186,11 +186,9 @@ def full_profile_tables(profile: dict[str, Any]) -> list[str]:
                    f"{_duration(run.get('seconds'))} | {_f(peak)} | {later.get('how', '')} |")
     if after:
         best = sum((measured.get(stage) or later).get("seconds") or 0.0 for stage, later in after["stages"].items())
-        if len(measured) == len(after["stages"]):
-            whole = (f"all {len(measured)} stages: **{_duration(best)}** ({today['total_seconds'] / best:.1f}x)")
-        else:
-            whole = (f"{len(measured)} of {len(after['stages'])} stages; with the projection for the rest: "
-                     f"**{_duration(best)}** ({today['total_seconds'] / best:.1f}x)")
+        total = f"**{_duration(best)}** ({today['total_seconds'] / best:.1f}x)"
+        whole = (f"all {len(measured)} stages: {total}" if len(measured) == len(after["stages"]) else
+                 f"{len(measured)} of {len(after['stages'])} stages; with the projection for the rest: {total}")
         peak = max((s.get("peak_process_gpu_gb") or 0.0 for s in measured.values()), default=0.0)
         out += [f"| **01 → 06** | **{_duration(today['total_seconds'])}** | **{_duration(after['total_seconds'])}** "
                 f"({after['speedup']:.1f}x) | {whole} | **{_f(peak or None)}** | |", "",
