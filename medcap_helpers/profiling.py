@@ -82,6 +82,9 @@ class TorchProfilerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.profiler is not None and not self.done:  # fewer steps than asked for
             self._finish(state.global_step - self.skip)
+        elif self.profiler is None and not self.done:
+            print(f"Nothing profiled into {self.folder}: training ran {state.global_step} optimizer step(s), and the "
+                  f"profiler records from step {self.skip + 1} on (train on more examples or epochs).", flush=True)
 
     def _finish(self, steps: int) -> None:
         synchronize_gpu()

@@ -37,3 +37,15 @@ def test_no_profile_without_profile_dir(tmp_path):
     rows = synthetic_rows()
     train(config, model, processor, {"train": rows, "validation": rows[:2]})
     assert not list(tmp_path.rglob("profile_rank*"))
+
+
+def test_too_short_a_training_says_that_nothing_was_profiled(tmp_path, capsys):
+    folder = tmp_path / "profile"
+    # 8 rows at batch 4: 2 optimizer steps, fewer than the 3 the profiler skips
+    config = smoke_config(tmp_path / "run", per_device_train_batch_size=4, num_train_epochs=1.0,
+                          profile_dir=str(folder))
+    model, processor = qlora_model(config)
+    rows = synthetic_rows()
+    train(config, model, processor, {"train": rows, "validation": rows[:2]})
+    assert not folder.exists()
+    assert f"Nothing profiled into {folder}: training ran 2 optimizer step(s)" in capsys.readouterr().out
