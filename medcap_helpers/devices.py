@@ -140,7 +140,7 @@ def process_gpu_gb() -> float | None:
 LIBRARY_WORKSPACE_GB = 0.25
 """GPU memory that cuBLAS/cuDNN handles and workspaces take outside PyTorch's allocator once the first
 matmuls run (measured on the H200: 0.14 GB beyond the bare CUDA context; the rehearsal's sweep, with more
-kernels and streams, took 0.24 GB, so 0.2 left its process at 4.04 GB)."""
+kernels and streams, took about 0.24 GB, so 0.2 left its process at 4.04 GB)."""
 
 
 def cap_gpu_memory(budget_gb: float, device: torch.device | str) -> float:

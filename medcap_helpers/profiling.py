@@ -82,7 +82,7 @@ class TorchProfilerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.profiler is not None and not self.done:  # fewer steps than asked for
             self._finish(state.global_step - self.skip)
-        elif self.profiler is None and not self.done:
+        elif self.profiler is None:
             print(f"Nothing profiled into {self.folder}: training ran {state.global_step} optimizer step(s), and the "
                   f"profiler records from step {self.skip + 1} on (train on more examples or epochs).", flush=True)
 
