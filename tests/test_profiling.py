@@ -9,14 +9,20 @@ from medcap_helpers.train import train
 from tests.test_train import qlora_model, smoke_config, synthetic_rows
 
 
-def test_profile_dir_records_steps_four_to_seven(tmp_path):
+def train_with_profile_dir(tmp_path, batch_size):
+    """One epoch of the 8 synthetic rows at ``batch_size`` with ``profile_dir`` set; returns that folder."""
     folder = tmp_path / "profile"
-    # 8 rows at batch 1: 8 optimizer steps, so the default window (after 3, then 4) fits with one to spare
-    config = smoke_config(tmp_path / "run", per_device_train_batch_size=1, num_train_epochs=1.0,
+    config = smoke_config(tmp_path / "run", per_device_train_batch_size=batch_size, num_train_epochs=1.0,
                           profile_dir=str(folder))
     model, processor = qlora_model(config)
     rows = synthetic_rows()
     train(config, model, processor, {"train": rows, "validation": rows[:2]})
+    return folder
+
+
+def test_profile_dir_records_steps_four_to_seven(tmp_path):
+    # 8 rows at batch 1: 8 optimizer steps, so the default window (after 3, then 4) fits with one to spare
+    folder = train_with_profile_dir(tmp_path, batch_size=1)
 
     summary = json.loads((folder / "profile_rank0.json").read_text())
     assert summary["steps"] == 4
@@ -40,12 +46,7 @@ def test_no_profile_without_profile_dir(tmp_path):
 
 
 def test_too_short_a_training_says_that_nothing_was_profiled(tmp_path, capsys):
-    folder = tmp_path / "profile"
     # 8 rows at batch 4: 2 optimizer steps, fewer than the 3 the profiler skips
-    config = smoke_config(tmp_path / "run", per_device_train_batch_size=4, num_train_epochs=1.0,
-                          profile_dir=str(folder))
-    model, processor = qlora_model(config)
-    rows = synthetic_rows()
-    train(config, model, processor, {"train": rows, "validation": rows[:2]})
+    folder = train_with_profile_dir(tmp_path, batch_size=4)
     assert not folder.exists()
     assert f"Nothing profiled into {folder}: training ran 2 optimizer step(s)" in capsys.readouterr().out
