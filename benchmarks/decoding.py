@@ -2,6 +2,7 @@
 
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
     python benchmarks/decoding.py --studies 296          # CUDA: the rehearsal's validation split, 4 GB cap
+    python benchmarks/decoding.py --backends inductor,cudagraphs   # which compiled steps to measure too
 
 The rehearsal's random BLIP-large with a random LoRA adapter, reports forced to 75 new tokens, the
 generation batch sized to the 4 GB budget (``generation.generation_batch_size``), through
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--run", default=str(Path(tempfile.gettempdir()) / "medcap_decoding"))
     parser.add_argument("--studies", type=int, default=296)
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
+    parser.add_argument("--backends", default="inductor",
+                        help="comma-separated torch.compile backends to measure beside the default path "
+                             "(inductor: reduce-overhead; cudagraphs: CUDA graphs of the traced step, no codegen)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.count_ops:
@@ -160,19 +164,24 @@ def main() -> None:
     rows = dd["validation"].select(range(min(args.studies, len(dd["validation"]))))
     results: dict[str, Any] = {"part": "decoding", "cuda_context_gb": context_gb, "environment": environment_info(),
                                "command": " ".join(["python"] + sys.argv)}
-    for name, backend in (("default", None), ("compiled", "inductor")):
+    compiled_names = {backend: "compiled" if backend == "inductor" else f"compiled_{backend}"
+                      for backend in args.backends.split(",") if backend}
+    for name, backend in (("default", None), *((name, backend) for backend, name in compiled_names.items())):
         try:
             results[name] = measure(peft_model, processor, config, rows, backend)
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "reports"})[:1500], flush=True)
-    default, compiled = results["default"], results["compiled"]
-    if "reports" in default and "reports" in compiled:
-        same = sum(a == b for a, b in zip(default["reports"], compiled["reports"]))
-        results["comparison"] = {"speedup": compiled["reports_per_s"] / default["reports_per_s"],
-                                 "identical_reports": same / len(default["reports"])}
-        print(results["comparison"], flush=True)
-    for name in ("default", "compiled"):
+    default = results["default"]
+    for name in compiled_names.values():
+        compiled = results[name]
+        if "reports" in default and "reports" in compiled:
+            same = sum(a == b for a, b in zip(default["reports"], compiled["reports"]))
+            key = "comparison" if name == "compiled" else f"comparison_{name}"
+            results[key] = {"speedup": compiled["reports_per_s"] / default["reports_per_s"],
+                            "identical_reports": same / len(default["reports"])}
+            print(key, results[key], flush=True)
+    for name in ("default", *compiled_names.values()):
         results[name].pop("reports", None)
     write_json(RESULTS, results)
     if os.environ.get("OUT"):

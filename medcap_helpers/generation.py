@@ -197,8 +197,9 @@ def decoder_for_generation(model: Any, num_beams: int = 1) -> nn.Module:
 def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.Module:
     """``decoder`` with its forward (one decoding step) compiled as one graph (``fullgraph``: a graph break
     raises instead of silently running eager). With ``"inductor"`` the step runs as CUDA graphs
-    (``reduce-overhead``); tests use ``"eager"``, which traces without generating code. Needs the static
-    key/value cache (``cache_implementation="static"``), so that every step has the same shapes."""
+    (``reduce-overhead``); ``"cudagraphs"`` records the traced step as CUDA graphs without generating code
+    (a shorter compile); tests use ``"eager"``, which traces only. Needs the static key/value cache
+    (``cache_implementation="static"``), so that every step has the same shapes."""
     mode = "reduce-overhead" if backend == "inductor" else None
     decoder.forward = torch.compile(decoder.forward, backend=backend, mode=mode, fullgraph=True)
     return decoder
