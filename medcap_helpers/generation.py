@@ -12,6 +12,7 @@ logits agree); it costs the copy's memory (about 0.3 GB at BLIP-large size).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -199,10 +200,34 @@ def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.M
     raises instead of silently running eager). With ``"inductor"`` the step runs as CUDA graphs
     (``reduce-overhead``); ``"cudagraphs"`` records the traced step as CUDA graphs without generating code
     (a shorter compile); tests use ``"eager"``, which traces only. Needs the static key/value cache
-    (``cache_implementation="static"``), so that every step has the same shapes."""
+    (``cache_implementation="static"``), so that every step has the same shapes.
+
+    A generation's first step (the prefill, which allocates the static cache) runs uncompiled, as
+    transformers' own compiled generation does: allocated inside a traced step, the cache's tensors are
+    not marked as static addresses, which makes torch skip the CUDA graphs, and the step would be
+    compiled twice, before and after the allocation."""
     mode = "reduce-overhead" if backend == "inductor" else None
-    decoder.forward = torch.compile(decoder.forward, backend=backend, mode=mode, fullgraph=True)
+    eager_step = decoder.forward
+    compiled_step = torch.compile(eager_step, backend=backend, mode=mode, fullgraph=True)
+
+    @functools.wraps(eager_step)  # generate() reads the step's signature to check its arguments
+    def decoding_step(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name differs between transformers 5.x
+        return (compiled_step if cache_is_allocated(cache) else eager_step)(*args, **kwargs)
+
+    decoder.forward = decoding_step
     return decoder
+
+
+def cache_is_allocated(cache: Any) -> bool:
+    """Whether every layer of a key/value cache (or of an encoder-decoder cache's self-attention part) has
+    allocated its tensors; False without a cache."""
+    if cache is None:
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None) or []
+    return bool(layers) and all(getattr(layer, "is_initialized", False) for layer in layers)
 
 
 @torch.no_grad()

@@ -308,8 +308,9 @@ def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tin
 def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_reports(tiny, tmp_path, monkeypatch):
     """compile_generation's path on the CPU: a static key/value cache and the decoding step traced by
     torch.compile with fullgraph (a graph break would raise), through dynamo's ``eager`` backend (the
-    GPU uses inductor's CUDA graphs). The same reports as the default path, over batches of different
-    studies and a smaller last batch, minimum length included; the model itself is never compiled."""
+    GPU uses inductor's CUDA graphs), once for all batches: each generation's first step, which allocates
+    the cache, runs uncompiled. The same reports as the default path, over batches of different studies
+    and a smaller last batch, minimum length included; the model itself is never compiled."""
     from torch._dynamo.utils import counters
 
     folder, processor = tiny
@@ -340,7 +341,9 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     torch.compiler.reset()
     counters.clear()
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", **settings) == plain
-    assert compiled_forwards == ["eager"] and counters["stats"]["unique_graphs"] >= 1
+    assert compiled_forwards == ["eager"]
+    assert counters["stats"]["unique_graphs"] == 1, (
+        "one graph for every batch: the prefill, which allocates the static cache, runs uncompiled")
     assert len(static_caches) == 3, "one static key/value cache per batch"
     assert batch_sizes == [3, 3, 3], "the last study, alone, padded to the batch: one shape to compile"
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", min_new_tokens=6,
