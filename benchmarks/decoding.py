@@ -177,7 +177,7 @@ def main() -> None:
         compiled = results[name]
         if "reports" in default and "reports" in compiled:
             same = sum(a == b for a, b in zip(default["reports"], compiled["reports"]))
-            key = "comparison" if name == "compiled" else f"comparison_{name}"
+            key = name.replace("compiled", "comparison", 1)  # comparison, comparison_cudagraphs
             results[key] = {"speedup": compiled["reports_per_s"] / default["reports_per_s"],
                             "identical_reports": same / len(default["reports"])}
             print(key, results[key], flush=True)

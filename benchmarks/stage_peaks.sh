@@ -11,7 +11,8 @@
 set -u
 run=${1:-runs/stage-peaks}
 out=${OUT:-$run}
-mkdir -p "$out/notebooks"
+mkdir -p "$out"
+[ "$out" != "$run" ] && mkdir -p "$out/notebooks"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/stage_peaks.log"
 common=(--profile rehearsal --out "$run" --no-progress --skip-check --set data_path=data/rehearsal/NLMCXR_reports.tgz
         --set images_dir=data/rehearsal/NLMCXR_png --set max_train_examples=240 --set num_train_epochs=1)
@@ -26,5 +27,5 @@ for stage in 01 03 04; do
     | tee -a "$out/stage_peaks.log"
   rm -f "$out/smi$stage.csv"
 done
-cp "$run"/notebooks/*.ipynb "$out/notebooks/" 2>/dev/null
+[ "$out" != "$run" ] && cp "$run"/notebooks/*.ipynb "$out/notebooks/"
 grep -i "error\|Traceback" "$out/run.log" | head

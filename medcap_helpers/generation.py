@@ -213,21 +213,10 @@ def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.M
     @functools.wraps(eager_step)  # generate() reads the step's signature to check its arguments
     def decoding_step(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name differs between transformers 5.x
-        return (compiled_step if cache_is_allocated(cache) else eager_step)(*args, **kwargs)
+        return (compiled_step if getattr(cache, "is_initialized", False) else eager_step)(*args, **kwargs)
 
     decoder.forward = decoding_step
     return decoder
-
-
-def cache_is_allocated(cache: Any) -> bool:
-    """Whether every layer of a key/value cache (or of an encoder-decoder cache's self-attention part) has
-    allocated its tensors; False without a cache."""
-    if cache is None:
-        return False
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None) or []
-    return bool(layers) and all(getattr(layer, "is_initialized", False) for layer in layers)
 
 
 @torch.no_grad()
