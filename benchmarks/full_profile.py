@@ -253,6 +253,16 @@ def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, 
     return times
 
 
+def notebook_seconds(notebook: str | Path) -> float | None:
+    """The executed notebook's own time per papermill (kernel start to last cell): a stage's time less this
+    is what ``medcap run`` spent around the notebook (its start-up and imports)."""
+    try:
+        seconds = json.loads(Path(notebook).read_text())["metadata"]["papermill"]["duration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return round(seconds, 1) if seconds is not None else None
+
+
 def keep_artefacts(run: str | Path, stage: str, output: str, artefacts: str | Path) -> list[Path]:
     """Copy what a measured stage leaves behind into ``artefacts`` as soon as it ends: its executed notebook,
     its console output and the results file so far. On the GPU machine ``artefacts`` is ``$OUT``, which comes
@@ -302,6 +312,7 @@ def run_after(spec: str, run: str, data_dir: str, force: bool = False,
         poller.wait()
         results[stage] = {"seconds": seconds, "how": "measured (the whole stage, kernel start included)",
                           "peak_process_gpu_gb": peak_process_gb(log), "rc": done.returncode,
+                          "notebook_seconds": notebook_seconds(Path(run) / "notebooks" / f"{stage}.ipynb"),
                           "cells": cell_times(Path(run) / "notebooks" / f"{stage}.ipynb")}
         if done.returncode != 0:
             results[stage]["error"] = (done.stdout + done.stderr)[-3000:]
@@ -344,19 +355,32 @@ def record_after(stages: dict[str, Any], run: str) -> None:
     from medcap_helpers.runs import environment_info, read_json, write_json
 
     path = RESULTS / "full_profile.json"
-    results = read_json(path)
-    after = results.get("after", {"stages": {}})
+    env = environment_info()
+    env["gpu"] = torch.cuda.get_device_name(0)
+    results = merge_after(read_json(path), stages, run, env, stage_facts(run))
+    write_json(path, results)
+    print(f"after: {results['after']['total_seconds'] / 60:.1f} min so far -> {path}")
+
+
+def merge_after(results: dict[str, Any], stages: dict[str, Any], run: str, env: dict[str, Any],
+                facts: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with ``stages`` merged into its "after" run. Pieces of one run (same run folder, same
+    commit) add up; a run of another folder or commit starts a new "after", and the previous one moves to
+    the front of ``after_earlier`` whole (its figures are never mixed with the new run's)."""
+    after = results.get("after") or {"stages": {}}
+    same_run = after.get("run") == run and (after.get("environment") or {}).get("git_commit") == env.get("git_commit")
+    if after["stages"] and not same_run:
+        results["after_earlier"] = [after] + list(results.get("after_earlier", []))
+        after = {"stages": {}}
+    after["run"] = run
     after["stages"].update(stages)
     after["total_seconds"] = sum(s.get("seconds") or 0.0 for s in after["stages"].values())
     after["peak_process_gpu_gb"] = max((s.get("peak_process_gpu_gb") or 0.0 for s in after["stages"].values()),
                                        default=None)
-    after["facts"] = stage_facts(run)
-    env = environment_info()
-    env["gpu"] = torch.cuda.get_device_name(0)
+    after["facts"] = facts
     after["environment"] = env
     results["after"] = after
-    write_json(path, results)
-    print(f"after: {after['total_seconds'] / 60:.1f} min so far -> {path}")
+    return results
 
 
 REBUILT_FOLDERS = ("dataset", "random_blip_large", "tiny_model", "vision_cache", "checkpoints", "notebooks")

@@ -195,6 +195,7 @@ def full_profile_tables(profile: dict[str, Any]) -> list[str]:
                 after["note"], ""]
         if measured:
             out += [(profile.get("after") or {}).get("note", ""), ""]
+            out += measured_runs_table(profile)
     check, rates = profile.get("check"), profile.get("rates")
     if check and rates:
         (old_name, old), (new_name, new) = [(k, v) for k, v in check.items() if k.startswith(("today", "after"))]
@@ -221,6 +222,36 @@ def full_profile_tables(profile: dict[str, Any]) -> list[str]:
                 f"{'the identical' if check['loss_curves_identical'] else 'a different'} loss curve "
                 f"(40 steps, largest difference {check['largest_loss_difference']:.1e}).", ""]
     return out
+
+
+def measured_runs_table(profile: dict[str, Any]) -> list[str]:
+    """Every whole run measured with ``--after``, newest first, stage by stage: its time, the executed
+    notebook's own share of it where recorded, and its peak process GPU memory."""
+    runs = [profile["after"]] + list(profile.get("after_earlier", []))
+    runs = [run for run in runs if len(run.get("stages", {})) == len(profile["today"]["stages"])]  # whole runs only
+    if len(runs) < 2:
+        return []
+
+    def label(run: dict[str, Any]) -> str:
+        env = run.get("environment") or {}
+        return f"`{(env.get('git_commit') or '?')[:7]}`, {env.get('gpu', '?').replace('NVIDIA ', '')}"
+
+    out = ["**Each measured whole run** (stage time, of it the executed notebook's own time, and peak process GPU)", "",
+           "| stage | " + " | ".join(label(run) for run in runs) + " |", "|---|" + "---:|" * len(runs)]
+
+    def cell(stage: dict[str, Any] | None) -> str:
+        if not stage:
+            return "–"
+        notebook = stage.get("notebook_seconds")
+        inside = f" (notebook {_duration(notebook)})" if notebook is not None else ""
+        peak = stage.get("peak_process_gpu_gb")
+        return f"{_duration(stage.get('seconds'))}{inside}, " + (f"{peak:.2f} GB" if peak is not None else "CPU only")
+
+    for stage in profile["today"]["stages"]:
+        out.append(f"| {stage} | " + " | ".join(cell(run["stages"].get(stage)) for run in runs) + " |")
+    out.append("| **01 → 06** | " + " | ".join(
+        f"**{_duration(run['total_seconds'])}**, {_f(run.get('peak_process_gpu_gb'))} GB" for run in runs) + " |")
+    return out + [""]
 
 
 def main() -> None:

@@ -66,6 +66,38 @@ def test_cell_times_read_papermills_durations_from_an_executed_notebook(tmp_path
     assert cell_times(tmp_path / "missing.ipynb") == []  # a stage that failed before writing its notebook
 
 
+def test_notebook_seconds_is_papermills_time_for_the_whole_notebook(tmp_path: Path) -> None:
+    import json
+
+    from full_profile import notebook_seconds
+
+    (tmp_path / "05.ipynb").write_text(json.dumps({"cells": [], "metadata": {"papermill": {"duration": 111.07}}}))
+    (tmp_path / "unexecuted.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
+    assert notebook_seconds(tmp_path / "05.ipynb") == 111.1
+    assert notebook_seconds(tmp_path / "unexecuted.ipynb") is None
+    assert notebook_seconds(tmp_path / "missing.ipynb") is None
+
+
+def test_pieces_of_one_run_add_up_and_another_run_moves_the_previous_one_to_after_earlier() -> None:
+    from full_profile import merge_after
+
+    env_a, env_b = {"git_commit": "aaa", "gpu": "H200"}, {"git_commit": "bbb", "gpu": "H200"}
+    results = merge_after({"today": {"total_seconds": 9.0}}, {"01_data": {"seconds": 40.0}}, "runs/r", env_a, {})
+    results = merge_after(results, {"02_baseline": {"seconds": 100.0, "peak_process_gpu_gb": 3.9}}, "runs/r", env_a,
+                          {"03_epochs": []})
+    assert results["after"]["total_seconds"] == 140.0 and results["after"]["peak_process_gpu_gb"] == 3.9
+    assert "after_earlier" not in results and results["today"] == {"total_seconds": 9.0}
+
+    results = merge_after(results, {"01_data": {"seconds": 44.0}}, "runs/r", env_b, {})  # a new commit: a new run
+    assert results["after"]["stages"] == {"01_data": {"seconds": 44.0}} and results["after"]["total_seconds"] == 44.0
+    assert [run["environment"]["git_commit"] for run in results["after_earlier"]] == ["aaa"]
+    assert results["after_earlier"][0]["total_seconds"] == 140.0
+
+    results = merge_after(results, {"01_data": {"seconds": 45.0}}, "runs/other", env_b, {})  # another run folder
+    assert [run["run"] for run in results["after_earlier"]] == ["runs/r", "runs/r"]
+    assert [run["total_seconds"] for run in results["after_earlier"]] == [44.0, 140.0]
+
+
 @pytest.mark.slow
 def test_warming_a_carried_runs_cache_fills_it_for_every_split(smoke_run: dict, tmp_path: Path) -> None:
     """A run unpacked on a fresh machine has no vision cache; the set-up fills it as 02 and 03 would."""
