@@ -26,6 +26,9 @@ from medcap_helpers import pipeline
 
 pipeline.quiet_libraries()  # before bitsandbytes loads: no import-time kernel-package note on the terminal
 
+# Not `demo`: it imports the model stack (peft, bitsandbytes; 5 s), which `medcap run`, started once per
+# stage, hands to the notebooks' kernels.
+from medcap_helpers import preflight, runs  # noqa: E402
 from medcap_helpers.config import PROFILES, MedcapConfig, field_names  # noqa: E402
 from medcap_helpers.errors import ConfigError, MedcapError, StageFailed  # noqa: E402
 from medcap_helpers.pipeline import resolve_config, run_pipeline  # noqa: E402
@@ -72,13 +75,11 @@ def voila_command(page: Path, port: int, host: str, open_browser: bool) -> list[
 
 def serve_demo(run_dir: str, port: int = DEFAULT_DEMO_PORT, host: str = "127.0.0.1", open_browser: bool = True) -> int:
     """Serve the demo page of the finished run in ``run_dir`` with Voilà until interrupted."""
-    from medcap_helpers import demo  # here, not at the top: `medcap run` starts once per stage without it
-
-    run = demo.check_finished_run(run_dir)
-    env = {**os.environ, demo.DEMO_RUN_ENV: str(run)}
+    run = runs.check_finished_run(run_dir)
+    env = {**os.environ, runs.DEMO_RUN_ENV: str(run)}
     print(f"medcap demo: serving the run {run} on http://{host}:{port}/ (Ctrl+C stops it)", flush=True)
     try:
-        return subprocess.call(voila_command(demo.PAGE_NOTEBOOK, port, host, open_browser), env=env)
+        return subprocess.call(voila_command(runs.DEMO_PAGE_NOTEBOOK, port, host, open_browser), env=env)
     except KeyboardInterrupt:
         return 0
 
@@ -135,8 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
         if args.command == "check" or (config.profile != "smoke" and not args.skip_check):
-            from medcap_helpers import preflight
-
             checks = preflight.run_checks(config)
             if args.command == "check" or not preflight.passed(checks):
                 print(preflight.report(checks), file=sys.stdout if preflight.passed(checks) else sys.stderr)

@@ -42,6 +42,8 @@ import ipywidgets as widgets
 from PIL import Image
 
 from medcap_helpers import runs
+from medcap_helpers.runs import DEMO_PAGE_NOTEBOOK as PAGE_NOTEBOOK
+from medcap_helpers.runs import DEMO_RUN_ENV, check_finished_run
 from medcap_helpers.checkpoints import (
     is_adapter_dir,
     load_final_model,
@@ -61,10 +63,6 @@ Captioner = Callable[[Image.Image], str]
 THUMBNAIL_SIZE = (256, 256)
 NOT_A_DIAGNOSIS = ("Research demo, not a medical device: these captions are machine-generated text, "
                    "not a diagnosis. Do not use them for clinical decisions.")
-PAGE_NOTEBOOK = Path(__file__).resolve().parent / "demo_page" / "demo.ipynb"
-"""The Voilà page ``medcap demo`` serves (no code shown): it calls :func:`show_page`."""
-DEMO_RUN_ENV = "MEDCAP_DEMO_RUN"
-"""The run folder the page shows, set by ``medcap demo --run RUN_DIR`` for the page's kernel."""
 
 _STATUS_COLOURS = {"info": "#555555", "busy": "#1f5f9f", "ok": "#228833", "error": "#cc3311"}
 
@@ -285,22 +283,6 @@ def captions_markdown(captions: Mapping[str, str]) -> str:
 
 
 # --- the Voilà page (``medcap demo``) -------------------------------------------------------------
-def check_finished_run(run_dir: str | os.PathLike[str]) -> Path:
-    """The absolute run folder when every stage finished there, else :class:`StageNotRun` saying which
-    command makes (or finishes) the run."""
-    run = Path(run_dir).expanduser().resolve()
-    saved = run / "config.json"
-    if not saved.is_file():
-        raise StageNotRun(f"No medcap run in '{run}'. Make one first: medcap run --profile smoke --out {run} "
-                          "(minutes on a CPU), or point --run at a finished run folder.")
-    missing = [stage for stage in STAGES if not runs.is_done(run, stage)]
-    if missing:
-        profile = runs.read_json(saved).get("profile", "smoke")
-        raise StageNotRun(f"The run in '{run}' is not finished ({', '.join(missing)} not done). Finish it with: "
-                          f"medcap run --profile {profile} --out {run}")
-    return run
-
-
 def run_config(run_dir: str | os.PathLike[str]) -> MedcapConfig:
     """The saved config of a finished run, for reading it (the folder may have moved since)."""
     run = check_finished_run(run_dir)

@@ -28,11 +28,34 @@ from pathlib import Path
 from typing import IO, Any
 
 from medcap_helpers.atomic import atomic_file
+from medcap_helpers.config import STAGES
 from medcap_helpers.errors import RunFolderError, RunLocked, StageNotRun
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "evaluate",
                     "pycocoevalcap", "tokenizers", "accelerate", "papermill", "ipywidgets", "numpy",
                     "pillow", "medcap")
+
+
+DEMO_PAGE_NOTEBOOK = Path(__file__).resolve().parent / "demo_page" / "demo.ipynb"
+"""The Voilà page ``medcap demo`` serves for a finished run (no code shown): it calls ``demo.show_page``."""
+DEMO_RUN_ENV = "MEDCAP_DEMO_RUN"
+"""The run folder the page shows, set by ``medcap demo --run RUN_DIR`` for the page's kernel."""
+
+
+def check_finished_run(run_dir: str | os.PathLike[str]) -> Path:
+    """The absolute run folder when every stage finished there, else :class:`StageNotRun` saying which
+    command makes (or finishes) the run."""
+    run = Path(run_dir).expanduser().resolve()
+    saved = run / "config.json"
+    if not saved.is_file():
+        raise StageNotRun(f"No medcap run in '{run}'. Make one first: medcap run --profile smoke --out {run} "
+                          "(minutes on a CPU), or point --run at a finished run folder.")
+    missing = [stage for stage in STAGES if not is_done(run, stage)]
+    if missing:
+        profile = read_json(saved).get("profile", "smoke")
+        raise StageNotRun(f"The run in '{run}' is not finished ({', '.join(missing)} not done). Finish it with: "
+                          f"medcap run --profile {profile} --out {run}")
+    return run
 
 
 def ensure_run_dir(run_dir: str | Path) -> Path:
