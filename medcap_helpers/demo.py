@@ -41,21 +41,20 @@ from typing import Any
 import ipywidgets as widgets
 from PIL import Image
 
-from medcap_helpers import runs
-from medcap_helpers.runs import DEMO_PAGE_NOTEBOOK as PAGE_NOTEBOOK
-from medcap_helpers.runs import DEMO_RUN_ENV, check_finished_run
 from medcap_helpers.checkpoints import (
     is_adapter_dir,
     load_final_model,
     load_processor_from,
 )
-from medcap_helpers.config import STAGES, MedcapConfig
+from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import device_map_for, pick_device
-from medcap_helpers.errors import ImageLoadError, MedcapError, StageNotRun
+from medcap_helpers.errors import ImageLoadError, MedcapError
 from medcap_helpers.evaluation import final_model_dir
 from medcap_helpers.generation import generate_reports
 from medcap_helpers.images import load_image_bytes, use_pixel_limit
 from medcap_helpers.model import load_base_model
+from medcap_helpers.runs import DEMO_PAGE_NOTEBOOK as PAGE_NOTEBOOK
+from medcap_helpers.runs import DEMO_RUN_ENV, check_finished_run
 from medcap_helpers.upload import DEFAULT_MAX_UPLOAD_BYTES, UploadButton
 
 Captioner = Callable[[Image.Image], str]
