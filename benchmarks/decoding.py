@@ -157,7 +157,7 @@ def main() -> None:
         raise SystemExit("benchmarks/decoding.py measures CUDA graphs: it needs a CUDA GPU.")
     from full_profile import cap_memory, rehearsal_peft_model
 
-    from medcap_helpers.runs import environment_info, write_json
+    from medcap_helpers.runs import environment_info
 
     context_gb = cap_memory()
     config, dd, peft_model, processor = rehearsal_peft_model(args.run, args.data)
@@ -172,6 +172,7 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "reports"})[:1500], flush=True)
+        save_results(results)  # each measurement as it ends: a call cut off keeps the ones before
     default = results["default"]
     for name in compiled_names.values():
         compiled = results[name]
@@ -181,11 +182,18 @@ def main() -> None:
             results[key] = {"speedup": compiled["reports_per_s"] / default["reports_per_s"],
                             "identical_reports": same / len(default["reports"])}
             print(key, results[key], flush=True)
-    for name in ("default", *compiled_names.values()):
-        results[name].pop("reports", None)
-    write_json(RESULTS, results)
+    save_results(results)
+
+
+def save_results(results: dict[str, Any], path: Path = RESULTS) -> None:
+    """``results`` without the generated reports to ``path``, and a copy to ``$OUT`` when set (what a GPU
+    call brings back)."""
+    from medcap_helpers.runs import write_json
+
+    write_json(path, {name: ({k: v for k, v in value.items() if k != "reports"} if isinstance(value, dict) else value)
+                      for name, value in results.items()})
     if os.environ.get("OUT"):
-        shutil.copy(RESULTS, Path(os.environ["OUT"]) / RESULTS.name)
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
 
 
 if __name__ == "__main__":

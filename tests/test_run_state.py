@@ -152,3 +152,21 @@ def test_a_measured_stage_leaves_its_notebook_output_and_results_in_the_artefact
 
     keep_artefacts(run, "04_sweep", "failed before its notebook was written", out)  # a stage that failed early
     assert (out / "04_sweep.log").exists() and not (out / "notebooks" / "04_sweep.ipynb").exists()
+
+
+def test_the_decoding_benchmark_saves_each_measurement_without_its_reports(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/decoding.py saves after each backend, so a GPU call cut off mid-compile keeps the default's rate."""
+    import json
+
+    from decoding import save_results
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    results = {"part": "decoding", "default": {"reports_per_s": 9.6, "reports": ["the heart is normal ."]}}
+    save_results(results, tmp_path / "decoding.json")
+    saved = json.loads((tmp_path / "decoding.json").read_text())
+    assert saved == {"part": "decoding", "default": {"reports_per_s": 9.6}}
+    assert json.loads((out / "decoding.json").read_text()) == saved
+    assert results["default"]["reports"] == ["the heart is normal ."]  # still there for the comparison
