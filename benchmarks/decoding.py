@@ -171,7 +171,7 @@ def main() -> None:
             results[name] = measure(peft_model, processor, config, rows, backend)
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "reports"})[:1500], flush=True)
+        print(name, json.dumps(without_reports(results[name]))[:1500], flush=True)
         save_results(results)  # each measurement as it ends: a call cut off keeps the ones before
     default = results["default"]
     for name in compiled_names.values():
@@ -185,12 +185,17 @@ def main() -> None:
     save_results(results)
 
 
+def without_reports(measurement: dict[str, Any]) -> dict[str, Any]:
+    """A measurement without its generated reports (kept in memory only, for the comparison)."""
+    return {k: v for k, v in measurement.items() if k != "reports"}
+
+
 def save_results(results: dict[str, Any], path: Path = RESULTS) -> None:
     """``results`` without the generated reports to ``path``, and a copy to ``$OUT`` when set (what a GPU
     call brings back)."""
     from medcap_helpers.runs import write_json
 
-    write_json(path, {name: ({k: v for k, v in value.items() if k != "reports"} if isinstance(value, dict) else value)
+    write_json(path, {name: without_reports(value) if isinstance(value, dict) else value
                       for name, value in results.items()})
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)

@@ -53,7 +53,6 @@ from medcap_helpers.evaluation import final_model_dir
 from medcap_helpers.generation import generate_reports
 from medcap_helpers.images import load_image_bytes, use_pixel_limit
 from medcap_helpers.model import load_base_model
-from medcap_helpers.runs import DEMO_PAGE_NOTEBOOK as PAGE_NOTEBOOK
 from medcap_helpers.runs import DEMO_RUN_ENV, check_finished_run
 from medcap_helpers.upload import DEFAULT_MAX_UPLOAD_BYTES, UploadButton
 

@@ -128,7 +128,7 @@ def test_the_demo_command_serves_the_page_on_localhost(tmp_path: Path, monkeypat
     monkeypatch.setattr(cli.subprocess, "call", lambda command, env: called.update(command=command, env=env) or 0)
     assert cli.main(["demo", "--run", str(run), "--port", "9123", "--no-browser"]) == 0
     command = called["command"]
-    assert command[:3] == [sys.executable, "-m", "voila"] and command[3] == str(demo.PAGE_NOTEBOOK)
+    assert command[:3] == [sys.executable, "-m", "voila"] and command[3] == str(runs.DEMO_PAGE_NOTEBOOK)
     assert "--port=9123" in command and "--Voila.ip=127.0.0.1" in command and "--no-browser" in command
     assert "--strip_sources=True" in command  # no code on the page
     assert called["env"][demo.DEMO_RUN_ENV] == str(run.resolve())
@@ -137,8 +137,8 @@ def test_the_demo_command_serves_the_page_on_localhost(tmp_path: Path, monkeypat
 
 
 def test_the_page_notebook_ships_clean_and_only_calls_the_library() -> None:
-    assert demo.PAGE_NOTEBOOK.is_file()
-    book = nbformat.read(demo.PAGE_NOTEBOOK, as_version=4)
+    assert runs.DEMO_PAGE_NOTEBOOK.is_file()
+    book = nbformat.read(runs.DEMO_PAGE_NOTEBOOK, as_version=4)
     code = [cell for cell in book.cells if cell.cell_type == "code"]
     assert len(code) == 1 and "demo.show_page()" in code[0].source
     assert not code[0].outputs and code[0].execution_count is None and "widgets" not in book.metadata
