@@ -1,16 +1,17 @@
 """Beam-3 generation with and without the compiled decoding step (``compile_generation``), side by side.
 
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
-    python benchmarks/decoding.py --studies 296          # CUDA: the rehearsal's validation split, 4 GB cap
-    python benchmarks/decoding.py --backends inductor,cudagraphs   # which compiled steps to measure too
+    python benchmarks/decoding.py                        # CUDA: calls of 64, 64, 64, 296 studies, 4 GB cap
+    python benchmarks/decoding.py --calls 296 --backends inductor,cudagraphs   # which compiled steps too
 
 The rehearsal's random BLIP-large with a random LoRA adapter, reports forced to 75 new tokens, the
-generation batch sized to the 4 GB budget (``generation.generation_batch_size``), through
-``generation.generate_reports`` as stages 02-06 call it. Each call is timed whole: the compiled one
-compiles (and records its CUDA graphs) inside the call, as every pipeline call would. Also recorded:
-the time of a second, warm call of the first batch alone, the peak memory, and how many reports are
-identical (random weights make near-ties common: the 16-bit decoder copy already showed that the top
-token agrees wherever the top two logits differ by more than 0.1).
+generation batch sized to the 4 GB budget (``generation.generation_batch_size``), from cached image
+tokens, through ``generation.generate_reports`` as stages 02-06 call it, in consecutive calls of the
+validation split's first studies (``--calls``: by default three sweep trials' 64, then the whole split).
+Each call is timed whole: the compiled path compiles its decoding step in the first call and records
+its CUDA graphs in every call, as in a pipeline stage. Also recorded: the batches that ran, the peak
+memory, and how many reports are identical (random weights make near-ties common: the 16-bit decoder
+copy already showed that the top token agrees wherever the top two logits differ by more than 0.1).
 
 Results go to ``benchmarks/results/decoding.json`` (and ``$OUT`` when set).
 
@@ -39,24 +40,48 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "decoding.json"
 
 
-def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_backend: str | None) -> dict[str, Any]:
+def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_backend: str | None,
+            calls: list[int]) -> dict[str, Any]:
+    """Consecutive ``generate_reports`` calls as the pipeline makes them (a sweep trial's validation
+    studies, then a whole split): each call of ``n`` studies takes the first ``n`` of ``rows``, from cached
+    image tokens when the config caches them, the batch sized to the budget. Each call is timed whole
+    (compiling included); the batches actually run are recorded (a batch that runs out of memory is
+    retried in halves)."""
     import torch
 
     from full_profile import memory, timed
 
-    from medcap_helpers.generation import generate_reports, generation_batch_size, study_inputs
+    from medcap_helpers import generation
 
-    sample = study_inputs(rows)
-    size = generation_batch_size(peft_model, config)
-    settings = dict(batch_size=size, max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens,
-                    num_beams=config.num_beams, progress=False, compile_backend=compile_backend)
+    sizes: list[int] = []
+    original = generation.generate_from_tokens, generation.multiview_generate
+
+    def counted(function: Any) -> Any:
+        return lambda model, inputs, **kwargs: sizes.append(len(inputs)) or function(model, inputs, **kwargs)
+
+    generation.generate_from_tokens, generation.multiview_generate = (counted(f) for f in original)
     torch.cuda.reset_peak_memory_stats()
-    reports, seconds = timed(lambda: generate_reports(peft_model, processor, sample, **settings))
-    first_batch = [sample[i] for i in range(min(size, len(sample)))]
-    _, batch_seconds = timed(lambda: generate_reports(peft_model, processor, first_batch, **settings))
-    return {"compile_backend": compile_backend, "batch": size, "studies": len(sample), "seconds": seconds,
-            "reports_per_s": len(sample) / seconds, "one_batch_call_s": batch_seconds, **memory(),
-            "reports": reports}
+    timings, reports = [], []
+    try:
+        for n in calls:
+            subset = rows.select(range(min(n, len(rows))))
+            inputs = generation.generation_inputs(peft_model, processor, subset, config)
+            size = generation.generation_batch_size(peft_model, config)
+            sizes.clear()
+            texts, seconds = timed(lambda: generation.generate_reports(
+                peft_model, processor, inputs, batch_size=size, max_new_tokens=config.max_new_tokens,
+                min_new_tokens=config.min_new_tokens, num_beams=config.num_beams, progress=False,
+                compile_backend=compile_backend))
+            timings.append({"studies": len(subset), "seconds": seconds, "reports_per_s": len(subset) / seconds,
+                            "batch": size, "batches_run": list(sizes)})
+            reports += texts
+            print(f"  {compile_backend or 'default'}: {timings[-1]}", flush=True)
+    finally:
+        generation.generate_from_tokens, generation.multiview_generate = original
+    studies, seconds = sum(t["studies"] for t in timings), sum(t["seconds"] for t in timings)
+    return {"compile_backend": compile_backend, "cached_tokens": bool(config.cache_vision_embeddings),
+            "calls": timings, "studies": studies, "seconds": seconds, "reports_per_s": studies / seconds,
+            "last_call_reports_per_s": timings[-1]["reports_per_s"], **memory(), "reports": reports}
 
 
 NO_KERNEL = {"as_strided", "view", "expand", "empty", "resolve_conj", "reshape", "transpose", "unsqueeze", "t",
@@ -136,7 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/rehearsal")
     parser.add_argument("--run", default=str(Path(tempfile.gettempdir()) / "medcap_decoding"))
-    parser.add_argument("--studies", type=int, default=296)
+    parser.add_argument("--calls", default="64,64,64,296",
+                        help="studies per generate_reports call, in order (default: three sweep trials' "
+                             "validation studies, then the validation split)")
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
@@ -161,14 +188,15 @@ def main() -> None:
 
     context_gb = cap_memory()
     config, dd, peft_model, processor = rehearsal_peft_model(args.run, args.data)
-    rows = dd["validation"].select(range(min(args.studies, len(dd["validation"]))))
+    rows = dd["validation"]
+    calls = [int(n) for n in args.calls.split(",")]
     results: dict[str, Any] = {"part": "decoding", "cuda_context_gb": context_gb, "environment": environment_info(),
                                "command": " ".join(["python"] + sys.argv)}
     compiled_names = {backend: "compiled" if backend == "inductor" else f"compiled_{backend}"
                       for backend in args.backends.split(",") if backend}
     for name, backend in (("default", None), *((name, backend) for backend, name in compiled_names.items())):
         try:
-            results[name] = measure(peft_model, processor, config, rows, backend)
+            results[name] = measure(peft_model, processor, config, rows, backend, calls)
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps(without_reports(results[name]))[:1500], flush=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -308,9 +310,11 @@ def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tin
 def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_reports(tiny, tmp_path, monkeypatch):
     """compile_generation's path on the CPU: a static key/value cache and the decoding step traced by
     torch.compile with fullgraph (a graph break would raise), through dynamo's ``eager`` backend (the
-    GPU uses inductor's CUDA graphs), once for all batches: each generation's first step, which allocates
-    the cache, runs uncompiled. The same reports as the default path, over batches of different studies
-    and a smaller last batch, minimum length included; the model itself is never compiled."""
+    GPU uses inductor's CUDA graphs), once for all batches and all calls: each generation's first step,
+    which allocates the cache, runs uncompiled, and a later call refills the same compiled copy with its
+    model's weights. The same reports as the default path, over batches of different studies and a
+    smaller last batch, minimum length included, and for a second adapter; the model itself is never
+    compiled."""
     from torch._dynamo.utils import counters
 
     folder, processor = tiny
@@ -339,6 +343,7 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     monkeypatch.setattr(generation, "multiview_generate",
                         lambda model, pixels, **k: batch_sizes.append(len(pixels)) or multiview_generate(model, pixels, **k))
     torch.compiler.reset()
+    generation._compiled_decoders.clear()
     counters.clear()
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", **settings) == plain
     assert compiled_forwards == ["eager"]
@@ -348,9 +353,42 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     assert batch_sizes == [3, 3, 3], "the last study, alone, padded to the batch: one shape to compile"
     assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", min_new_tokens=6,
                                        **settings) == at_least
+    with torch.no_grad():  # another sweep trial's adapter: the reused copy must take its weights
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(7 + len(name)))
+    other = generation.generate_reports(peft_model, processor, images, **settings)
+    assert other != plain, "a second adapter that writes the same reports could not show stale weights"
+    assert generation.generate_reports(peft_model, processor, images, compile_backend="eager", **settings) == other
+    assert compiled_forwards == ["eager"], "compiled once, reused by the later calls"
+    assert counters["stats"]["unique_graphs"] == 1, "no recompilation for a later call"
+    decoder = next(iter(generation._compiled_decoders.values()))
+    assert all(p.device.type == "meta" for p in decoder.parameters()), "no memory held between calls"
     assert len(set(plain)) > 1, "reports that all look alike could not show a mix-up between studies"
     assert "forward" not in vars(M.unwrap_model(peft_model).text_decoder), "the model's own decoder stays as it was"
     assert generation.compile_backend(peft_model, config.replace(compile_generation=True)) is None  # CPU: ignored
+
+
+def test_generation_batches_fit_what_the_allocator_may_hold_not_the_whole_budget(tiny, tmp_path, monkeypatch):
+    """The CUDA context and library workspaces take part of the budget before the allocator gets any: the
+    batch is sized to the allocator's cap (here half the budget), not to the budget."""
+    folder, _ = tiny
+    budget = 0.01  # GB: a few hundred of the tiny model's studies
+    config = _config(tmp_path, vram_budget_gb=budget, eval_batch_size=10_000)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=generation.GB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**20)
+    per_study = generation.study_generation_bytes(peft_model, config, shared_cross_attention=True)
+    copy_bytes = 2 * sum(p.numel() for p in M.unwrap_model(peft_model).text_decoder.parameters())
+
+    def batch_for(cap_fraction: float) -> int:
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: cap_fraction)
+        return generation.generation_batch_size(peft_model, config, device="cuda")
+
+    halved = batch_for(budget / 2)
+    assert halved == int((budget / 2 * generation.GB * 0.9 - 2**20 - copy_bytes) // per_study) > 100
+    assert batch_for(1.0) == int((budget * generation.GB * 0.9 - 2**20 - copy_bytes) // per_study) > 2 * halved
+    assert generation.generation_batch_size(peft_model, config.replace(vram_budget_gb=None), device="cuda") == 10_000
 
 
 def test_generation_memory_estimate_matches_the_measured_peak_and_the_shared_cross_attention_saving():
