@@ -13,6 +13,7 @@ logits agree); it costs the copy's memory (about 0.3 GB at BLIP-large size).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +230,8 @@ def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.M
 
 _compiled_decoders: dict[tuple[Any, ...], nn.Module] = {}
 """The compiled decoding step's decoder, one per process (see :func:`compiled_decoder_for_generation`)."""
+_compile_failures: list[str] = []
+"""Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 
 
 def compiled_decoder_for_generation(model: Any, num_beams: int, backend: str) -> nn.Module:
@@ -283,7 +286,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     model.eval()
     base = unwrap_model(model)
     use_copy = decoder_copy and (needs_decoder_copy(model) or compile_backend is not None)  # compile a copy, not the model
-    compiled = compile_backend is not None and use_copy
+    compiled = compile_backend is not None and use_copy and not _compile_failures
     if compiled:
         decoder = compiled_decoder_for_generation(model, num_beams, compile_backend)
     else:
@@ -316,7 +319,19 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         if pixel_values.ndim == 4:
                             pixel_values = pixel_values.unsqueeze(1)
                         output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
-                except Exception as err:  # noqa: BLE001 - only out-of-memory is handled
+                except Exception as err:  # noqa: BLE001 - out of memory and a failed compiled step are handled
+                    if compiled and not is_out_of_memory(err):  # e.g. no working Triton: generate eagerly
+                        _compile_failures.append(f"{type(err).__name__}: {err}")
+                        warnings.warn(f"The compiled decoding step failed ({_compile_failures[-1][:300]}); reports "
+                                      "are generated without it from now on (compile_generation=False avoids "
+                                      "the attempt).", RuntimeWarning, stacklevel=2)
+                        release_generation_decoder(decoder)
+                        _compiled_decoders.clear()
+                        decoder, compiled = decoder_for_generation(model, num_beams), False
+                        shared_cross_attention = [m for m in decoder.modules()
+                                                  if isinstance(m, SharedMemoryCrossAttention)]
+                        settings.pop("cache_implementation")
+                        continue
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
                         raise
                     if len(batch) == 1:

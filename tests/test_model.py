@@ -369,6 +369,33 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     assert generation.compile_backend(peft_model, config.replace(compile_generation=True)) is None  # CPU: ignored
 
 
+def test_a_compiled_step_that_fails_falls_back_to_eager_generation_with_a_warning(tiny, tmp_path, monkeypatch):
+    """A GPU without a working compiler (no Triton, say) must not end a long run: the reports are generated
+    without the compiled step, and later calls do not try again."""
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    images = [row["image"] for row in _rows()]
+    settings = dict(max_new_tokens=6, num_beams=2, progress=False, batch_size=2)
+    plain = generation.generate_reports(peft_model, processor, images, **settings)
+    attempts = []
+
+    def broken_backend(graph, example_inputs):
+        attempts.append(1)
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(generation, "_compile_failures", [])
+    monkeypatch.setattr(generation, "_compiled_decoders", {})
+    torch.compiler.reset()
+    with pytest.warns(RuntimeWarning, match="triton"):
+        assert generation.generate_reports(peft_model, processor, images, compile_backend=broken_backend,
+                                           **settings) == plain
+    assert generation.generate_reports(peft_model, processor, images, compile_backend=broken_backend,
+                                       **settings) == plain
+    assert len(attempts) == 1, "a failed compiler is not tried again in the same process"
+    torch.compiler.reset()
+
+
 def test_generation_batches_fit_what_the_allocator_may_hold_not_the_whole_budget(tiny, tmp_path, monkeypatch):
     """The CUDA context and library workspaces take part of the budget before the allocator gets any: the
     batch is sized to the allocator's cap (here half the budget), not to the budget."""
