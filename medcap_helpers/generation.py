@@ -173,12 +173,14 @@ def decoder_for_generation(model: Any, num_beams: int = 1) -> nn.Module:
     source = unwrap_model(model).text_decoder
     with torch.device("meta"):
         copy = type(source)(source.config)
-    sources = {module: name for name, module in copy.named_modules()}  # names as in the source
+    source_names = {id(module): name for name, module in copy.named_modules()}
     copy.generation_config = source.generation_config
     for layer in copy.bert.encoder.layer:
         if hasattr(layer, "crossattention"):
             layer.crossattention = SharedMemoryCrossAttention(layer.crossattention, num_beams)
-    copy._medcap_source_names = sources  # type: ignore[assignment]
+    # each module's name in the source (strings: a mapping that held the modules would keep the copy alive)
+    copy._medcap_source_names = {name: source_names[id(module)]  # type: ignore[assignment]
+                                 for name, module in copy.named_modules() if id(module) in source_names}
     return load_generation_weights(copy, model)
 
 
@@ -188,7 +190,8 @@ def load_generation_weights(copy: nn.Module, model: Any) -> nn.Module:
     memory on the model's device: dequantized, LoRA merged, in the dtype the source computes in."""
     source = unwrap_model(model).text_decoder
     copy.to(_generation_dtype(source)).to_empty(device=next(source.parameters()).device)
-    for module, name in copy._medcap_source_names.items():
+    for copy_name, name in copy._medcap_source_names.items():
+        module = copy.get_submodule(copy_name)
         if isinstance(module, nn.Linear):
             weight, bias = _effective_weight(source.get_submodule(name))
             module.weight.copy_(weight)
@@ -342,6 +345,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 reports.extend(" ".join(t.split()) for t in texts)
                 bar.update(len(texts))
     finally:
+        for module in shared_cross_attention:  # a batch's keys and values: free them now
+            module.reset()
         if compiled:
             release_generation_decoder(decoder)
         del decoder, shared_cross_attention

@@ -369,6 +369,34 @@ def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_repo
     assert generation.compile_backend(peft_model, config.replace(compile_generation=True)) is None  # CPU: ignored
 
 
+def test_the_decoder_copy_and_its_keys_and_values_are_freed_when_generation_returns(tiny, tmp_path, monkeypatch):
+    """Freed at once, not at the garbage collector's next pass: a copy kept alive by a reference cycle held
+    its weights and its last batch's keys and values (1.9 GB at BLIP-large size) into the next call, whose
+    batch was then sized to the memory left (39 studies, then 16, then 1, on an H100)."""
+    import gc
+    import weakref
+
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    copies = []
+    make_copy = generation.decoder_for_generation
+
+    def recorded_copy(model, num_beams=1):
+        copy = make_copy(model, num_beams)
+        copies.append(weakref.ref(copy))
+        return copy
+
+    monkeypatch.setattr(generation, "decoder_for_generation", recorded_copy)
+    images = [row["image"] for row in _rows()]
+    gc.disable()
+    try:
+        generation.generate_reports(peft_model, processor, images, max_new_tokens=6, num_beams=2, progress=False)
+        assert len(copies) == 1 and copies[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_a_compiled_step_that_fails_falls_back_to_eager_generation_with_a_warning(tiny, tmp_path, monkeypatch):
     """A GPU without a working compiler (no Triton, say) must not end a long run: the reports are generated
     without the compiled step, and later calls do not try again."""
