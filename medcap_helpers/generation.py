@@ -339,6 +339,9 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         raise
                     if len(batch) == 1:
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
+                    else:  # said, not silent: every batch of the call then runs at the smaller size
+                        warnings.warn(f"Generating reports: a batch of {len(batch)} studies ran out of GPU memory; "
+                                      f"going on with batches of {len(batch) // 2}.", RuntimeWarning, stacklevel=2)
                     batch_size = max(1, len(batch) // 2)
                     continue
                 texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)[:len(batch) - padding]
