@@ -241,7 +241,7 @@ def compiled_decoder_for_generation(model: Any, num_beams: int, backend: str) ->
     """:func:`decoder_for_generation` with its step compiled (:func:`compile_decoding_step`) once per
     process and reused: a later call (another sweep trial, another split, a merged model of the same
     architecture) refills the same modules with its model's weights, which keeps dynamo's compiled code
-    (21 s to compile BLIP-large's step with inductor on an H100; a call of 64 studies takes about 3 s).
+    (21 s to compile BLIP-large's step with inductor on an H100, where a call of 64 studies takes about 3 s).
     Between calls the copy holds no GPU memory (:func:`release_generation_decoder`)."""
     source = unwrap_model(model).text_decoder
     key = (source.config.to_json_string(), str(_generation_dtype(source)), num_beams, backend)
