@@ -3,6 +3,7 @@
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
     python benchmarks/decoding.py                        # CUDA: calls of 64, 64, 64, 296 studies, 4 GB cap
     python benchmarks/decoding.py --calls 296 --backends inductor,cudagraphs   # which compiled steps too
+    TORCH_LOGS=recompiles python benchmarks/decoding.py --no-default --calls 64,64   # the compiled path alone
 
 The rehearsal's random BLIP-large with a random LoRA adapter, reports forced to 75 new tokens, the
 generation batch sized to the 4 GB budget (``generation.generation_batch_size``), from cached image
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--calls", default="64,64,64,296",
                         help="studies per generate_reports call, in order (default: three sweep trials' "
                              "validation studies, then the validation split)")
+    parser.add_argument("--default", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the default (uncompiled) path too (--no-default: the compiled ones only)")
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
@@ -194,14 +197,15 @@ def main() -> None:
                                "command": " ".join(["python"] + sys.argv)}
     compiled_names = {backend: "compiled" if backend == "inductor" else f"compiled_{backend}"
                       for backend in args.backends.split(",") if backend}
-    for name, backend in (("default", None), *((name, backend) for backend, name in compiled_names.items())):
+    measured = ([("default", None)] if args.default else []) + [(name, backend) for backend, name in compiled_names.items()]
+    for name, backend in measured:
         try:
             results[name] = measure(peft_model, processor, config, rows, backend, calls)
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps(without_reports(results[name]))[:1500], flush=True)
         save_results(results)  # each measurement as it ends: a call cut off keeps the ones before
-    default = results["default"]
+    default = results.get("default", {})
     for name in compiled_names.values():
         compiled = results[name]
         if "reports" in default and "reports" in compiled:
