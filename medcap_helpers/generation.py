@@ -254,9 +254,9 @@ def compiled_decoder_for_generation(model: Any, num_beams: int, backend: str) ->
 
 
 def release_generation_decoder(decoder: nn.Module) -> None:
-    """Free the GPU memory of a compiled decoder between calls: its weights (refilled by the next call) and
-    the CUDA graphs recorded for it (recorded again, in a second or so, by the next call; training between
-    two calls then has the memory)."""
+    """Free the GPU memory of a compiled decoder between calls, so that training between two calls has it:
+    its weights (refilled by the next call) and the CUDA graphs recorded for it (recorded again by the
+    next call; the compiled code is kept)."""
     from torch._inductor import cudagraph_trees
 
     decoder.to_empty(device="meta")
