@@ -3,7 +3,7 @@
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
     python benchmarks/decoding.py                        # CUDA: calls of 64, 64, 64, 296 studies, 4 GB cap
     python benchmarks/decoding.py --calls 296 --backends inductor,cudagraphs   # which compiled steps too
-    TORCH_LOGS=recompiles python benchmarks/decoding.py --no-default --calls 64,64   # the compiled path alone
+    TORCH_LOGS=recompiles python benchmarks/decoding.py --no-default --calls 64,64 --max-batch 26   # compiled only
 
 The rehearsal's random BLIP-large with a random LoRA adapter, reports forced to 75 new tokens, the
 generation batch sized to the 4 GB budget (``generation.generation_batch_size``), from cached image
@@ -167,6 +167,8 @@ def main() -> None:
                              "validation studies, then the validation split)")
     parser.add_argument("--default", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the default (uncompiled) path too (--no-default: the compiled ones only)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="at most this many studies per batch (eval_batch_size; the budget may allow fewer)")
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
@@ -191,6 +193,8 @@ def main() -> None:
 
     context_gb = cap_memory()
     config, dd, peft_model, processor = rehearsal_peft_model(args.run, args.data)
+    if args.max_batch:
+        config = config.replace(eval_batch_size=args.max_batch)
     rows = dd["validation"]
     calls = [int(n) for n in args.calls.split(",")]
     results: dict[str, Any] = {"part": "decoding", "cuda_context_gb": context_gb, "environment": environment_info(),
