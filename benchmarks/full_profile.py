@@ -263,6 +263,17 @@ def notebook_seconds(notebook: str | Path) -> float | None:
     return round(seconds, 1) if seconds is not None else None
 
 
+def generation_retries(notebook: str | Path) -> list[str]:
+    """The executed notebook's warnings of generation batches retried at half the size (out of memory):
+    none means every batch ran at the size it was given."""
+    try:
+        cells = json.loads(Path(notebook).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return []
+    texts = ("".join(output.get("text", "")) for cell in cells for output in cell.get("outputs", []))
+    return [line.strip() for text in texts for line in text.splitlines() if "ran out of GPU memory; going on" in line]
+
+
 def keep_artefacts(run: str | Path, stage: str, output: str, artefacts: str | Path) -> list[Path]:
     """Copy what a measured stage leaves behind into ``artefacts`` as soon as it ends: its executed notebook,
     its console output and the results file so far. On the GPU machine ``artefacts`` is ``$OUT``, which comes
@@ -313,6 +324,7 @@ def run_after(spec: str, run: str, data_dir: str, force: bool = False,
         results[stage] = {"seconds": seconds, "how": "measured (the whole stage, kernel start included)",
                           "peak_process_gpu_gb": peak_process_gb(log), "rc": done.returncode,
                           "notebook_seconds": notebook_seconds(Path(run) / "notebooks" / f"{stage}.ipynb"),
+                          "generation_retries": generation_retries(Path(run) / "notebooks" / f"{stage}.ipynb"),
                           "cells": cell_times(Path(run) / "notebooks" / f"{stage}.ipynb")}
         if done.returncode != 0:
             results[stage]["error"] = (done.stdout + done.stderr)[-3000:]

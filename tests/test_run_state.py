@@ -170,3 +170,22 @@ def test_the_decoding_benchmark_saves_each_measurement_without_its_reports(tmp_p
     assert saved == {"part": "decoding", "default": {"reports_per_s": 9.6}}
     assert json.loads((out / "decoding.json").read_text()) == saved
     assert results["default"]["reports"] == ["the heart is normal ."]  # still there for the comparison
+
+
+def test_generation_retries_are_read_from_the_executed_notebooks_warnings(tmp_path: Path) -> None:
+    import json
+
+    from full_profile import generation_retries
+
+    warning = ("/medcap_helpers/train.py:318: RuntimeWarning: Generating reports: a batch of 52 studies ran out of "
+               "GPU memory; going on with batches of 26.\n  reports = generate_reports(\n")
+    cells = [{"cell_type": "code", "source": "train()", "outputs": [
+                 {"output_type": "stream", "name": "stderr", "text": ["Epoch 1\n", warning]},
+                 {"output_type": "display_data", "data": {"text/plain": "<Figure>"}}]},
+             {"cell_type": "markdown", "source": "# notes"}]
+    (tmp_path / "03.ipynb").write_text(json.dumps({"cells": cells}))
+    assert generation_retries(tmp_path / "03.ipynb") == [warning.split("\n")[0]]
+    cells[0]["outputs"][0]["text"] = ["Epoch 1\n"]
+    (tmp_path / "clean.ipynb").write_text(json.dumps({"cells": cells}))
+    assert generation_retries(tmp_path / "clean.ipynb") == []
+    assert generation_retries(tmp_path / "missing.ipynb") == []
