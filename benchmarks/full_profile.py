@@ -237,15 +237,19 @@ def warm_vision_cache(run: str | Path) -> dict[str, Any]:
             "how": "set-up of a fresh machine (not part of any stage's time)"}
 
 
+def notebook_cells(notebook: str | Path) -> list[dict[str, Any]]:
+    """An executed notebook's cells; none when it is missing or unreadable (a stage that failed early)."""
+    try:
+        return json.loads(Path(notebook).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def cell_times(notebook: str | Path, at_least_s: float = 1.0) -> list[dict[str, Any]]:
     """Papermill's per-cell durations in an executed notebook (cells of ``at_least_s`` or more): where a
     stage's time went, by the first line of each cell."""
-    try:
-        cells = json.loads(Path(notebook).read_text())["cells"]
-    except (OSError, ValueError, KeyError):
-        return []
     times = []
-    for index, cell in enumerate(cells):
+    for index, cell in enumerate(notebook_cells(notebook)):
         seconds = (cell.get("metadata", {}).get("papermill") or {}).get("duration")
         if seconds is not None and seconds >= at_least_s:
             source = "".join(cell.get("source", ""))
@@ -266,11 +270,7 @@ def notebook_seconds(notebook: str | Path) -> float | None:
 def generation_retries(notebook: str | Path) -> list[str]:
     """The executed notebook's warnings of generation batches retried at half the size (out of memory):
     none means every batch ran at the size it was given."""
-    try:
-        cells = json.loads(Path(notebook).read_text())["cells"]
-    except (OSError, ValueError, KeyError):
-        return []
-    texts = ("".join(output.get("text", "")) for cell in cells for output in cell.get("outputs", []))
+    texts = ("".join(output.get("text", "")) for cell in notebook_cells(notebook) for output in cell.get("outputs", []))
     return [line.strip() for text in texts for line in text.splitlines() if "ran out of GPU memory; going on" in line]
 
 
