@@ -93,6 +93,41 @@ NO_KERNEL = {"as_strided", "view", "expand", "empty", "resolve_conj", "reshape",
 """Operators that are views, allocations or wrappers around the counted kernels' own operators."""
 
 
+def memory_per_study(peft_model: Any, processor: Any, config: Any, rows: Any, sizes: list[int]) -> dict[str, Any]:
+    """The GPU memory a generation batch takes beyond what was allocated before it, at each batch size in
+    ``sizes`` (one batch each, cached image tokens, the config's beams and lengths), beside the estimate
+    that sizes batches (:func:`generation.study_generation_bytes` per study plus the decoder copy). The
+    slope between two sizes is what one more study costs."""
+    import torch
+
+    from medcap_helpers import generation
+
+    copy_bytes = (2 * sum(p.numel() for p in generation.unwrap_model(peft_model).text_decoder.parameters())
+                  if generation.needs_decoder_copy(peft_model) else 0)
+    per_study_estimate = generation.study_generation_bytes(peft_model, config, shared_cross_attention=copy_bytes > 0)
+    measured = []
+    for n in sizes:
+        inputs = generation.generation_inputs(peft_model, processor, rows.select(range(n)), config)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        generation.generate_reports(peft_model, processor, inputs, max_new_tokens=config.max_new_tokens,
+                                    min_new_tokens=config.min_new_tokens, num_beams=config.num_beams,
+                                    batch_size=n, progress=False)
+        peak = torch.cuda.max_memory_allocated() - before
+        measured.append({"studies": n, "allocated_before_gb": before / 1e9, "batch_peak_gb": peak / 1e9,
+                         "estimate_gb": (copy_bytes + n * per_study_estimate) / 1e9})
+        print(measured[-1], flush=True)
+    slope = ((measured[-1]["batch_peak_gb"] - measured[0]["batch_peak_gb"]) / (sizes[-1] - sizes[0])
+             if len(sizes) > 1 else None)
+    return {"batches": measured, "measured_gb_per_study": slope, "estimated_gb_per_study": per_study_estimate / 1e9,
+            "decoder_copy_gb": copy_bytes / 1e9,
+            "budget_batch": generation.generation_batch_size(peft_model, config),
+            "allocator_cap_gb": torch.cuda.get_per_process_memory_fraction(0)
+            * torch.cuda.get_device_properties(0).total_memory / 1e9}
+
+
 def count_step_ops(run_dir: str, steps: tuple[int, int] = (10, 30)) -> dict[str, Any]:
     """Kernel-launching operators per beam-3 decoding step, in the decoder and in the generation loop: the
     difference between two generation lengths, divided by the extra steps (so set-up is not counted)."""
@@ -169,6 +204,9 @@ def main() -> None:
                         help="measure the default (uncompiled) path too (--no-default: the compiled ones only)")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="at most this many studies per batch (eval_batch_size; the budget may allow fewer)")
+    parser.add_argument("--memory-per-study", metavar="SIZES", default=None,
+                        help="CUDA: the memory of one batch at each of these sizes (e.g. 8,16,24,32) against "
+                             "the estimate that sizes batches; results in decoding_memory.json")
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
@@ -195,6 +233,14 @@ def main() -> None:
     config, dd, peft_model, processor = rehearsal_peft_model(args.run, args.data)
     if args.max_batch:
         config = config.replace(eval_batch_size=args.max_batch)
+    if args.memory_per_study:
+        sizes = [int(n) for n in args.memory_per_study.split(",")]
+        results = {"part": "decoding_memory", "cuda_context_gb": context_gb, "environment": environment_info(),
+                   "command": " ".join(["python"] + sys.argv),
+                   **memory_per_study(peft_model, processor, config, dd["validation"], sizes)}
+        save_results(results, RESULTS.with_name("decoding_memory.json"))
+        print(json.dumps({k: v for k, v in results.items() if k != "environment"}, indent=1))
+        return
     rows = dd["validation"]
     calls = [int(n) for n in args.calls.split(",")]
     results: dict[str, Any] = {"part": "decoding", "cuda_context_gb": context_gb, "environment": environment_info(),

@@ -209,18 +209,21 @@ def load_generation_weights(copy: nn.Module, model: Any) -> nn.Module:
 
 def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.Module:
     """``decoder`` with its forward (one decoding step) compiled as one graph (``fullgraph``: a graph break
-    raises instead of silently running eager). With ``"inductor"`` the step runs as CUDA graphs
-    (``reduce-overhead``); ``"cudagraphs"`` records the traced step as CUDA graphs without generating code
-    (a shorter compile); tests use ``"eager"``, which traces only. Needs the static key/value cache
+    raises instead of silently running eager), for one batch shape (``dynamic=False``: another batch size
+    is compiled again, as fast as the first; left to dynamo, the second shape started a compile for every
+    shape that had not finished after 200 s on an H100). ``"inductor"`` generates fused kernels in its
+    default mode: ``reduce-overhead`` recorded no CUDA graphs (torch skips them, as the static cache's
+    ``index_copy_`` mutates the step's inputs) and its graph trees broke the reuse across calls ("Running
+    CUDAGraph after shutdown"). ``"cudagraphs"`` records the traced step as CUDA graphs without generating
+    code; tests use ``"eager"``, which traces only. Needs the static key/value cache
     (``cache_implementation="static"``), so that every step has the same shapes.
 
     A generation's first step (the prefill, which allocates the static cache) runs uncompiled, as
     transformers' own compiled generation does: allocated inside a traced step, the cache's tensors are
     not marked as static addresses, which makes torch skip the CUDA graphs, and the step would be
     compiled twice, before and after the allocation."""
-    mode = "reduce-overhead" if backend == "inductor" else None
     eager_step = decoder.forward
-    compiled_step = torch.compile(eager_step, backend=backend, mode=mode, fullgraph=True)
+    compiled_step = torch.compile(eager_step, backend=backend, fullgraph=True, dynamic=False)
 
     @functools.wraps(eager_step)  # generate() reads the step's signature to check its arguments
     def decoding_step(*args: Any, **kwargs: Any) -> Any:
@@ -233,6 +236,10 @@ def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.M
 
 _compiled_decoders: dict[tuple[Any, ...], nn.Module] = {}
 """The compiled decoding step's decoder, one per process (see :func:`compiled_decoder_for_generation`)."""
+_batch_size_after_oom: dict[tuple[Any, ...], int] = {}
+"""The batch size :func:`generate_reports` went on with after a batch ran out of memory, per decoder and
+settings: a process's later calls start there (before this, the first batch of 10 calls in a whole
+rehearsal's 03-06 ran out of memory, and each call halved it anew; the measured memory per study is in ``benchmarks/results/decoding_memory.json``)."""
 _compile_failures: list[str] = []
 """Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 
@@ -255,15 +262,11 @@ def compiled_decoder_for_generation(model: Any, num_beams: int, backend: str) ->
 
 def release_generation_decoder(decoder: nn.Module) -> None:
     """Free the GPU memory of a compiled decoder between calls, so that training between two calls has it:
-    its weights (refilled by the next call) and the CUDA graphs recorded for it (recorded again by the
-    next call; the compiled code is kept)."""
-    from torch._inductor import cudagraph_trees
-
+    its weights, refilled by the next call (the compiled code is kept)."""
     decoder.to_empty(device="meta")
     for module in decoder.modules():
         if isinstance(module, SharedMemoryCrossAttention):
             module.reset()
-    cudagraph_trees.reset_cudagraph_trees()
 
 
 @torch.no_grad()
@@ -278,8 +281,10 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     Works for base, 4-bit and peft models; restores the model's train/eval mode afterwards.
     ``decoder_copy`` generates from :func:`decoder_for_generation` when the decoder is 4-bit or has LoRA;
     ``compile_backend`` then compiles its decoding step (:func:`compile_decoding_step`, static cache).
-    A batch that runs out of memory is retried in halves (down to one study) and the smaller batch
-    is kept; out of memory at one study raises :class:`~medcap_helpers.devices.OutOfMemory`.
+    A batch that runs out of memory is retried at three quarters of its size (down to one study), with a
+    warning; the smaller batch is kept for the rest of the call and for the process's later calls with the
+    same decoder and settings (:data:`_batch_size_after_oom`), which would run out of memory the same way.
+    Out of memory at one study raises :class:`~medcap_helpers.devices.OutOfMemory`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -300,6 +305,9 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         settings["cache_implementation"] = "static"
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
+    oom_key = (unwrap_model(model).text_decoder.config.to_json_string(), str(device), num_beams, max_new_tokens,
+               min_new_tokens, compiled)
+    batch_size = min(batch_size, _batch_size_after_oom.get(oom_key, batch_size))
     reports: list[str] = []
     oom: OutOfMemory | None = None
     try:
@@ -339,10 +347,11 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         raise
                     if len(batch) == 1:
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
-                    else:  # said, not silent: every batch of the call then runs at the smaller size
+                    batch_size = max(1, len(batch) * 3 // 4)
+                    if len(batch) > 1:  # said, not silent; this call's later batches and the process's later calls
+                        _batch_size_after_oom[oom_key] = min(batch_size, _batch_size_after_oom.get(oom_key, batch_size))
                         warnings.warn(f"Generating reports: a batch of {len(batch)} studies ran out of GPU memory; "
-                                      f"going on with batches of {len(batch) // 2}.", RuntimeWarning, stacklevel=2)
-                    batch_size = max(1, len(batch) // 2)
+                                      f"going on with batches of {batch_size}.", RuntimeWarning, stacklevel=2)
                     continue
                 texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)[:len(batch) - padding]
                 reports.extend(" ".join(t.split()) for t in texts)
@@ -398,6 +407,12 @@ def study_generation_bytes(model: Any, config: MedcapConfig, dtype_bytes: int = 
     return cross + written + memory + scores
 
 
+GENERATION_WORKSPACE_BYTES = int(0.14 * GB)
+"""What a generation batch allocates beyond the decoder copy and its studies' share: the intercept of its
+peak against the number of studies, 0.12-0.14 GB for BLIP-large on an H100 at 8-40 studies
+(``python benchmarks/decoding.py --memory-per-study 8,16,24,32,40``, ``benchmarks/results/decoding_memory.json``)."""
+
+
 def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device | str | None = None,
                           margin: float = 0.1) -> int:
     """How many studies to generate at once: ``config.eval_batch_size``, or fewer when the GPU budget
@@ -405,15 +420,17 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
 
     The budget is what PyTorch's allocator may hold of ``config.vram_budget_gb`` (its cap, set by
     :func:`~medcap_helpers.devices.cap_gpu_memory`: the budget less the CUDA context and library
-    workspaces), less ``margin`` and what is allocated already. Sized against the whole budget instead,
-    the first batch of every call ran out of memory on an H100 and was retried at half the size."""
+    workspaces), less ``margin``, what is allocated already and :data:`GENERATION_WORKSPACE_BYTES`. Sized
+    against the whole budget instead, the first batch of every call ran out of memory on an H100 and was
+    retried at half the size."""
     device = torch.device(device) if device is not None else model_device(model)
     if config.vram_budget_gb is None or device.type != "cuda":
         return config.eval_batch_size
     decoder = unwrap_model(model).text_decoder
     copy_bytes = 2 * sum(p.numel() for p in decoder.parameters()) if needs_decoder_copy(model) else 0
     allocator_cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
-    free = min(config.vram_budget_gb * GB, allocator_cap) * (1 - margin) - torch.cuda.memory_allocated(device) - copy_bytes
+    free = (min(config.vram_budget_gb * GB, allocator_cap) * (1 - margin) - torch.cuda.memory_allocated(device)
+            - copy_bytes - GENERATION_WORKSPACE_BYTES)
     per_study = study_generation_bytes(model, config, shared_cross_attention=copy_bytes > 0)
     return max(1, min(config.eval_batch_size, int(free // per_study)))
 

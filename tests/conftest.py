@@ -57,3 +57,13 @@ def synthetic_iu(tmp_path: Path):  # -> tests.fixtures.SyntheticIU
     from tests.fixtures import write_synthetic_iu
 
     return write_synthetic_iu(tmp_path / "synthetic_iu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_generation_batch_sizes():
+    """What one test's simulated out-of-memory teaches ``generate_reports`` stays in that test."""
+    from medcap_helpers import generation
+
+    generation._batch_size_after_oom.clear()
+    yield
+    generation._batch_size_after_oom.clear()
