@@ -47,7 +47,7 @@ def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_bac
     studies, then a whole split): each call of ``n`` studies takes the first ``n`` of ``rows``, from cached
     image tokens when the config caches them, the batch sized to the budget. Each call is timed whole
     (compiling included); the batches actually run are recorded (a batch that runs out of memory is
-    retried in halves)."""
+    retried smaller and the smaller size kept)."""
     import torch
 
     from full_profile import memory, timed
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
-                             "(inductor: reduce-overhead; cudagraphs: CUDA graphs of the traced step, no codegen)")
+                             "(inductor: fused kernels, static shapes; cudagraphs: CUDA graphs of the traced step, no codegen)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.count_ops:

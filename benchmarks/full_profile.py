@@ -268,7 +268,7 @@ def notebook_seconds(notebook: str | Path) -> float | None:
 
 
 def generation_retries(notebook: str | Path) -> list[str]:
-    """The executed notebook's warnings of generation batches retried at half the size (out of memory):
+    """The executed notebook's warnings of generation batches retried smaller (out of memory):
     none means every batch ran at the size it was given."""
     texts = ("".join(output.get("text", "")) for cell in notebook_cells(notebook) for output in cell.get("outputs", []))
     return [line.strip() for text in texts for line in text.splitlines() if "ran out of GPU memory; going on" in line]

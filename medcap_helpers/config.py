@@ -153,10 +153,11 @@ class MedcapConfig:
     num_beams: int = 3
     compile_generation: bool = False
     """On a GPU, decode from a static key/value cache with the decoder's step compiled by ``torch.compile``
-    (inductor, ``reduce-overhead``). Compiled once per process; later calls refill the compiled copy with
+    (inductor, static shapes). Compiled once per process; later calls refill the compiled copy with
     their model's weights. A compiler that fails falls back to plain generation with a warning. Off: on an
-    H100 it compiled in 21 s and ran 1.5x faster per batch of 26 studies, but at larger batches the
-    compile has not finished within 100 s (``benchmarks/decoding.py``). Ignored on the CPU."""
+    H100 it compiled in 21 s and ran 1.5x faster per batch of 26 studies, but its reuse across calls and
+    its recompile after an out-of-memory retry failed there, and their fixes are not yet measured on a GPU
+    (``benchmarks/decoding.py``). Ignored on the CPU."""
     compile_training: bool = False
     """On a GPU, run each training step's forward and backward compiled by ``torch.compile`` (inductor,
     with a symbolic report length). Off: measured on the rehearsal (H200, 4 GB cap, 16 x 1, cached tokens)

@@ -6,6 +6,8 @@ CUDA is simulated on the CPU: the training step or the generation of a batch
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -76,7 +78,7 @@ def test_oom_in_the_validation_reports_says_generation_and_keeps_checkpoints(tmp
     monkeypatch.setattr(generation, "multiview_generate", generate)
     with pytest.raises(OutOfMemory) as caught:
         train(config, model, processor, {"train": rows, "validation": rows[:4]})
-    assert tried == [2, 1], "a batch that runs out of memory is retried in halves down to one study"
+    assert tried == [2, 1], "a batch that runs out of memory is retried smaller, down to one study"
     message = str(caught.value)
     assert message.startswith("Out of memory while generating reports: CUDA out of memory")
     for fragment in ("batch_size=2", "num_beams=2", "max_new_tokens=16", "eval_batch_size=1", "num_beams=1",
@@ -84,7 +86,7 @@ def test_oom_in_the_validation_reports_says_generation_and_keeps_checkpoints(tmp
         assert fragment in message
 
 
-def test_generation_halves_a_batch_that_runs_out_of_memory_and_keeps_going(tmp_path, monkeypatch):
+def test_generation_shrinks_a_batch_that_runs_out_of_memory_keeps_going_and_remembers_it(tmp_path, monkeypatch):
     config = smoke_config(tmp_path / "run")
     model, processor = qlora_model(config)
     images = [row["image"] for row in synthetic_rows()[:5]]
@@ -100,11 +102,23 @@ def test_generation_halves_a_batch_that_runs_out_of_memory_and_keeps_going(tmp_p
 
     monkeypatch.setattr(generation, "multiview_generate", generate)
     model.train()
-    with pytest.warns(RuntimeWarning, match="a batch of 4 studies ran out of GPU memory; going on with batches of 2"):
+    with pytest.warns(RuntimeWarning) as warned:
         reports = generate_reports(model, processor, images, max_new_tokens=4, batch_size=4, progress=False)
-    assert tried == [4, 2, 2, 1], "4 fails, then halves of 2 (the last batch holds what is left)"
+    assert [str(w.message) for w in warned] == [
+        f"Generating reports: a batch of {n} studies ran out of GPU memory; going on with batches of {n * 3 // 4}."
+        for n in (4, 3)]
+    assert tried == [4, 3, 2, 2, 1], "4 fails, 3 fails, then batches of 2 (the last holds what is left)"
     assert reports == expected, "no report is lost or repeated when a batch is retried"
     assert model.training, "generate_reports restores the model's train/eval mode"
+    tried.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a later call of the process starts at the size that fit: no retry
+        assert generate_reports(model, processor, images, max_new_tokens=4, batch_size=4, progress=False) == expected
+    assert tried == [2, 2, 1]
+    tried.clear()  # other settings are another key: their first batch is tried at its own size
+    with pytest.warns(RuntimeWarning, match="a batch of 4 studies"):
+        generate_reports(model, processor, images, max_new_tokens=5, batch_size=4, progress=False)
+    assert tried[0] == 4
 
 
 def test_generation_oom_at_one_study_names_beams_batch_and_length(tmp_path, monkeypatch):
