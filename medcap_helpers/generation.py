@@ -209,9 +209,10 @@ def load_generation_weights(copy: nn.Module, model: Any) -> nn.Module:
 
 def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.Module:
     """``decoder`` with its forward (one decoding step) compiled as one graph (``fullgraph``: a graph break
-    raises instead of silently running eager), for one batch shape (``dynamic=False``: another batch size
-    is compiled again, like the first; left to dynamo, a second batch size after an out-of-memory retry
-    would compile for a dynamic batch, and such a call had not finished after 200 s on an H100).
+    raises instead of silently running eager), for one batch shape (``dynamic=False``: another batch size,
+    as after an out-of-memory retry, is compiled again for its own static shapes, never for a symbolic
+    batch; on an H100 a compiled call that went on after such a retry had not finished after 200 s, cause
+    unknown).
     ``"inductor"`` generates fused kernels in its
     default mode: ``reduce-overhead`` recorded no CUDA graphs (torch skips them, as the static cache's
     ``index_copy_`` mutates the step's inputs) and its graph trees broke the reuse across calls ("Running

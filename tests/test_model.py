@@ -310,7 +310,7 @@ def test_the_16bit_decoder_copy_computes_what_the_4bit_lora_decoder_computes(tin
 def test_the_compiled_decoding_step_traces_as_one_graph_and_writes_the_same_reports(tiny, tmp_path, monkeypatch):
     """compile_generation's path on the CPU: a static key/value cache and the decoding step traced by
     torch.compile with fullgraph (a graph break would raise), through dynamo's ``eager`` backend (the
-    GPU uses inductor's CUDA graphs), once for all batches and all calls: each generation's first step,
+    GPU uses inductor's fused kernels), once for all batches and all calls: each generation's first step,
     which allocates the cache, runs uncompiled, and a later call refills the same compiled copy with its
     model's weights. The same reports as the default path, over batches of different studies and a
     smaller last batch, minimum length included, and for a second adapter; the model itself is never
@@ -395,6 +395,36 @@ def test_the_decoder_copy_and_its_keys_and_values_are_freed_when_generation_retu
         assert len(copies) == 1 and copies[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_new_batch_size_compiles_the_step_again_for_static_shapes(tiny, tmp_path, monkeypatch):
+    """After an out-of-memory retry the batch size changes (on an H100, a compiled call that went on after
+    such a retry had not finished after 200 s): each size is compiled for its own static shapes, never for
+    a symbolic batch (``dynamic=False``), and the reports stay those of the default path."""
+    folder, processor = tiny
+    config = _config(tmp_path)
+    peft_model = M.attach_lora(M.load_base_model(config, model_path=folder), config)
+    images = [row["image"] for row in _rows()]
+    compiled_shapes = []
+
+    def recording_backend(graph, example_inputs):
+        compiled_shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    monkeypatch.setattr(generation, "_compile_failures", [])
+    monkeypatch.setattr(generation, "_compiled_decoders", {})
+    torch.compiler.reset()
+    settings = dict(max_new_tokens=6, num_beams=2, progress=False)
+    for batch_size in (3, 2):
+        assert generation.generate_reports(peft_model, processor, images, compile_backend=recording_backend,
+                                           batch_size=batch_size, **settings) == \
+            generation.generate_reports(peft_model, processor, images, batch_size=batch_size, **settings)
+    assert len(compiled_shapes) == 2, "one compile per batch size"
+    for shapes in compiled_shapes:
+        assert all(isinstance(d, int) for shape in shapes for d in shape), "static shapes, no symbolic batch"
+    batches = [{shape[0] for shape in shapes if len(shape) == 4} for shapes in compiled_shapes]
+    assert batches[0] != batches[1], "each compile is for its own batch size"
+    torch.compiler.reset()
 
 
 def test_a_compiled_step_that_fails_falls_back_to_eager_generation_with_a_warning(tiny, tmp_path, monkeypatch):
