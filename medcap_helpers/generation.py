@@ -212,13 +212,12 @@ def compile_decoding_step(decoder: nn.Module, backend: str = "inductor") -> nn.M
     raises instead of silently running eager), for one batch shape (``dynamic=False``: another batch size,
     as after an out-of-memory retry, is compiled again for its own static shapes, never for a symbolic
     batch; on an H100 a compiled call that went on after such a retry had not finished after 200 s, cause
-    unknown).
-    ``"inductor"`` generates fused kernels in its
-    default mode: ``reduce-overhead`` recorded no CUDA graphs (torch skips them, as the static cache's
-    ``index_copy_`` mutates the step's inputs) and its graph trees broke the reuse across calls ("Running
-    CUDAGraph after shutdown"). ``"cudagraphs"`` records the traced step as CUDA graphs without generating
-    code; tests use ``"eager"``, which traces only. Needs the static key/value cache
-    (``cache_implementation="static"``), so that every step has the same shapes.
+    unknown). ``"inductor"`` generates fused kernels in its default mode: ``reduce-overhead`` recorded no
+    CUDA graphs (torch skips them, as the static cache's ``index_copy_`` mutates the step's inputs) and its
+    graph trees broke the reuse across calls ("Running CUDAGraph after shutdown"). ``"cudagraphs"``
+    records the traced step as CUDA graphs without generating code; tests use ``"eager"``, which traces
+    only. Needs the static key/value cache (``cache_implementation="static"``), so that every step has the
+    same shapes.
 
     A generation's first step (the prefill, which allocates the static cache) runs uncompiled, as
     transformers' own compiled generation does: allocated inside a traced step, the cache's tensors are
@@ -240,8 +239,9 @@ _compiled_decoders: dict[tuple[Any, ...], nn.Module] = {}
 """The compiled decoding step's decoder, one per process (see :func:`compiled_decoder_for_generation`)."""
 _batch_size_after_oom: dict[tuple[Any, ...], int] = {}
 """The batch size :func:`generate_reports` went on with after a batch ran out of memory, per decoder and
-settings: a process's later calls start there (before this, the first batch of 10 calls in a whole
-rehearsal's 03-06 ran out of memory, and each call halved it anew; the measured memory per study is in ``benchmarks/results/decoding_memory.json``)."""
+settings: a process's later calls start there. Before this, the first batch of 10 calls in a whole
+rehearsal's 03-06 ran out of memory, and each call halved it anew (the measured memory of a batch:
+``benchmarks/results/decoding_memory.json``)."""
 _compile_failures: list[str] = []
 """Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 
