@@ -102,8 +102,7 @@ def memory_per_study(peft_model: Any, processor: Any, config: Any, rows: Any, si
 
     from medcap_helpers import generation
 
-    copy_bytes = (2 * sum(p.numel() for p in generation.unwrap_model(peft_model).text_decoder.parameters())
-                  if generation.needs_decoder_copy(peft_model) else 0)
+    copy_bytes = generation.decoder_copy_bytes(peft_model)
     per_study_estimate = generation.study_generation_bytes(peft_model, config, shared_cross_attention=copy_bytes > 0)
     measured = []
     for n in sizes:

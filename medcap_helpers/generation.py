@@ -415,6 +415,13 @@ peak against the number of studies, 0.12-0.14 GB for BLIP-large on an H100 at 8-
 (``python benchmarks/decoding.py --memory-per-study 8,16,24,32,40``, ``benchmarks/results/decoding_memory.json``)."""
 
 
+def decoder_copy_bytes(model: Any) -> int:
+    """GPU bytes of the 16-bit decoder copy that generation makes for ``model`` (0 when it makes none)."""
+    if not needs_decoder_copy(model):
+        return 0
+    return 2 * sum(p.numel() for p in unwrap_model(model).text_decoder.parameters())
+
+
 def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device | str | None = None,
                           margin: float = 0.1) -> int:
     """How many studies to generate at once: ``config.eval_batch_size``, or fewer when the GPU budget
@@ -428,8 +435,7 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
     device = torch.device(device) if device is not None else model_device(model)
     if config.vram_budget_gb is None or device.type != "cuda":
         return config.eval_batch_size
-    decoder = unwrap_model(model).text_decoder
-    copy_bytes = 2 * sum(p.numel() for p in decoder.parameters()) if needs_decoder_copy(model) else 0
+    copy_bytes = decoder_copy_bytes(model)
     allocator_cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
     free = (min(config.vram_budget_gb * GB, allocator_cap) * (1 - margin) - torch.cuda.memory_allocated(device)
             - copy_bytes - GENERATION_WORKSPACE_BYTES)
