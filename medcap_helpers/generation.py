@@ -307,8 +307,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         settings["cache_implementation"] = "static"
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
-    oom_key = (unwrap_model(model).text_decoder.config.to_json_string(), str(device), num_beams, max_new_tokens,
-               min_new_tokens, compiled)
+    oom_key = (base.text_decoder.config.to_json_string(), str(device), num_beams, max_new_tokens, min_new_tokens,
+               compiled)
     batch_size = min(batch_size, _batch_size_after_oom.get(oom_key, batch_size))
     reports: list[str] = []
     oom: OutOfMemory | None = None
@@ -318,7 +318,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
             while len(reports) < len(images) and oom is None:
                 start = len(reports)
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-                # A compiled step is compiled (and its CUDA graphs recorded) again for every new batch shape:
+                # A compiled step is compiled again for every new batch shape:
                 # a short last batch is padded with its last study, whose extra reports are dropped.
                 padding = batch_size - len(batch) if compiled else 0
                 batch += [batch[-1]] * padding
@@ -351,7 +351,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
                     batch_size = max(1, len(batch) * 3 // 4)
                     if len(batch) > 1:  # said, not silent; this call's later batches and the process's later calls
-                        _batch_size_after_oom[oom_key] = min(batch_size, _batch_size_after_oom.get(oom_key, batch_size))
+                        _batch_size_after_oom[oom_key] = batch_size  # never above what it held: the call started there
                         warnings.warn(f"Generating reports: a batch of {len(batch)} studies ran out of GPU memory; "
                                       f"going on with batches of {batch_size}.", RuntimeWarning, stacklevel=2)
                     continue
