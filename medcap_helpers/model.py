@@ -473,7 +473,9 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     k-bit models go through ``prepare_model_for_kbit_training`` (freeze, fp32 norms/embeddings) with
     non-reentrant checkpointing so that no input-grad hook is registered; gradient checkpointing
     defaults to ``config.gradient_checkpointing``. LoRA weights are initialised from ``config.seed``.
-    With ``config.sdpa_attention`` the decoder's cache-free attention runs fused (:mod:`medcap_helpers.attention`).
+    With ``config.sdpa_attention`` the decoder's cache-free attention runs fused (:mod:`medcap_helpers.attention`);
+    with ``config.dequantize_frozen_weights`` its 4-bit layers multiply by weights dequantized once
+    (:mod:`medcap_helpers.frozen_weights`).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -491,6 +493,10 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
         enable_gradient_checkpointing(peft_model)
     if config.sdpa_attention:
         use_sdpa_attention(peft_model)
+    if config.dequantize_frozen_weights:
+        from medcap_helpers.frozen_weights import dequantize_frozen_weights
+
+        dequantize_frozen_weights(peft_model)
     return peft_model
 
 

@@ -45,6 +45,7 @@ from medcap_helpers.devices import (
     synchronize_gpu,
 )
 from medcap_helpers.errors import ConfigError
+from medcap_helpers.frozen_weights import release_dequantized_weights
 from medcap_helpers.generation import (
     compile_backend,
     generate_reports,
@@ -308,6 +309,7 @@ class MedcapTrainer(Trainer):
         config = self.medcap_config or MedcapConfig()
         scorer = self.scorer or _default_scorer()
         rows = self.generation_rows
+        release_dequantized_weights(self.model)  # generation's batches get that memory; training makes them again
         with self.accelerator.split_between_processes(rows) as share:
             share_predictions = generate_reports(self.model, self.processor,
                                                  generation_inputs(self.model, self.processor, share, config),
@@ -539,6 +541,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         if not is_out_of_memory(err):
             raise
         oom = _training_oom(err, config, checkpoints_dir)
+    finally:
+        release_dequantized_weights(trainer.model)
     if oom is not None:  # raised outside the except block so the failed step's tensors can be freed
         del trainer
         release_memory()

@@ -1,0 +1,84 @@
+"""The text decoder's frozen 4-bit weights dequantized once while it trains (``dequantize_frozen_weights``).
+
+QLoRA keeps the frozen weights in 4-bit NF4 and dequantizes a layer's weight to the compute dtype at every
+matmul: in the forward pass, again when checkpointing recomputes it, and in the backward pass. Each time
+goes through bitsandbytes' Python and launches three more kernels (the double-quantized scales, their
+offset, the weight), about 1,100 of a step's ~3,900 launches at BLIP-large size; and at that size a
+training step is bound by the CPU issuing kernels, not by the GPU (README, "Training levers").
+
+With this setting each 4-bit linear layer of the text decoder keeps its weight as bitsandbytes dequantizes
+it and multiplies by it directly, with the casts bitsandbytes makes (input to the compute dtype, output
+back to the input's dtype): the same weights and arithmetic, for the memory of the decoder's weights in
+16 bits (0.17 GB at BLIP-large size, held while training and released for generation). The 4-bit weights
+stay the model's weights: saving, merging, checkpoints and generation's own decoder copy are unchanged.
+The vision tower is left alone (frozen, and not run at all when its tokens are cached).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medcap_helpers.model import unwrap_model
+
+WEIGHT = "_medcap_dequantized_weight"
+
+
+def _frozen_4bit_layers(model: Any) -> list[nn.Module]:
+    """The text decoder's bitsandbytes 4-bit linear layers (inside LoRA wrappers too, not the wrappers)."""
+    from peft.tuners.lora import LoraLayer
+
+    decoder = unwrap_model(model).text_decoder
+    return [m for m in decoder.modules()
+            if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not isinstance(m, LoraLayer)]
+
+
+def dequantize_frozen_weights(model: Any) -> int:
+    """Make the text decoder's 4-bit linear layers multiply by their dequantized weight, made at their next
+    call and kept until :func:`release_dequantized_weights`; return how many layers. Idempotent."""
+    layers = _frozen_4bit_layers(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_dequantized_forward, layer)
+    return len(layers)
+
+
+def uses_dequantized_weights(model: Any) -> bool:
+    return any("forward" in vars(m) and getattr(vars(m)["forward"], "__func__", None) is _dequantized_forward
+               for m in _frozen_4bit_layers(model))
+
+
+def release_dequantized_weights(model: Any) -> int:
+    """Drop the dequantized weights (generation and other stages get their memory); the next training call
+    makes them again. Return how many bytes were held."""
+    released = 0
+    for layer in _frozen_4bit_layers(model):
+        weight = vars(layer).pop(WEIGHT, None)
+        if weight is not None:
+            released += weight.numel() * weight.element_size()
+    return released
+
+
+def dequantized_bytes(model: Any) -> int:
+    """What the dequantized weights hold now (bytes)."""
+    return sum(w.numel() * w.element_size() for w in (vars(m).get(WEIGHT) for m in _frozen_4bit_layers(model))
+               if w is not None)
+
+
+def _dequantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """``bitsandbytes.nn.Linear4bit.forward`` with the weight dequantized once instead of at every call."""
+    if not getattr(self, "compute_type_is_set", True) or x.device.type != self.weight.device.type:
+        return type(self).forward(self, x)  # its first call picks the compute dtype
+    weight = vars(self).get(WEIGHT)
+    compute_dtype = self.compute_dtype or x.dtype
+    if weight is None or weight.dtype != compute_dtype:
+        from bitsandbytes.functional import dequantize_4bit
+
+        with torch.no_grad():
+            weight = dequantize_4bit(self.weight.data, self.weight.quant_state).to(compute_dtype)
+        vars(self)[WEIGHT] = weight
+    bias = None if self.bias is None else self.bias.to(compute_dtype)
+    return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
