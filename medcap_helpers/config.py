@@ -395,6 +395,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         # Measured on the rehearsal (H200, 4 GB cap, 2 GPUs at 16 x 1): the same validation loss as from the
         # images (8.1145 both); 119 samples/s against 50 from pixels in an earlier session (multi_gpu.json).
         cache_vision_embeddings=True, sdpa_attention=True,
+        # The frozen decoder weights dequantized once while training (README, "Training levers").
+        dequantize_frozen_weights=True,
     ),
 }
 # The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with

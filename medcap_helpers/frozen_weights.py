@@ -46,6 +46,16 @@ def dequantize_frozen_weights(model: Any) -> int:
     return len(layers)
 
 
+def use_4bit_matmuls(model: Any) -> int:
+    """Undo :func:`dequantize_frozen_weights`: bitsandbytes' own 4-bit matmuls again, the copy released;
+    return how many layers changed."""
+    release_dequantized_weights(model)
+    layers = [m for m in _frozen_4bit_layers(model) if "forward" in vars(m)]
+    for layer in layers:
+        del layer.forward
+    return len(layers)
+
+
 def uses_dequantized_weights(model: Any) -> bool:
     return any("forward" in vars(m) and getattr(vars(m)["forward"], "__func__", None) is _dequantized_forward
                for m in _frozen_4bit_layers(model))

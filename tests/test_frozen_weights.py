@@ -75,6 +75,11 @@ def test_the_model_keeps_its_4bit_weights_and_releases_the_copy(lora_model) -> N
     loss_logits_and_gradients(model, batch)  # made again at the next call
     assert frozen_weights.dequantized_bytes(model) == held
 
+    assert frozen_weights.use_4bit_matmuls(model) == len(four_bit_layers(model))
+    assert not frozen_weights.uses_dequantized_weights(model) and frozen_weights.dequantized_bytes(model) == 0
+    loss_logits_and_gradients(model, batch)
+    assert frozen_weights.dequantized_bytes(model) == 0
+
 
 def test_generation_gives_the_same_reports_with_the_setting(lora_model) -> None:  # noqa: F811
     model, processor, config = lora_model
