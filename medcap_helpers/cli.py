@@ -29,20 +29,27 @@ pipeline.quiet_libraries()  # before bitsandbytes loads: no import-time kernel-p
 # Not `demo`: it imports the model stack (peft, bitsandbytes; 5 s), which `medcap run`, started once per
 # stage, hands to the notebooks' kernels.
 from medcap_helpers import preflight, runs  # noqa: E402
-from medcap_helpers.config import PROFILES, MedcapConfig, field_names  # noqa: E402
+from medcap_helpers.config import BOOLEAN_FIELDS, PROFILES, MedcapConfig, field_names  # noqa: E402
 from medcap_helpers.errors import ConfigError, MedcapError, StageFailed  # noqa: E402
 from medcap_helpers.pipeline import resolve_config, run_pipeline  # noqa: E402
 from medcap_helpers.summary import final_table_text  # noqa: E402
 
 
+BOOLEAN_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
+                 "1": True, "0": False}
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``key=value`` with value read as a Python literal when it is one (``2``, ``None``, ``(4, 8)``)."""
+    """``key=value`` with value read as a Python literal when it is one (``2``, ``None``, ``(4, 8)``); a
+    switch also takes true/false, yes/no, on/off or 1/0."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}.")
     key, raw = text.split("=", 1)
     key = key.strip()
     if key not in field_names():
         raise ConfigError(f"Unknown setting {key!r}. Known settings: {', '.join(field_names())}.")
+    if key in BOOLEAN_FIELDS and raw.strip().lower() in BOOLEAN_WORDS:  # true/false/yes/no/on/off as well
+        return key, BOOLEAN_WORDS[raw.strip().lower()]
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

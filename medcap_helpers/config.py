@@ -207,6 +207,9 @@ class MedcapConfig:
     # ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first invalid value."""
+        for name in BOOLEAN_FIELDS:  # a string such as "false" would otherwise switch a setting on
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _choice("profile", self.profile, PROFILES)
         _choice("device", self.device, DEVICES)
         _choice("data_source", self.data_source, DATA_SOURCES)
@@ -412,6 +415,9 @@ PROFILE_DEFAULTS["rehearsal"] = {
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(MedcapConfig)]
+
+
+BOOLEAN_FIELDS = tuple(f.name for f in dataclasses.fields(MedcapConfig) if f.type in ("bool", bool))
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -76,6 +76,18 @@ def test_cli_assignments_are_literals() -> None:
         parse_assignment("rank=3")
 
 
+def test_a_switch_takes_the_words_people_type_and_nothing_else(capsys) -> None:
+    for word, value in (("false", False), ("True", True), ("off", False), ("yes", True), ("0", False)):
+        assert parse_assignment(f"sdpa_attention={word}") == ("sdpa_attention", value)
+    # before, "false" stayed a string, which is truthy: the setting was switched on
+    with pytest.raises(ConfigError, match="sdpa_attention must be True or False, got 'maybe'"):
+        MedcapConfig.from_profile("smoke", sdpa_attention="maybe")
+    with pytest.raises(ConfigError, match="must be True or False"):
+        MedcapConfig.from_profile("smoke", dequantize_frozen_weights=1)
+    assert main(["config", "--set", "dequantize_frozen_weights=maybe"]) == 2
+    assert "dequantize_frozen_weights must be True or False" in capsys.readouterr().err
+
+
 def test_cli_reports_config_errors_without_a_traceback(capsys) -> None:
     assert main(["config", "--set", "lora_r=0"]) == 2
     assert "configuration error: lora_r must be" in capsys.readouterr().err
