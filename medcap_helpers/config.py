@@ -155,9 +155,10 @@ class MedcapConfig:
     """On a GPU, decode from a static key/value cache with the decoder's step compiled by ``torch.compile``
     (inductor, static shapes). Compiled once per process; later calls refill the compiled copy with
     their model's weights. A compiler that fails falls back to plain generation with a warning. Off: on an
-    H100 it compiled in 21 s and ran 1.5x faster per batch of 26 studies, but its reuse across calls and
-    its recompile after an out-of-memory retry failed there, and their fixes are not yet measured on a GPU
-    (``benchmarks/decoding.py``). Ignored on the CPU."""
+    H100 (rehearsal, 4 GB cap, batches of 37 studies) it compiled in 21 s once per process, then wrote 33.0
+    reports/s on the 296-study validation split against 23.4 without it, and as many as the default path on
+    64-study calls, so a whole run gains about what the compile costs; and with random weights the
+    rehearsal cannot show that real reports stay the same (``benchmarks/decoding.py``). Ignored on the CPU."""
     compile_training: bool = False
     """On a GPU, run each training step's forward and backward compiled by ``torch.compile`` (inductor,
     with a symbolic report length). Off: measured on the rehearsal (H200, 4 GB cap, 16 x 1, cached tokens)
@@ -174,8 +175,10 @@ class MedcapConfig:
     dequantize_frozen_weights: bool = False
     """Train with the text decoder's frozen 4-bit weights dequantized once and kept in 16 bits while it
     trains, instead of dequantized at every matmul (:mod:`medcap_helpers.frozen_weights`): the same weights
-    and arithmetic, fewer kernel launches, for 0.17 GB at BLIP-large size. The 4-bit weights stay the
-    model's; generation releases the copy. Ignored for a model that is not quantized."""
+    and arithmetic, fewer kernel launches, for 0.24 GB at BLIP-large size. The 4-bit weights stay the
+    model's; generation releases the copy. Ignored for a model that is not quantized. On in the full
+    profile: a training step of 16 x 1 with checkpointing ran at 83.5 samples/s against 52.0 (H100, 4 GB
+    cap, paired in one process: ``benchmarks/training_step.py``), with the same loss curve in 03."""
     eval_batch_size: int = 8
     """Studies per generation batch (at most: with ``vram_budget_gb`` the batch is fitted to the budget).
     The validation loss runs at ``per_device_train_batch_size``."""
