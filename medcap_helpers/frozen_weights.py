@@ -24,18 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medcap_helpers.model import unwrap_model
-
 WEIGHT = "_medcap_dequantized_weight"
 
 
 def _frozen_4bit_layers(model: Any) -> list[nn.Module]:
-    """The text decoder's bitsandbytes 4-bit linear layers (inside LoRA wrappers too, not the wrappers)."""
+    """The text decoder's bitsandbytes 4-bit linear layers (inside LoRA wrappers too, not the wrappers), in
+    ``model`` or in whatever wraps it (peft, DDP)."""
     from peft.tuners.lora import LoraLayer
 
-    decoder = unwrap_model(model).text_decoder
-    return [m for m in decoder.modules()
-            if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not isinstance(m, LoraLayer)]
+    return [m for name, m in model.named_modules()
+            if "text_decoder." in name and type(getattr(m, "weight", None)).__name__ == "Params4bit"
+            and not isinstance(m, LoraLayer)]
 
 
 def dequantize_frozen_weights(model: Any) -> int:

@@ -42,6 +42,7 @@ from medcap_helpers.config import (
 )
 from medcap_helpers.devices import cap_gpu_memory, compute_dtype, device_map_for, pick_device
 from medcap_helpers.errors import ConfigError, ModelLoadError
+from medcap_helpers.frozen_weights import dequantize_frozen_weights
 from medcap_helpers.pretrain import (
     PRETRAINING_FILE,
     pretrain_text_decoder,
@@ -494,8 +495,6 @@ def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool |
     if config.sdpa_attention:
         use_sdpa_attention(peft_model)
     if config.dequantize_frozen_weights:
-        from medcap_helpers.frozen_weights import dequantize_frozen_weights
-
         dequantize_frozen_weights(peft_model)
     return peft_model
 
