@@ -347,7 +347,9 @@ def stage_facts(run: str) -> dict[str, Any]:
         facts["03_training_settings"] = train.get("training_settings")
         facts["03_budget_fit"] = train.get("budget_fit")
         facts["03_train_runtime_s"] = train.get("train_runtime_s")
-        facts["03_epochs"] = [{k: e.get(k) for k in ("epoch", "train_loss", "eval_loss", "peak_memory")}
+        # train_seconds: the epoch's steps without its validation, so the Trainer's own rate can be read off
+        facts["03_epochs"] = [{k: e.get(k) for k in ("epoch", "train_loss", "eval_loss", "train_seconds",
+                                                     "first_step_seconds", "peak_memory")}
                               for e in train.get("epochs", [])]
     except (OSError, ValueError):
         pass

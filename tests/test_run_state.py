@@ -189,3 +189,18 @@ def test_generation_retries_are_read_from_the_executed_notebooks_warnings(tmp_pa
     (tmp_path / "clean.ipynb").write_text(json.dumps({"cells": cells}))
     assert generation_retries(tmp_path / "clean.ipynb") == []
     assert generation_retries(tmp_path / "missing.ipynb") == []
+
+
+def test_the_recorded_facts_keep_each_epochs_training_time(tmp_path: Path) -> None:
+    """So a whole run's Trainer rate (samples per second of training, validation excluded) can be read off."""
+    from full_profile import stage_facts
+
+    from medcap_helpers import runs
+
+    epochs = [{"epoch": 1.0, "train_loss": 7.3, "eval_loss": 6.0, "train_seconds": 41.5, "first_step_seconds": 1.9,
+               "peak_memory": {"max_allocated_gb": 1.6}, "val_scores": {"CIDEr": 0.01}}]
+    runs.write_stage_metrics(tmp_path, "03_qlora_train", {"epochs": epochs, "train_runtime_s": 60.0})
+    facts = stage_facts(str(tmp_path))  # 04 has not run: its facts are left out
+    assert facts["03_epochs"] == [{k: epochs[0][k] for k in ("epoch", "train_loss", "eval_loss", "train_seconds",
+                                                             "first_step_seconds", "peak_memory")}]
+    assert facts["03_train_runtime_s"] == 60.0 and "04_trials" not in facts
