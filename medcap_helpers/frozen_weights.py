@@ -64,12 +64,10 @@ def uses_dequantized_weights(model: Any) -> bool:
 def release_dequantized_weights(model: Any) -> int:
     """Drop the dequantized weights (generation and other stages get their memory); the next training call
     makes them again. Return how many bytes were held."""
-    released = 0
+    held = dequantized_bytes(model)
     for layer in _frozen_4bit_layers(model):
-        weight = vars(layer).pop(WEIGHT, None)
-        if weight is not None:
-            released += weight.numel() * weight.element_size()
-    return released
+        vars(layer).pop(WEIGHT, None)
+    return held
 
 
 def dequantized_bytes(model: Any) -> int:
