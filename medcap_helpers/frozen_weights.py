@@ -3,7 +3,8 @@
 QLoRA keeps the frozen weights in 4-bit NF4 and dequantizes a layer's weight to the compute dtype at every
 matmul: in the forward pass, again when checkpointing recomputes it, and in the backward pass. Each time
 goes through bitsandbytes' Python and launches three more kernels (the double-quantized scales, their
-offset, the weight), about 1,100 of a step's ~3,900 launches at BLIP-large size; and at that size a
+offset, the weight): by count, about 1,100 of a step's ~3,900 launches at BLIP-large size (estimated, not
+profiled); and at that size a
 training step is bound by the CPU issuing kernels, not by the GPU (README, "Training levers").
 
 With this setting each 4-bit linear layer of the text decoder keeps its weight as bitsandbytes dequantizes
