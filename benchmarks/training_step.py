@@ -1,17 +1,28 @@
-"""A training lever against today's step, measured in pairs in one process: ``dequantize_frozen_weights``.
+"""Training levers against each other, measured in pairs in one process.
 
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
-    python benchmarks/training_step.py                   # CUDA: 6 rounds of 4-bit then dequantized, 4 GB cap
+    python benchmarks/training_step.py                   # CUDA: 4-bit matmuls vs dequantized weights, 4 GB cap
+    python benchmarks/training_step.py --label levers --settings dequantized,half-checkpointed,graphs
 
 Training steps on one GPU are bound by the CPU issuing kernels, and their rate moves from call to call
 and machine to machine (the budget probe's rate for one setting ranged from 52 to 90 samples/s over three
 calls), so two settings measured in separate calls are hard to compare. Here one process, one model and
 one batch (the rehearsal's random BLIP-large with LoRA, the 16 costliest training studies from cached
-image tokens, checkpointing on, fp16 autocast: the budget probe's own measurement,
-``budget.measure_training_step``) alternate between bitsandbytes' 4-bit matmuls and the dequantized
-weights, round after round; each round times ``--steps`` optimizer steps after a warm-up step. Also
-recorded: each setting's peak allocated memory and loss on that batch. Results go to
-``benchmarks/results/training_step.json`` (and ``$OUT`` when set).
+image tokens, fp16 autocast: the budget probe's own measurement, ``budget.measure_training_step``)
+alternate between the ``--settings``, round after round; each round times ``--steps`` optimizer steps
+after a warm-up step. The settings (:data:`SETTINGS`):
+
+* ``4bit``: bitsandbytes' 4-bit matmuls, every decoder layer checkpointed (the QLoRA default);
+* ``dequantized``: ``dequantize_frozen_weights`` (the full profile's setting);
+* ``half-checkpointed``: that, with only 6 of the 12 decoder layers recomputed in the backward pass;
+* ``graphs``: that, with the forward and backward compiled by ``torch.compile`` in its
+  ``reduce-overhead`` mode (CUDA graphs: a step replays recorded kernels instead of launching each one)
+  on batches padded to ``max_target_tokens`` (one shape); the first rounds include the compile;
+* ``compiled``: the same compile in inductor's default mode (fused kernels, no CUDA graphs).
+
+Recorded: each setting's rates, peak allocated memory and loss on that batch (a compiled setting's dropout
+draws other random numbers: the loss is taken in eval mode, without dropout). Results go to
+``benchmarks/results/training_step.json`` under ``--label`` (and ``$OUT`` when set).
 """
 
 from __future__ import annotations
@@ -23,7 +34,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,15 +46,42 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "training_step.json"
 
 
+@dataclass(frozen=True)
+class Setting:
+    dequantize: bool = True
+    checkpointed_layers: int | None = None  # None: all
+    checkpointing: bool = True
+    compile_mode: str | None = None  # torch.compile mode; None: eager
+    padded: bool = False
+
+
+SETTINGS = {
+    "4bit": Setting(dequantize=False),
+    "dequantized": Setting(),
+    "half-checkpointed": Setting(checkpointed_layers=6),
+    "quarter-checkpointed": Setting(checkpointed_layers=3),
+    "padded": Setting(padded=True),
+    "graphs": Setting(compile_mode="reduce-overhead", padded=True),
+    "graphs-half-checkpointed": Setting(compile_mode="reduce-overhead", padded=True, checkpointed_layers=6),
+    "compiled": Setting(compile_mode="default", padded=True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/rehearsal")
     parser.add_argument("--run", default=str(Path(tempfile.gettempdir()) / "medcap_training_step"))
+    parser.add_argument("--settings", default="4bit,dequantized", help=f"comma-separated, of {sorted(SETTINGS)}")
+    parser.add_argument("--label", default="dequantize_frozen_weights", help="the results' entry")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps timed per setting and round")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rows", type=int, default=256, help="training studies cached, the batch's pool")
     args = parser.parse_args()
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        raise SystemExit(f"unknown settings {unknown}: choose from {sorted(SETTINGS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -47,42 +89,82 @@ def main() -> None:
         raise SystemExit("benchmarks/training_step.py measures a GPU's training step: it needs CUDA.")
     from full_profile import cap_memory, rehearsal_peft_model
 
-    from medcap_helpers import budget, frozen_weights
-    from medcap_helpers.devices import compute_dtype
-    from medcap_helpers.multiview import caption_outputs
+    from medcap_helpers import budget, frozen_weights, vision_cache
+    from medcap_helpers.devices import compute_dtype, is_out_of_memory, release_memory
+    from medcap_helpers.multiview import accept_views, caption_outputs
     from medcap_helpers.runs import environment_info, write_json
 
     context_gb = cap_memory()
     config, dd, model, processor = rehearsal_peft_model(args.run, args.data)
     collator, rows = budget.probe_inputs(config, model, processor, dd["train"].select(range(args.rows)))
-    candidate = budget.TrainingCandidate(args.batch, 1, True)
+    padded_collator = vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, collator.cache,
+                                                           pad_to_max_length=True)
     dtype = compute_dtype(config, torch.device("cuda"))
-    settings = {"4-bit matmuls": frozen_weights.use_4bit_matmuls,
-                "dequantized weights": frozen_weights.dequantize_frozen_weights}
-    measured: dict[str, dict[str, list[float]]] = {name: {"samples_per_s": [], "peak_gb": []} for name in settings}
+    accept_views(model)  # outside any compiled code: it sets the model's forward once
+
+    def model_loss(m: Any, batch: dict[str, Any]) -> Any:
+        return m(**batch).loss
+
+    compiled = {mode: torch.compile(model_loss, mode=mode, dynamic=False)
+                for mode in {SETTINGS[n].compile_mode for n in names} if mode}
+
+    def apply(setting: Setting) -> None:
+        (frozen_weights.dequantize_frozen_weights if setting.dequantize else frozen_weights.use_4bit_matmuls)(model)
+
+    def measure(setting: Setting) -> tuple[float, float]:
+        apply(setting)
+        candidate = budget.TrainingCandidate(args.batch, 1, setting.checkpointing, setting.checkpointed_layers)
+        return budget.measure_training_step(
+            model, padded_collator if setting.padded else collator, rows, candidate, steps=args.steps + 1,
+            mixed_precision=dtype, loss_fn=compiled.get(setting.compile_mode))
+
+    measured: dict[str, dict[str, Any]] = {n: {"samples_per_s": [], "peak_gb": [], "round_s": [], "failed": None}
+                                           for n in names}
     for round_ in range(args.rounds):
-        for name, apply in settings.items():
-            apply(model)
-            peak, rate = budget.measure_training_step(model, collator, rows, candidate, steps=args.steps + 1,
-                                                      mixed_precision=dtype)
+        for name in names:
+            if measured[name]["failed"]:
+                continue
+            start = time.perf_counter()
+            try:
+                peak, rate = measure(SETTINGS[name])
+            except Exception as err:  # noqa: BLE001 - a lever that fails is recorded, the others go on
+                measured[name]["failed"] = ("out of memory" if is_out_of_memory(err)
+                                            else f"{type(err).__name__}: {str(err)[:300]}")
+                traceback.print_exc()
+                release_memory()
+                continue
             measured[name]["samples_per_s"].append(rate)
             measured[name]["peak_gb"].append(peak)
-            print(f"round {round_ + 1}: {name}: {rate:.1f} samples/s, peak {peak:.3f} GB", flush=True)
+            measured[name]["round_s"].append(time.perf_counter() - start)
+            print(f"round {round_ + 1}: {name}: {rate:.1f} samples/s, peak {peak:.3f} GB, "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
     losses = {}
-    batch = {k: v.to("cuda") for k, v in collator(budget.costliest_rows(rows, args.batch)).items()}
-    for name, apply in settings.items():
-        apply(model)
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-            losses[name] = float(caption_outputs(model, batch).loss)
+    model.eval()
+    for padded in (False, True):
+        batch = {k: v.to("cuda") for k, v in
+                 (padded_collator if padded else collator)(budget.costliest_rows(rows, args.batch)).items()}
+        for name in names:
+            if SETTINGS[name].padded == padded and not measured[name]["failed"]:
+                apply(SETTINGS[name])
+                with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                    losses[name] = float(caption_outputs(model, batch).loss)
     frozen_weights.use_4bit_matmuls(model)
-    ratios = [b / a for a, b in zip(*(m["samples_per_s"] for m in measured.values()))]
-    results = {"part": "training_step", "lever": "dequantize_frozen_weights", "cuda_context_gb": context_gb,
-               "batch": args.batch, "checkpointing": True, "steps_per_round": args.steps, "rounds": args.rounds,
-               "settings": {name: {**m, "median_samples_per_s": statistics.median(m["samples_per_s"]),
-                                   "loss": losses[name]} for name, m in measured.items()},
-               "speedup_per_round": ratios, "median_speedup": statistics.median(ratios),
+    first = names[0]
+    summary = {}
+    for name, m in measured.items():
+        steady = m["samples_per_s"][1:] or m["samples_per_s"]  # a compiled setting's first round compiles
+        summary[name] = {**m, "setting": asdict(SETTINGS[name]), "loss": losses.get(name),
+                         "median_samples_per_s": statistics.median(steady) if steady else None,
+                         "vs_" + first: (statistics.median(steady) / statistics.median(
+                             measured[first]["samples_per_s"][1:] or measured[first]["samples_per_s"])
+                                         if steady and measured[first]["samples_per_s"] else None)}
+    results = {"part": "training_step", "cuda_context_gb": context_gb, "batch": args.batch,
+               "steps_per_round": args.steps, "rounds": args.rounds, "settings": summary,
+               "note": "median over rounds after the first (the first of a compiled setting compiles)",
                "environment": environment_info(), "command": " ".join(["python"] + sys.argv)}
-    write_json(RESULTS, results)
+    everything = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    everything[args.label] = results
+    write_json(RESULTS, everything)
     if os.environ.get("OUT"):
         shutil.copy(RESULTS, Path(os.environ["OUT"]) / RESULTS.name)
     print(json.dumps({k: v for k, v in results.items() if k != "environment"}, indent=1))

@@ -18,7 +18,7 @@ import torch
 from medcap_helpers.config import MedcapConfig
 from medcap_helpers.devices import GB, cap_gpu_memory, compute_dtype, is_out_of_memory, pick_device, release_memory
 from medcap_helpers.errors import BudgetTooSmall
-from medcap_helpers.model import enable_gradient_checkpointing, unwrap_model
+from medcap_helpers.model import checkpoint_decoder_layers, enable_gradient_checkpointing, unwrap_model
 from medcap_helpers.multiview import caption_outputs
 from medcap_helpers.processing import CaptionCollator
 from medcap_helpers.vision_cache import CachedEmbeddingCollator, prepare_cache, without_image_decoding
@@ -29,10 +29,15 @@ class TrainingCandidate:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
+    checkpointed_layers: int | None = None
+    """With checkpointing: how many text-decoder layers are recomputed (None: all)."""
 
     def describe(self) -> str:
+        checkpointing = "on" if self.gradient_checkpointing else "off"
+        if self.gradient_checkpointing and self.checkpointed_layers is not None:
+            checkpointing = f"in {self.checkpointed_layers} decoder layers"
         return (f"batch {self.per_device_train_batch_size} × accumulation {self.gradient_accumulation_steps}, "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}")
+                f"checkpointing {checkpointing}")
 
 
 @dataclass
@@ -151,10 +156,12 @@ def costliest_rows(rows: Any, size: int) -> list[Any]:
 
 
 def measure_training_step(model: Any, collator: Any, rows: Any, candidate: TrainingCandidate,
-                          steps: int = 3, mixed_precision: torch.dtype | None = None) -> tuple[float, float]:
+                          steps: int = 3, mixed_precision: torch.dtype | None = None,
+                          loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+                          ) -> tuple[float, float]:
     """Peak allocated GPU memory (GB) and samples/s of ``steps`` optimizer steps at ``candidate``'s settings,
     under autocast to ``mixed_precision`` when given (as the Trainer trains: its casts and the activations
-    it keeps cost memory too).
+    it keeps cost memory too). ``loss_fn(model, batch)`` computes the loss (default: the model's own call).
 
     The first step is a warm-up and not timed. The trainable weights are restored afterwards, so the
     probe leaves the model as it found it.
@@ -162,6 +169,7 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
     device = next(p for p in model.parameters() if p.requires_grad).device
     if candidate.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+        checkpoint_decoder_layers(model, candidate.checkpointed_layers)
     else:
         unwrap_model(model).gradient_checkpointing_disable()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -181,7 +189,8 @@ def measure_training_step(model: Any, collator: Any, rows: Any, candidate: Train
                 torch.cuda.synchronize(device)
                 start = time.perf_counter()
             with torch.autocast("cuda", dtype=mixed_precision or torch.float32, enabled=mixed_precision is not None):
-                loss = caption_outputs(model, batch).loss  # two-view batches too
+                loss = (loss_fn(model, batch) if loss_fn is not None
+                        else caption_outputs(model, batch).loss)  # two-view batches too
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

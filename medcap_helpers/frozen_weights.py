@@ -81,7 +81,7 @@ def _dequantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``bitsandbytes.nn.Linear4bit.forward`` with the weight dequantized once instead of at every call."""
     if not getattr(self, "compute_type_is_set", True) or x.device.type != self.weight.device.type:
         return type(self).forward(self, x)  # its first call picks the compute dtype
-    weight = vars(self).get(WEIGHT)
+    weight = getattr(self, WEIGHT, None)  # an instance attribute (not a buffer); getattr is what torch.compile traces
     compute_dtype = self.compute_dtype or x.dtype
     if weight is None or weight.dtype != compute_dtype:
         from bitsandbytes.functional import dequantize_4bit

@@ -468,6 +468,22 @@ def enable_gradient_checkpointing(model: Any) -> None:
     base.config.use_cache = False
 
 
+def checkpoint_decoder_layers(model: Any, count: int | None = None) -> int:
+    """With checkpointing on, recompute only the first ``count`` text-decoder layers in the backward pass
+    (None: all of them); the others keep their activations: less recomputation for more memory. Returns
+    how many layers are checkpointed."""
+    layers = unwrap_model(model).text_decoder.bert.encoder.layer
+    count = len(layers) if count is None else count
+    if not 0 <= count <= len(layers):
+        raise ValueError(f"count must be between 0 and {len(layers)} (the decoder's layers), got {count}")
+    checkpointed = 0
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "_gradient_checkpointing_func"):  # set by enable_gradient_checkpointing
+            layer.gradient_checkpointing = index < count
+            checkpointed += index < count
+    return checkpointed
+
+
 def attach_lora(model: Any, config: MedcapConfig, gradient_checkpointing: bool | None = None) -> Any:
     """Wrap ``model`` in a peft LoRA model per ``config`` (see :func:`lora_target_regex`).
 
