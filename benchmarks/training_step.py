@@ -18,6 +18,7 @@ after a warm-up step. The settings (:data:`SETTINGS`):
 * ``graphs``: that, with the forward and backward compiled by ``torch.compile`` in its
   ``reduce-overhead`` mode (CUDA graphs: a step replays recorded kernels instead of launching each one)
   on batches padded to ``max_target_tokens`` (one shape); the first rounds include the compile;
+* ``graphs-half-checkpointed``, ``graphs-no-checkpointing``: that, with less recomputation;
 * ``compiled``: the same compile in inductor's default mode (fused kernels, no CUDA graphs).
 
 Recorded: each setting's rates, peak allocated memory and loss on that batch (a compiled setting's dropout
@@ -63,6 +64,7 @@ SETTINGS = {
     "padded": Setting(padded=True),
     "graphs": Setting(compile_mode="reduce-overhead", padded=True),
     "graphs-half-checkpointed": Setting(compile_mode="reduce-overhead", padded=True, checkpointed_layers=6),
+    "graphs-no-checkpointing": Setting(compile_mode="reduce-overhead", padded=True, checkpointing=False),
     "compiled": Setting(compile_mode="default", padded=True),
 }
 

@@ -77,17 +77,35 @@ def dequantized_bytes(model: Any) -> int:
                if w is not None)
 
 
+def make_dequantized_weights(model: Any) -> int:
+    """Dequantize now what the layers' next calls would (those whose compute dtype is known): compiled code
+    then only reads the weights. Returns how many were made."""
+    made = 0
+    for layer in _frozen_4bit_layers(model):
+        uses_copy = getattr(vars(layer).get("forward"), "__func__", None) is _dequantized_forward
+        if uses_copy and getattr(layer, "compute_type_is_set", True) and layer.compute_dtype is not None:
+            made += _dequantized_weight(layer, layer.compute_dtype)[1]
+    return made
+
+
+def _dequantized_weight(layer: Any, compute_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """The layer's dequantized weight, and whether it was made now."""
+    weight = getattr(layer, WEIGHT, None)  # an instance attribute (not a buffer); getattr is what torch.compile traces
+    if weight is not None and weight.dtype == compute_dtype:
+        return weight, False
+    from bitsandbytes.functional import dequantize_4bit
+
+    with torch.no_grad():
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(compute_dtype)
+    vars(layer)[WEIGHT] = weight
+    return weight, True
+
+
 def _dequantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``bitsandbytes.nn.Linear4bit.forward`` with the weight dequantized once instead of at every call."""
     if not getattr(self, "compute_type_is_set", True) or x.device.type != self.weight.device.type:
         return type(self).forward(self, x)  # its first call picks the compute dtype
-    weight = getattr(self, WEIGHT, None)  # an instance attribute (not a buffer); getattr is what torch.compile traces
     compute_dtype = self.compute_dtype or x.dtype
-    if weight is None or weight.dtype != compute_dtype:
-        from bitsandbytes.functional import dequantize_4bit
-
-        with torch.no_grad():
-            weight = dequantize_4bit(self.weight.data, self.weight.quant_state).to(compute_dtype)
-        vars(self)[WEIGHT] = weight
+    weight, _ = _dequantized_weight(self, compute_dtype)
     bias = None if self.bias is None else self.bias.to(compute_dtype)
     return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)

@@ -255,3 +255,43 @@ class CaptionCollator:
         attention_mask = encoded["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_to_static_shape(batch: dict[str, torch.Tensor], rows: int, length: int, pad_token_id: int,
+                        view_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` padded to ``rows`` studies of ``length`` tokens (and, with cached image tokens and
+    ``view_tokens``, to two views), with the same loss: a compiled step with CUDA graphs then sees one
+    shape for every batch instead of compiling again for each new one.
+
+    Text is padded as the collator pads it (pad token, no attention, label -100). The added studies are
+    fillers whose labels are all -100: BLIP's loss is the mean over labelled tokens, which they leave
+    unchanged. A one-view study becomes two by repeating its view, as two-view batches already pad one-view
+    studies: attention over a view's tokens twice weighs each half, so the decoder computes the same.
+    """
+    input_ids = batch["input_ids"]
+    present, present_length = input_ids.shape
+    if present > rows or present_length > length:
+        raise ValueError(f"a batch of {present} x {present_length} tokens is larger than {rows} x {length}")
+    padded = dict(batch)
+    extra_tokens = length - present_length
+    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
+        if key in padded and extra_tokens:
+            padded[key] = torch.nn.functional.pad(padded[key], (0, extra_tokens), value=fill)
+    embeds = padded.get("image_embeds")
+    if embeds is not None and view_tokens is not None and embeds.shape[1] == view_tokens:
+        padded["image_embeds"] = torch.cat([embeds, embeds], dim=1)
+    fillers = rows - present
+    if fillers:
+        for key, tensor in padded.items():
+            if key == "input_ids":  # the start token and padding, one attended token (no empty attention)
+                filler = torch.full((fillers, length), pad_token_id, dtype=tensor.dtype, device=tensor.device)
+                filler[:, 0] = tensor[0, 0]
+            elif key == "attention_mask":
+                filler = torch.zeros((fillers, length), dtype=tensor.dtype, device=tensor.device)
+                filler[:, 0] = 1
+            elif key == "labels":
+                filler = torch.full((fillers, length), -100, dtype=tensor.dtype, device=tensor.device)
+            else:  # image tokens or pixels
+                filler = torch.zeros((fillers, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+            padded[key] = torch.cat([tensor, filler])
+    return padded

@@ -45,7 +45,7 @@ from medcap_helpers.devices import (
     synchronize_gpu,
 )
 from medcap_helpers.errors import ConfigError
-from medcap_helpers.frozen_weights import release_dequantized_weights
+from medcap_helpers.frozen_weights import make_dequantized_weights, release_dequantized_weights
 from medcap_helpers.generation import (
     compile_backend,
     generate_reports,
@@ -63,10 +63,11 @@ from medcap_helpers.model import (
     check_tokenizer_matches,
     remove_input_grad_hooks,
     trainable_parameters,
+    unwrap_model,
 )
 from medcap_helpers.multiview import accept_views, caption_outputs
 from medcap_helpers.pretrain import pretraining_record
-from medcap_helpers.processing import CaptionCollator
+from medcap_helpers.processing import CaptionCollator, pad_to_static_shape
 from medcap_helpers.profiling import TorchProfilerCallback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,8 +230,10 @@ def _caption_loss(model: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 
 def training_compile_backend(config: MedcapConfig, device: torch.device) -> str | None:
-    """``"inductor"`` when ``config.compile_training`` asks for it on a GPU, else None (eager)."""
-    return "inductor" if config.compile_training and device.type == "cuda" else None
+    """``"inductor"`` when ``config.compile_training`` asks for it on one GPU, else None (eager). Several
+    data-parallel processes train eagerly: CUDA graphs under ``DistributedDataParallel`` are not measured."""
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return "inductor" if config.compile_training and device.type == "cuda" and one_process else None
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -246,9 +249,10 @@ class MedcapTrainer(Trainer):
                  processor: BlipProcessor | None = None, medcap_config: MedcapConfig | None = None,
                  scorer: Scorer | None = None, compile_backend: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # dynamic: report lengths change from batch to batch; one graph with a symbolic length instead of a
-        # compile for the first length and another when the second one arrives (72 s + 89 s on an H200)
-        self.compiled_loss = (torch.compile(_caption_loss, backend=compile_backend, dynamic=True)
+        # Every training batch is padded to one shape (pad_to_static_shape): one compile, and with inductor
+        # its "reduce-overhead" mode records the step's kernels once as CUDA graphs and replays them.
+        mode = {"mode": "reduce-overhead"} if compile_backend == "inductor" else {}
+        self.compiled_loss = (torch.compile(_caption_loss, backend=compile_backend, dynamic=False, **mode)
                               if compile_backend else None)
         self.model_accepts_loss_kwargs = False
         self.generation_rows = generation_rows
@@ -280,6 +284,9 @@ class MedcapTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
         if self.compiled_loss is not None and model.training:  # compile_training: the step's forward and backward
             accept_views(model)  # outside the compiled code: it sets the model's forward once
+            make_dequantized_weights(model)  # likewise (released for each validation's generation)
+            inputs = self.static_shape(model, inputs)
+            torch.compiler.cudagraph_mark_step_begin()
             loss = self.compiled_loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
         if "image_embeds" in inputs or inputs["pixel_values"].ndim == 5:  # cached tokens; two-view studies
@@ -287,6 +294,16 @@ class MedcapTrainer(Trainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def static_shape(self, model: Any, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``inputs`` padded to the micro-batch, ``max_target_tokens`` and, when studies train on both
+        views, two views (:func:`~medcap_helpers.processing.pad_to_static_shape`: the same loss)."""
+        config = self.medcap_config or MedcapConfig()
+        vision = unwrap_model(model).config.vision_config
+        view_tokens = (vision.image_size // vision.patch_size) ** 2 + 1 if config.views == "both" else None
+        pad_token_id = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
+        return pad_to_static_shape(dict(inputs), self.args.per_device_train_batch_size, config.max_target_tokens,
+                                   pad_token_id, view_tokens)
 
     # ----- evaluation with generated reports
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,  # noqa: ANN001, ANN201
@@ -543,6 +560,8 @@ def train(config: MedcapConfig, model: Any, processor: BlipProcessor, dataset_di
         oom = _training_oom(err, config, checkpoints_dir)
     finally:
         release_dequantized_weights(trainer.model)
+        if trainer.compiled_loss is not None:
+            torch.compiler.reset()  # frees the CUDA graphs' memory pool for the stages that follow
     if oom is not None:  # raised outside the except block so the failed step's tensors can be freed
         del trainer
         release_memory()
