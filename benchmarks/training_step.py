@@ -115,6 +115,8 @@ def main() -> None:
 
     def measure(setting: Setting) -> tuple[float, float]:
         apply(setting)
+        if setting.compile_mode:  # as the Trainer does: compiled code only reads the dequantized weights
+            frozen_weights.make_dequantized_weights(model)
         candidate = budget.TrainingCandidate(args.batch, 1, setting.checkpointing, setting.checkpointed_layers)
         return budget.measure_training_step(
             model, padded_collator if setting.padded else collator, rows, candidate, steps=args.steps + 1,

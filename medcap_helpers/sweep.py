@@ -133,6 +133,9 @@ def trial_config(config: MedcapConfig, rank: int, alpha: int, rung: Rung | None 
 
     Trials read the main run's vision cache (``vision_cache_dir``): the same frozen tower, so the tokens
     02 and 03 cached serve every trial, and a trial caches only what is missing, once for all trials.
+
+    Trials train eagerly (``compile_training`` off): each LoRA setting is another graph to compile (~60 s
+    at BLIP-large size), longer than a short trial trains.
     """
     model_name = config.model_name
     if model_name in LOCAL_MODELS:
@@ -146,7 +149,7 @@ def trial_config(config: MedcapConfig, rank: int, alpha: int, rung: Rung | None 
     return config.replace(run_dir=str(trial_dir(config, rank, alpha, rung)), lora_r=rank, lora_alpha=alpha,
                           vision_cache_dir=str(cache_root(config)),
                           num_train_epochs=epochs, model_name=model_name, max_train_examples=examples,
-                          **fitted_training_settings(config))
+                          compile_training=False, **fitted_training_settings(config))
 
 
 def fitted_training_settings(config: MedcapConfig) -> dict[str, Any]:
