@@ -19,7 +19,8 @@ def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, monkeypatch, cac
     compiled_calls = []
     caption_loss = train_module._caption_loss
     monkeypatch.setattr(train_module, "_caption_loss",
-                        lambda model, inputs: compiled_calls.append(1) or caption_loss(model, inputs))
+                        lambda model, inputs: compiled_calls.append(inputs["input_ids"].shape)
+                        or caption_loss(model, inputs))
     monkeypatch.setattr(train_module, "training_compile_backend",
                         lambda config, device: "aot_eager" if config.compile_training else None)
     from torch._dynamo.utils import counters
@@ -34,6 +35,8 @@ def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, monkeypatch, cac
         result = train(config, model, processor, {"train": rows, "validation": rows[:4]})
         losses[compiled] = [(e["train_loss"], e["eval_loss"]) for e in result.history]
     assert compiled_calls and counters["stats"]["unique_graphs"] >= 1, "the compiled step did not run"
+    # one shape for every batch (8 rows in batches of 4 with reports of different lengths): one compile
+    assert set(compiled_calls) == {(config.per_device_train_batch_size, config.max_target_tokens)}
     for (eager_train, eager_eval), (fast_train, fast_eval) in zip(losses[False], losses[True], strict=True):
         assert fast_train == pytest.approx(eager_train, rel=1e-4) and fast_eval == pytest.approx(eager_eval, rel=1e-4)
 
