@@ -18,6 +18,7 @@ import dataclasses
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -263,6 +264,7 @@ class MedcapTrainer(Trainer):
         self.predictions_by_step: dict[int, list[str]] = {}
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self.compiled_steps = 0
         self.add_callback(_EpochTrainLossCallback(self))
 
     # ----- per-epoch training loss
@@ -275,7 +277,21 @@ class MedcapTrainer(Trainer):
         return float(self._loss_sum.item()) / self._loss_count
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except Exception as err:  # noqa: BLE001 - only a compiler failing on its first step is handled
+            if self.compiled_loss is None or self.compiled_steps or is_out_of_memory(err):
+                raise
+            # e.g. no working Triton or C compiler: the first compiled step fails in its forward or backward,
+            # before anything was applied to the weights (gradients zeroed), so the step is taken eagerly
+            warnings.warn(f"Compiling the training step failed ({type(err).__name__}: {str(err)[:300]}); "
+                          "training goes on without it (compile_training=False avoids the attempt).",
+                          RuntimeWarning, stacklevel=2)
+            self.compiled_loss = None
+            torch.compiler.reset()
+            model.zero_grad(set_to_none=True)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.compiled_steps += self.compiled_loss is not None
         unscaled = loss.detach().float() * self.current_gradient_accumulation_steps
         self._loss_sum = unscaled if self._loss_sum is None else self._loss_sum + unscaled
         self._loss_count += 1

@@ -92,3 +92,23 @@ def test_more_gpus_than_visible_fails_before_the_run(tmp_path: Path, monkeypatch
     assert by_name(preflight._cuda(config))["GPUs"].detail == "training on 2 of 2"
     too_many = by_name(preflight._cuda(config.replace(num_gpus=4)))["GPUs"]
     assert too_many.status == preflight.FAIL and "--gpus 2" in too_many.fix
+
+
+def test_a_compiled_step_without_its_toolchain_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = preflight.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
+    monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    full = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False)
+    assert full.compile_training
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    check = by_name(preflight._cuda(full))["torch.compile"]
+    assert check.status == preflight.WARN and check.detail.startswith("no Triton and no C compiler:")
+    assert "Triton" in check.detail and "C compiler" in check.detail and "compile_training=false" in check.fix
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
+    only_triton = by_name(preflight._cuda(full))["torch.compile"]
+    assert only_triton.detail.startswith("no Triton:")
+    uncompiled = full.replace(compile_training=False, compile_generation=False)
+    assert "torch.compile" not in by_name(preflight._cuda(uncompiled))
