@@ -170,8 +170,8 @@ class MedcapConfig:
     368 against 107.5 and 110.2 over two epochs at another seed), with 1.11 GB allocated at most against
     1.57. Its dropout draws other random numbers, so its loss curve is another draw of the same training
     (validation losses within 0.3% of the eager ones). A compiler that fails on the first step (no Triton
-    or C compiler) leaves training eager, with a warning. Sweep trials train eagerly (each would compile again); several
-    data-parallel processes too. Ignored on the CPU."""
+    or C compiler) leaves training eager, with a warning. Sweep trials train eagerly (each would compile
+    again), and so do several data-parallel processes. Ignored on the CPU."""
     sdpa_attention: bool = False
     """Train with the text decoder's attention computed by PyTorch's fused ``scaled_dot_product_attention``
     (:mod:`medcap_helpers.attention`): the same attention in one kernel, without keeping its probabilities for
