@@ -163,15 +163,18 @@ class MedcapConfig:
     """On one GPU, compile stage 03's training step (forward and backward) with ``torch.compile`` in
     inductor's "reduce-overhead" mode: its kernels are recorded once as CUDA graphs and replayed, instead of
     launched one by one by Python, on batches padded to one shape (micro-batch x ``max_target_tokens``, two
-    views; the same loss: :func:`medcap_helpers.processing.pad_to_static_shape`). On in the full profile,
-    with ``dequantize_frozen_weights`` (bitsandbytes' 4-bit matmuls would stay opaque calls between graphs):
-    on the rehearsal (H100, 4 GB cap, 16 x 1 with checkpointing, the whole training set, one epoch) the
-    Trainer trained at 324 samples/s against 108.5 eagerly after a 60 s compile in its first step (344 and
-    368 against 107.5 and 110.2 over two epochs at another seed), with 1.11 GB allocated at most against
-    1.57. Its dropout draws other random numbers, so its loss curve is another draw of the same training
-    (validation losses within 0.3% of the eager ones). A compiler that fails on the first step (no Triton
-    or C compiler) leaves training eager, with a warning. Sweep trials train eagerly (each would compile
-    again), and so do several data-parallel processes. Ignored on the CPU."""
+    views; the same loss: :func:`medcap_helpers.processing.pad_to_static_shape`). Use it with
+    ``dequantize_frozen_weights`` (bitsandbytes' 4-bit matmuls would stay opaque calls between graphs). On
+    the rehearsal (H100, 4 GB allocator cap, 16 x 1 with checkpointing, the whole training set) the Trainer
+    trained at 324 samples/s against 108.5 eagerly after a 60 s compile in its first step (344 and 368
+    against 107.5 and 110.2 over two epochs at another seed), validation losses within 0.3% of the eager
+    ones (its dropout draws other random numbers: another draw of the same training). **Off in the full
+    profile**: while it trained the GPU held 4.73 GB in all (NVML) against 4.11 eagerly, beyond the
+    allocator's cap (its own peak was lower: 1.11 against 1.57 GB allocated): more than a 4 GB card has.
+    Where the extra 0.6 GB lives (inductor's compile-worker process opening its own CUDA context, or kernels
+    and graphs in this one) is not measured yet. For a GPU with room to spare. A compiler that fails on the
+    first step (no Triton or C compiler) leaves training eager, with a warning. Sweep trials train eagerly
+    (each would compile again), and so do several data-parallel processes. Ignored on the CPU."""
     sdpa_attention: bool = False
     """Train with the text decoder's attention computed by PyTorch's fused ``scaled_dot_product_attention``
     (:mod:`medcap_helpers.attention`): the same attention in one kernel, without keeping its probabilities for
@@ -408,9 +411,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         # Measured on the rehearsal (H200, 4 GB cap, 2 GPUs at 16 x 1): the same validation loss as from the
         # images (8.1145 both); 119 samples/s against 50 from pixels in an earlier session (multi_gpu.json).
         cache_vision_embeddings=True, sdpa_attention=True,
-        # The frozen decoder weights dequantized once while training, and stage 03's step replayed as CUDA
-        # graphs (README, "Training levers").
-        dequantize_frozen_weights=True, compile_training=True,
+        # The frozen decoder weights dequantized once while training (README, "Training levers").
+        # compile_training stays off: 3x faster training, but the device held 4.73 GB (docstring).
+        dequantize_frozen_weights=True,
     ),
 }
 # The rehearsal: the full profile at real scale with nothing downloaded. BLIP-large's architecture with

@@ -100,8 +100,7 @@ def test_a_compiled_step_without_its_toolchain_is_a_warning(tmp_path: Path, monk
     monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
     monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
-    full = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False)
-    assert full.compile_training
+    full = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False, compile_training=True)
     monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
     check = by_name(preflight._cuda(full))["torch.compile"]
