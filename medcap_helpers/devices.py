@@ -97,6 +97,10 @@ def memory_snapshot(device: torch.device | str) -> dict[str, float]:
                 "total_gb": torch.cuda.get_device_properties(index).total_memory / GB}
         with contextlib.suppress(Exception):  # NVML may be missing (containers, non-NVIDIA builds)
             snap["device_used_gb"] = torch.cuda.device_memory_used(index) / GB
+        by_process = gpu_memory_by_process(index)
+        if os.getpid() in by_process:  # who holds the device's memory: this process or others (compile workers)
+            snap["process_gpu_gb"] = by_process[os.getpid()]
+            snap["other_processes_gpu_gb"] = sum(gb for pid, gb in by_process.items() if pid != os.getpid())
         return {k: round(v, 4) for k, v in snap.items()}
     snap = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -118,19 +122,26 @@ def reset_peak_memory(device: torch.device | str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def process_gpu_gb() -> float | None:
-    """This process's GPU memory as NVML reports it (what nvidia-smi shows: CUDA context, allocator cache,
-    library workspaces), else the whole device's use; None without NVML."""
+def gpu_memory_by_process(index: int | None = None) -> dict[int, float]:
+    """GB of GPU ``index``'s memory per process id, as nvidia-smi lists them (NVML); empty without NVML or
+    where the driver hides the figures. In a container the ids may be the host's, not this process's."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory:
-                return proc.usedGpuMemory / GB
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if index is None else index)
+        return {proc.pid: proc.usedGpuMemory / GB for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if proc.usedGpuMemory}
     except Exception:  # noqa: BLE001 - NVML is optional
-        pass
+        return {}
+
+
+def process_gpu_gb() -> float | None:
+    """This process's GPU memory as NVML reports it (what nvidia-smi shows: CUDA context, allocator cache,
+    library workspaces), else the whole device's use; None without NVML."""
+    own = gpu_memory_by_process().get(os.getpid())
+    if own is not None:
+        return own
     try:
         return torch.cuda.device_memory_used() / GB
     except Exception:  # noqa: BLE001

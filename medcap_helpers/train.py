@@ -79,7 +79,8 @@ TRAIN_SPLITS = ("train",)
 VAL_SPLITS = ("validation", "val", "valid")
 SCORE_NAMES = {"cider": "CIDEr", "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
                "rouge_l": "ROUGE-L", "meteor": "METEOR", "ce_micro_f1": CE_MICRO_F1, "ce_macro_f1": CE_MACRO_F1}
-MEMORY_KEYS = ("max_allocated_gb", "max_reserved_gb", "device_used_gb", "peak_rss_gb")
+MEMORY_KEYS = ("max_allocated_gb", "max_reserved_gb", "device_used_gb", "process_gpu_gb", "other_processes_gpu_gb",
+               "peak_rss_gb")
 """Per-epoch peaks kept from :func:`~medcap_helpers.model.memory_snapshot` (CUDA allocator/NVML; CPU RSS)."""
 _ALL_MEMORY_KEYS = frozenset(MEMORY_KEYS) | {f"validation_{key}" for key in MEMORY_KEYS}
 
@@ -166,8 +167,9 @@ class PeakMemoryCallback(TrainerCallback):
     """Record each epoch's peak memory, training and validation apart, in the log history and :attr:`records`.
 
     Training (epoch start to epoch end): ``max_allocated_gb``/``max_reserved_gb`` from the CUDA
-    allocator and ``device_used_gb`` (NVML, whole device) when available; on CPU ``peak_rss_gb``
-    (the process's lifetime peak, which cannot be reset). Validation (the evaluation after the
+    allocator and, when NVML is available, ``device_used_gb`` (whole device), ``process_gpu_gb`` (this
+    process, as nvidia-smi lists it) and ``other_processes_gpu_gb`` (the others) at the epoch's end; on
+    CPU ``peak_rss_gb`` (the process's lifetime peak, which cannot be reset). Validation (the evaluation after the
     epoch, report generation included): the same keys prefixed ``validation_``.
     """
 

@@ -262,6 +262,40 @@ def test_memory_snapshot_on_cpu():
     assert snap["peak_rss_gb"] >= snap["rss_gb"] * 0.99
 
 
+def fake_nvml(processes):
+    """A ``pynvml`` module whose device lists ``processes`` as ``(pid, bytes)``."""
+    import types
+
+    module = types.ModuleType("pynvml")
+    module.nvmlInit = lambda: None
+    module.nvmlDeviceGetHandleByIndex = lambda index: index
+    module.nvmlDeviceGetComputeRunningProcesses = lambda handle: [
+        types.SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in processes]
+    return module
+
+
+def test_gpu_memory_is_split_by_process_as_nvidia_smi_lists_it(monkeypatch):
+    """What a compiled step's worker processes hold shows apart from this process's own memory."""
+    import os
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([(os.getpid(), 3 * 10**9), (1, 5 * 10**8),
+                                                          (2, None), (3, 10**8)]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert devices.gpu_memory_by_process(0) == {os.getpid(): 3.0, 1: 0.5, 3: 0.1}  # hidden figures left out
+    assert devices.process_gpu_gb() == 3.0
+    for name, value in (("memory_allocated", 10**9), ("memory_reserved", 2 * 10**9), ("max_memory_allocated", 10**9),
+                        ("max_memory_reserved", 2 * 10**9), ("device_memory_used", 36 * 10**8)):
+        monkeypatch.setattr(torch.cuda, name, lambda index=None, value=value: value)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 8 * 10**9}))
+    snap = devices.memory_snapshot("cuda:0")
+    assert snap["process_gpu_gb"] == 3.0 and snap["other_processes_gpu_gb"] == pytest.approx(0.6)
+    assert snap["device_used_gb"] == 3.6
+    # a container whose driver lists the host's process ids: nothing is attributed to this process
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([(1, 3 * 10**9)]))
+    assert "process_gpu_gb" not in devices.memory_snapshot("cuda:0")
+
+
 def test_generate_reports_batches_and_respects_length(tiny, tmp_path):
     folder, processor = tiny
     config = _config(tmp_path)
