@@ -267,6 +267,7 @@ class MedcapTrainer(Trainer):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.compiled_steps = 0
+        self.dequantized_weights_made = False
         self.add_callback(_EpochTrainLossCallback(self))
 
     # ----- per-epoch training loss
@@ -302,7 +303,9 @@ class MedcapTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
         if self.compiled_loss is not None and model.training:  # compile_training: the step's forward and backward
             accept_views(model)  # outside the compiled code: it sets the model's forward once
-            make_dequantized_weights(model)  # likewise (released for each validation's generation)
+            if not self.dequantized_weights_made:  # likewise, once after each validation released them
+                make_dequantized_weights(model)
+                self.dequantized_weights_made = True
             inputs = self.static_shape(model, inputs)
             torch.compiler.cudagraph_mark_step_begin()
             loss = self.compiled_loss(model, inputs)
@@ -345,6 +348,7 @@ class MedcapTrainer(Trainer):
         scorer = self.scorer or _default_scorer()
         rows = self.generation_rows
         release_dequantized_weights(self.model)  # generation's batches get that memory; training makes them again
+        self.dequantized_weights_made = False
         with self.accelerator.split_between_processes(rows) as share:
             share_predictions = generate_reports(self.model, self.processor,
                                                  generation_inputs(self.model, self.processor, share, config),

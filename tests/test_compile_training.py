@@ -10,8 +10,9 @@ from medcap_helpers.train import train, training_compile_backend
 from tests.test_train import qlora_model, smoke_config, synthetic_rows
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["pixels", "cached tokens"])
-def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, monkeypatch, cached: bool) -> None:
+@pytest.mark.parametrize(("cached", "dequantized"), [(False, False), (True, False), (True, True)],
+                         ids=["pixels", "cached tokens", "cached tokens, dequantized weights"])
+def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, monkeypatch, cached: bool, dequantized: bool) -> None:
     """On the CPU through AOTAutograd's ``aot_eager`` backend (the GPU uses inductor): the same per-epoch
     training and validation losses, 4-bit tiny BLIP with LoRA and checkpointing, and the compiled function
     is what trained."""
@@ -29,7 +30,7 @@ def test_a_compiled_step_follows_the_eager_loss_curve(tmp_path, monkeypatch, cac
         torch._dynamo.reset()
         counters.clear()
         config = smoke_config(tmp_path / str(compiled), num_train_epochs=2.0, compile_training=compiled,
-                              cache_vision_embeddings=cached)
+                              cache_vision_embeddings=cached, dequantize_frozen_weights=dequantized)
         model, processor = qlora_model(config)
         rows = synthetic_rows()
         result = train(config, model, processor, {"train": rows, "validation": rows[:4]})

@@ -14,6 +14,15 @@ def by_name(checks: list[preflight.Check]) -> dict[str, preflight.Check]:
     return {c.name: c for c in checks}
 
 
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """``count`` visible 24 GB GPUs with 20 GB free, as torch.cuda reports them."""
+    cuda = preflight.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
+    monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
+    monkeypatch.setattr(cuda, "device_count", lambda: count)
+
+
 def refuse(address, timeout):  # noqa: ANN001, ANN201
     raise OSError("network is unreachable")
 
@@ -83,11 +92,7 @@ def test_a_full_run_stops_at_the_preflight_without_a_gpu(tmp_path: Path, capsys:
 
 
 def test_more_gpus_than_visible_fails_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda = preflight.torch.cuda
-    monkeypatch.setattr(cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
-    monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
-    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    fake_gpus(monkeypatch, 2)
     config = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False)
     assert by_name(preflight._cuda(config))["GPUs"].detail == "training on 2 of 2"
     too_many = by_name(preflight._cuda(config.replace(num_gpus=4)))["GPUs"]
@@ -95,11 +100,7 @@ def test_more_gpus_than_visible_fails_before_the_run(tmp_path: Path, monkeypatch
 
 
 def test_a_compiled_step_without_its_toolchain_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda = preflight.torch.cuda
-    monkeypatch.setattr(cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda, "get_device_name", lambda index=0: "Test GPU")
-    monkeypatch.setattr(cuda, "mem_get_info", lambda: (20e9, 24e9))
-    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    fake_gpus(monkeypatch, 1)
     full = MedcapConfig.from_profile("full", run_dir=str(tmp_path), load_in_4bit=False, compile_training=True)
     monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
