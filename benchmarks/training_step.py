@@ -91,24 +91,28 @@ def main() -> None:
         raise SystemExit("benchmarks/training_step.py measures a GPU's training step: it needs CUDA.")
     from full_profile import cap_memory, rehearsal_peft_model
 
-    from medcap_helpers import budget, frozen_weights, vision_cache
+    from medcap_helpers import budget, frozen_weights
     from medcap_helpers.devices import compute_dtype, is_out_of_memory, release_memory
     from medcap_helpers.multiview import accept_views, caption_outputs
+    from medcap_helpers.processing import pad_to_static_shape
+    from medcap_helpers.train import _caption_loss
     from medcap_helpers.runs import environment_info, write_json
 
     context_gb = cap_memory()
     config, dd, model, processor = rehearsal_peft_model(args.run, args.data)
     collator, rows = budget.probe_inputs(config, model, processor, dd["train"].select(range(args.rows)))
-    padded_collator = vision_cache.CachedEmbeddingCollator(processor, config.max_target_tokens, collator.cache,
-                                                           pad_to_max_length=True)
     dtype = compute_dtype(config, torch.device("cuda"))
     accept_views(model)  # outside any compiled code: it sets the model's forward once
 
-    def model_loss(m: Any, batch: dict[str, Any]) -> Any:
-        return m(**batch).loss
-
-    compiled = {mode: torch.compile(model_loss, mode=mode, dynamic=False)
+    compiled = {mode: torch.compile(_caption_loss, mode=mode, dynamic=False)  # what compile_training compiles
                 for mode in {SETTINGS[n].compile_mode for n in names} if mode}
+
+    def padded(batch: dict[str, Any]) -> dict[str, Any]:  # as MedcapTrainer.static_shape pads (two-view batch)
+        return pad_to_static_shape(batch, args.batch, config.max_target_tokens, processor.tokenizer.pad_token_id)
+
+    def loss_fn(setting: Setting) -> Any:
+        loss = compiled.get(setting.compile_mode, _caption_loss)
+        return (lambda m, batch: loss(m, padded(batch))) if setting.padded else loss
 
     def apply(setting: Setting) -> None:
         (frozen_weights.dequantize_frozen_weights if setting.dequantize else frozen_weights.use_4bit_matmuls)(model)
@@ -118,9 +122,8 @@ def main() -> None:
         if setting.compile_mode:  # as the Trainer does: compiled code only reads the dequantized weights
             frozen_weights.make_dequantized_weights(model)
         candidate = budget.TrainingCandidate(args.batch, 1, setting.checkpointing, setting.checkpointed_layers)
-        return budget.measure_training_step(
-            model, padded_collator if setting.padded else collator, rows, candidate, steps=args.steps + 1,
-            mixed_precision=dtype, loss_fn=compiled.get(setting.compile_mode))
+        return budget.measure_training_step(model, collator, rows, candidate, steps=args.steps + 1,
+                                            mixed_precision=dtype, loss_fn=loss_fn(setting))
 
     measured: dict[str, dict[str, Any]] = {n: {"samples_per_s": [], "peak_gb": [], "round_s": [], "failed": None}
                                            for n in names}
@@ -144,11 +147,10 @@ def main() -> None:
                   f"{time.perf_counter() - start:.1f} s", flush=True)
     losses = {}
     model.eval()
-    for padded in (False, True):
-        batch = {k: v.to("cuda") for k, v in
-                 (padded_collator if padded else collator)(budget.costliest_rows(rows, args.batch)).items()}
+    plain = {k: v.to("cuda") for k, v in collator(budget.costliest_rows(rows, args.batch)).items()}
+    for batch, is_padded in ((plain, False), (padded(plain), True)):
         for name in names:
-            if SETTINGS[name].padded == padded and not measured[name]["failed"]:
+            if SETTINGS[name].padded == is_padded and not measured[name]["failed"]:
                 apply(SETTINGS[name])
                 with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
                     losses[name] = float(caption_outputs(model, batch).loss)

@@ -58,8 +58,11 @@ def use_4bit_matmuls(model: Any) -> int:
 
 
 def uses_dequantized_weights(model: Any) -> bool:
-    return any("forward" in vars(m) and getattr(vars(m)["forward"], "__func__", None) is _dequantized_forward
-               for m in _frozen_4bit_layers(model))
+    return any(_uses_copy(m) for m in _frozen_4bit_layers(model))
+
+
+def _uses_copy(layer: nn.Module) -> bool:
+    return getattr(vars(layer).get("forward"), "__func__", None) is _dequantized_forward
 
 
 def release_dequantized_weights(model: Any) -> int:
@@ -82,8 +85,7 @@ def make_dequantized_weights(model: Any) -> int:
     then only reads the weights. Returns how many were made."""
     made = 0
     for layer in _frozen_4bit_layers(model):
-        uses_copy = getattr(vars(layer).get("forward"), "__func__", None) is _dequantized_forward
-        if uses_copy and getattr(layer, "compute_type_is_set", True) and layer.compute_dtype is not None:
+        if _uses_copy(layer) and getattr(layer, "compute_type_is_set", True) and layer.compute_dtype is not None:
             made += _dequantized_weight(layer, layer.compute_dtype)[1]
     return made
 

@@ -34,7 +34,7 @@ from medcap_helpers.devices import (
     out_of_memory,
     release_memory,
 )
-from medcap_helpers.model import unwrap_model
+from medcap_helpers.model import image_tokens_per_view, unwrap_model
 from medcap_helpers.multiview import generate_from_tokens, multiview_generate
 from medcap_helpers.processing import pixel_batch
 
@@ -399,7 +399,7 @@ def study_generation_bytes(model: Any, config: MedcapConfig, dtype_bytes: int = 
     base = unwrap_model(model)
     text, vision = base.config.text_config, base.config.vision_config
     views = 2 if config.views == "both" else 1
-    image_tokens = views * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    image_tokens = views * image_tokens_per_view(base)
     beams = config.num_beams
     layer_bytes = text.num_hidden_layers * 2 * text.hidden_size * dtype_bytes  # keys and values, every layer
     cross = layer_bytes * image_tokens * (1 if shared_cross_attention else beams)

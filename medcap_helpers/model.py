@@ -404,6 +404,12 @@ def unwrap_model(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def image_tokens_per_view(model: Any) -> int:
+    """The vision tower's tokens for one image: one per patch, plus the class token."""
+    vision = unwrap_model(model).config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
 def is_quantized(model: Any) -> bool:
     base = unwrap_model(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))

@@ -225,13 +225,11 @@ class CaptionCollator:
     longer than ``max_length`` tokens are truncated, keeping the final ``[SEP]`` (the stop token).
     """
 
-    def __init__(self, processor: BlipProcessor, max_length: int = 128, pad_to_max_length: bool = False) -> None:
+    def __init__(self, processor: BlipProcessor, max_length: int = 128) -> None:
         if max_length < 3:
             raise ValueError(f"max_length={max_length} leaves no room for a report (use >= 3).")
         self.processor = processor
         self.max_length = max_length
-        self.pad_to_max_length = pad_to_max_length
-        """Every batch ``max_length`` tokens long (compiled steps see one shape), not its longest report's."""
         self.bos_token_id = caption_start_token_id(processor)
         self.pad_token_id = processor.tokenizer.pad_token_id
 
@@ -247,8 +245,7 @@ class CaptionCollator:
     def text_inputs(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` and ``labels`` of the rows' reports."""
         texts = [str(row["text"]) for row in rows]
-        encoded = self.processor.tokenizer(texts, padding="max_length" if self.pad_to_max_length else "longest",
-                                           truncation=True,
+        encoded = self.processor.tokenizer(texts, padding="longest", truncation=True,
                                            max_length=self.max_length, return_tensors="pt")
         input_ids = encoded["input_ids"].clone()
         input_ids[:, 0] = self.bos_token_id

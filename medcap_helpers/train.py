@@ -62,9 +62,9 @@ from medcap_helpers.metrics import (
 from medcap_helpers.model import (
     attach_lora,
     check_tokenizer_matches,
+    image_tokens_per_view,
     remove_input_grad_hooks,
     trainable_parameters,
-    unwrap_model,
 )
 from medcap_helpers.multiview import accept_views, caption_outputs
 from medcap_helpers.pretrain import pretraining_record
@@ -320,8 +320,7 @@ class MedcapTrainer(Trainer):
         """``inputs`` padded to the micro-batch, ``max_target_tokens`` and, when studies train on both
         views, two views (:func:`~medcap_helpers.processing.pad_to_static_shape`: the same loss)."""
         config = self.medcap_config or MedcapConfig()
-        vision = unwrap_model(model).config.vision_config
-        view_tokens = (vision.image_size // vision.patch_size) ** 2 + 1 if config.views == "both" else None
+        view_tokens = image_tokens_per_view(model) if config.views == "both" else None
         pad_token_id = self.processor.tokenizer.pad_token_id if self.processor is not None else 0
         return pad_to_static_shape(dict(inputs), self.args.per_device_train_batch_size, config.max_target_tokens,
                                    pad_token_id, view_tokens)

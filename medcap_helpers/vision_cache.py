@@ -315,9 +315,8 @@ class CachedEmbeddingCollator(CaptionCollator):
     ``image_embeds`` of shape (batch, views x tokens, hidden), a one-view study in a two-view batch
     repeating its view (as :func:`~medcap_helpers.processing.pixel_batch` does)."""
 
-    def __init__(self, processor: Any, max_length: int, cache: VisionEmbeddingCache,
-                 pad_to_max_length: bool = False) -> None:
-        super().__init__(processor, max_length, pad_to_max_length)
+    def __init__(self, processor: Any, max_length: int, cache: VisionEmbeddingCache) -> None:
+        super().__init__(processor, max_length)
         self.cache = cache
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
