@@ -3,6 +3,7 @@
     python -m medcap_helpers.rehearsal data/rehearsal    # set-up (not timed)
     python benchmarks/decoding.py                        # CUDA: calls of 64, 64, 64, 296 studies, 4 GB cap
     python benchmarks/decoding.py --calls 296 --backends inductor,cudagraphs   # which compiled steps too
+    python benchmarks/decoding.py --backends graph       # the step recorded as a CUDA graph (graph_generation)
     TORCH_LOGS=recompiles python benchmarks/decoding.py --no-default --calls 64,64 --max-batch 26   # compiled only
 
 The rehearsal's random BLIP-large with a random LoRA adapter, reports forced to 75 new tokens, the
@@ -42,7 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "decoding.json"
 
 
 def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_backend: str | None,
-            calls: list[int]) -> dict[str, Any]:
+            calls: list[int], graph_step: bool = False) -> dict[str, Any]:
     """Consecutive ``generate_reports`` calls as the pipeline makes them (a sweep trial's validation
     studies, then a whole split): each call of ``n`` studies takes the first ``n`` of ``rows``, from cached
     image tokens when the config caches them, the batch sized to the budget. Each call is timed whole
@@ -72,17 +73,19 @@ def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_bac
             texts, seconds = timed(lambda: generation.generate_reports(
                 peft_model, processor, inputs, batch_size=size, max_new_tokens=config.max_new_tokens,
                 min_new_tokens=config.min_new_tokens, num_beams=config.num_beams, progress=False,
-                compile_backend=compile_backend))
+                compile_backend=compile_backend, graph_step=graph_step))
             timings.append({"studies": len(subset), "seconds": seconds, "reports_per_s": len(subset) / seconds,
                             "batch": size, "batches_run": list(sizes)})
             reports += texts
-            print(f"  {compile_backend or 'default'}: {timings[-1]}", flush=True)
+            print(f"  {'graph' if graph_step else compile_backend or 'default'}: {timings[-1]}", flush=True)
     finally:
         generation.generate_from_tokens, generation.multiview_generate = original
     studies, seconds = sum(t["studies"] for t in timings), sum(t["seconds"] for t in timings)
-    return {"compile_backend": compile_backend, "cached_tokens": bool(config.cache_vision_embeddings),
+    return {"compile_backend": compile_backend, "graph_step": graph_step,
+            "cached_tokens": bool(config.cache_vision_embeddings),
             "calls": timings, "studies": studies, "seconds": seconds, "reports_per_s": studies / seconds,
-            "last_call_reports_per_s": timings[-1]["reports_per_s"], **memory(), "reports": reports}
+            "last_call_reports_per_s": timings[-1]["reports_per_s"], **memory(), "reports": reports,
+            "fell_back": list(generation._graph_failures if graph_step else generation._compile_failures)}
 
 
 NO_KERNEL = {"as_strided", "view", "expand", "empty", "resolve_conj", "reshape", "transpose", "unsqueeze", "t",
@@ -209,7 +212,8 @@ def main() -> None:
     parser.add_argument("--count-ops", action="store_true", help="CPU: operators per decoding step (tiny model)")
     parser.add_argument("--backends", default="inductor",
                         help="comma-separated torch.compile backends to measure beside the default path "
-                             "(inductor: fused kernels, static shapes; cudagraphs: CUDA graphs of the traced step, no codegen)")
+                             "(inductor: fused kernels, static shapes; cudagraphs: CUDA graphs of the traced step, no codegen; "
+                             "graph: no compiler, the step on fixed buffers recorded as a CUDA graph, graph_generation)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.count_ops:
@@ -244,12 +248,13 @@ def main() -> None:
     calls = [int(n) for n in args.calls.split(",")]
     results: dict[str, Any] = {"part": "decoding", "cuda_context_gb": context_gb, "environment": environment_info(),
                                "command": " ".join(["python"] + sys.argv)}
-    compiled_names = {backend: "compiled" if backend == "inductor" else f"compiled_{backend}"
+    compiled_names = {backend: {"inductor": "compiled", "graph": "graph"}.get(backend, f"compiled_{backend}")
                       for backend in args.backends.split(",") if backend}
     measured = ([("default", None)] if args.default else []) + [(name, backend) for backend, name in compiled_names.items()]
     for name, backend in measured:
         try:
-            results[name] = measure(peft_model, processor, config, rows, backend, calls)
+            graph = backend == "graph"
+            results[name] = measure(peft_model, processor, config, rows, None if graph else backend, calls, graph)
         except Exception as err:  # noqa: BLE001 - a failure of the lever is a result too
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps(without_reports(results[name]))[:1500], flush=True)
@@ -259,7 +264,7 @@ def main() -> None:
         compiled = results[name]
         if "reports" in default and "reports" in compiled:
             same = sum(a == b for a, b in zip(default["reports"], compiled["reports"]))
-            key = name.replace("compiled", "comparison", 1)  # comparison, comparison_cudagraphs
+            key = name.replace("compiled", "comparison", 1) if "compiled" in name else f"comparison_{name}"
             results[key] = {"speedup": compiled["reports_per_s"] / default["reports_per_s"],
                             "identical_reports": same / len(default["reports"])}
             print(key, results[key], flush=True)

@@ -159,6 +159,11 @@ class MedcapConfig:
     reports/s on the 296-study validation split against 23.4 without it, and as many as the default path on
     64-study calls, so a whole run gains about what the compile costs; and with random weights the
     rehearsal cannot show that real reports stay the same (``benchmarks/decoding.py``). Ignored on the CPU."""
+    graph_generation: bool = False
+    """On a GPU, run the 16-bit decoder copy's decoding step on fixed buffers and replay it as one CUDA graph
+    (:class:`medcap_helpers.decoding_graph.StaticDecodingStep`): one launch per step instead of about 415;
+    transformers still does the beam search. Recorded once per generation call and batch size (no
+    compiler). Ignored on the CPU."""
     compile_training: bool = False
     """On one GPU, compile stage 03's training step (forward and backward) with ``torch.compile`` in
     inductor's "reduce-overhead" mode: its kernels are recorded once as CUDA graphs and replayed, instead of

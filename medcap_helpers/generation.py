@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from medcap_helpers import vision_cache
 from medcap_helpers.config import MedcapConfig
+from medcap_helpers.decoding_graph import CACHE_ARGUMENT, StaticDecodingStep
 from medcap_helpers.devices import (
     GB,
     OutOfMemory,
@@ -122,17 +123,28 @@ class SharedMemoryCrossAttention(nn.Module):
         hands the image tokens over anew at every step, so a new batch cannot be told by its tensor)."""
         self.keys = self.values = None
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, encoder_hidden_states: torch.Tensor | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def set_memory(self, encoder_hidden_states: torch.Tensor) -> None:
+        """Keys and values of a batch's image tokens (one copy per study), written into the last batch's
+        tensors when the shapes agree: a step recorded as a CUDA graph reads them at fixed addresses."""
         attention = self.attention.self
         heads, size = attention.num_attention_heads, attention.attention_head_size
-        if self.keys is None or self.rows != encoder_hidden_states.shape[0]:  # a new batch (see reset)
-            memory = encoder_hidden_states[:: self.num_beams]
-            studies, tokens = memory.shape[:2]
-            # contiguous once per batch: a strided copy would otherwise be made of them at every step
-            self.keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
-            self.values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
-            self.rows = encoder_hidden_states.shape[0]
+        memory = encoder_hidden_states[:: self.num_beams]
+        studies, tokens = memory.shape[:2]
+        # contiguous once per batch: a strided copy would otherwise be made of them at every step
+        keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
+        values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
+        if self.keys is not None and self.values is not None and self.keys.shape == keys.shape:
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+        else:
+            self.keys, self.values = keys, values
+        self.rows = encoder_hidden_states.shape[0]
+
+    def attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer's cross-attention output (after its dense layer and layer norm) for ``hidden_states``."""
+        assert self.keys is not None and self.values is not None, "set_memory() first"
+        attention = self.attention.self
+        heads, size = attention.num_attention_heads, attention.attention_head_size
         studies = self.keys.shape[0]
         rows, length = hidden_states.shape[:2]
         beams = rows // studies
@@ -142,7 +154,13 @@ class SharedMemoryCrossAttention(nn.Module):
         context = F.scaled_dot_product_attention(query, self.keys, self.values)  # softmax(q k^T / sqrt(size)) v
         context = context.view(studies, heads, beams, length, size).permute(0, 2, 3, 1, 4)
         context = context.reshape(rows, length, heads * size)
-        return self.attention.output(context, hidden_states), None
+        return self.attention.output(context, hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, encoder_hidden_states: torch.Tensor | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if self.keys is None or self.rows != encoder_hidden_states.shape[0]:  # a new batch (see reset)
+            self.set_memory(encoder_hidden_states)
+        return self.attend(hidden_states), None
 
 
 def _generation_dtype(decoder: nn.Module) -> torch.dtype:
@@ -243,6 +261,8 @@ settings: a process's later calls start there. Before this, the first batch of 1
 rehearsal's 03-06 ran out of memory, and each call halved it anew (the measured memory of a batch:
 ``benchmarks/results/decoding_memory.json``)."""
 _compile_failures: list[str] = []
+_graph_failures: list[str] = []
+"""Why the decoding step could not run as a CUDA graph in this process, if it could not (then not tried again)."""
 """Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 
 
@@ -275,14 +295,18 @@ def release_generation_decoder(decoder: nn.Module) -> None:
 def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any], max_new_tokens: int = 100,
                      num_beams: int = 1, batch_size: int = 8, device: torch.device | str | None = None,
                      progress: bool = True, min_new_tokens: int | None = None,
-                     decoder_copy: bool = True, compile_backend: str | None = None) -> list[str]:
+                     decoder_copy: bool = True, compile_backend: str | None = None,
+                     graph_step: bool = False) -> list[str]:
     """Reports for ``images`` (greedy when ``num_beams == 1``), decoded without special tokens.
 
     ``images`` needs only ``len`` and integer indexing (PIL images, paths, arrays, or a list of a study's
     views), so a :class:`RowColumn` or :class:`StudyViews` over a dataset decodes one batch at a time.
     Works for base, 4-bit and peft models; restores the model's train/eval mode afterwards.
     ``decoder_copy`` generates from :func:`decoder_for_generation` when the decoder is 4-bit or has LoRA;
-    ``compile_backend`` then compiles its decoding step (:func:`compile_decoding_step`, static cache).
+    ``compile_backend`` then compiles its decoding step (:func:`compile_decoding_step`, static cache);
+    ``graph_step`` instead runs the copy's step on fixed buffers, replayed as a CUDA graph on a GPU
+    (:class:`~medcap_helpers.decoding_graph.StaticDecodingStep`; eagerly on the CPU). A step that cannot be
+    recorded falls back to the plain copy with a warning, for the rest of the process.
     A batch that runs out of memory is retried at three quarters of its size (down to one study), with a
     warning; the smaller batch is kept for the rest of the call and for the process's later calls with the
     same decoder and settings (:data:`_batch_size_after_oom`), which would run out of memory the same way.
@@ -295,8 +319,11 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     was_training = model.training
     model.eval()
     base = unwrap_model(model)
-    use_copy = decoder_copy and (needs_decoder_copy(model) or compile_backend is not None)  # compile a copy, not the model
+    # compile (or record) a copy, not the model
+    use_copy = decoder_copy and (needs_decoder_copy(model) or compile_backend is not None or graph_step)
     compiled = compile_backend is not None and use_copy and not _compile_failures
+    graphed = graph_step and use_copy and not compiled and not _graph_failures
+    static_step: StaticDecodingStep | None = None
     if compiled:
         decoder = compiled_decoder_for_generation(model, num_beams, compile_backend)
     else:
@@ -308,7 +335,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     if min_new_tokens:  # the rehearsal's fixed report length
         settings["min_new_tokens"] = min_new_tokens
     oom_key = (base.text_decoder.config.to_json_string(), str(device), num_beams, max_new_tokens, min_new_tokens,
-               compiled)
+               compiled, graphed)
     batch_size = min(batch_size, _batch_size_after_oom.get(oom_key, batch_size))
     reports: list[str] = []
     oom: OutOfMemory | None = None
@@ -318,13 +345,24 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
             while len(reports) < len(images) and oom is None:
                 start = len(reports)
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-                # A compiled step is compiled again for every new batch shape:
+                # A compiled (recorded) step is compiled (recorded) again for every new batch shape:
                 # a short last batch is padded with its last study, whose extra reports are dropped.
-                padding = batch_size - len(batch) if compiled else 0
+                padding = batch_size - len(batch) if compiled or graphed else 0
                 batch += [batch[-1]] * padding
                 try:
-                    for module in shared_cross_attention:
-                        module.reset()
+                    if graphed:  # the step's buffers stay (the image tokens' keys are refilled in place)
+                        if static_step is None or static_step.rows != len(batch) * num_beams:
+                            if static_step is not None:
+                                static_step.release()
+                                static_step = None
+                                for module in shared_cross_attention:
+                                    module.reset()
+                            static_step = StaticDecodingStep(decoder, len(batch) * num_beams, num_beams,
+                                                             max_new_tokens, use_graph=device.type == "cuda").install()
+                        settings[CACHE_ARGUMENT] = static_step.new_batch()
+                    else:
+                        for module in shared_cross_attention:
+                            module.reset()
                     if isinstance(batch[0], torch.Tensor):  # cached image tokens (vision_cache.StudyTokens)
                         output = generate_from_tokens(base, torch.stack(batch), decoder=decoder, **settings)
                     else:
@@ -333,6 +371,19 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                             pixel_values = pixel_values.unsqueeze(1)
                         output = multiview_generate(base, pixel_values, decoder=decoder, **settings)
                 except Exception as err:  # noqa: BLE001 - out of memory and a failed compiled step are handled
+                    if graphed and not is_out_of_memory(err):  # e.g. an operator that cannot be recorded
+                        _graph_failures.append(f"{type(err).__name__}: {err}")
+                        warnings.warn(f"The decoding step could not run as a CUDA graph ({_graph_failures[-1][:300]}); "
+                                      "reports are generated without it from now on (graph_generation=False avoids "
+                                      "the attempt).", RuntimeWarning, stacklevel=2)
+                        if static_step is not None:
+                            static_step.release()
+                            static_step = None
+                        decoder, graphed = decoder_for_generation(model, num_beams), False
+                        shared_cross_attention = [m for m in decoder.modules()
+                                                  if isinstance(m, SharedMemoryCrossAttention)]
+                        settings.pop(CACHE_ARGUMENT, None)
+                        continue
                     if compiled and not is_out_of_memory(err):  # e.g. no working Triton: generate eagerly
                         _compile_failures.append(f"{type(err).__name__}: {err}")
                         warnings.warn(f"The compiled decoding step failed ({_compile_failures[-1][:300]}); reports "
@@ -347,6 +398,11 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         continue
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
                         raise
+                    if static_step is not None:  # made again for the smaller batch
+                        static_step.release()
+                        static_step = None
+                        for module in shared_cross_attention:
+                            module.reset()
                     if len(batch) == 1:
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
                     batch_size = max(1, len(batch) * 3 // 4)
@@ -361,6 +417,10 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     finally:
         for module in shared_cross_attention:  # a batch's keys and values: free them now
             module.reset()
+        if static_step is not None:
+            static_step.release()
+        settings.pop(CACHE_ARGUMENT, None)
+        del static_step
         if compiled:
             release_generation_decoder(decoder)
         del decoder, shared_cross_attention
@@ -458,9 +518,15 @@ def generate_for_split(model: Any, processor: Any, split: Any, config: MedcapCon
     inputs = generation_inputs(model, processor, split, config)
     return generate_reports(model, processor, inputs, max_new_tokens=config.max_new_tokens,
                             num_beams=config.num_beams, batch_size=generation_batch_size(model, config),
-                            min_new_tokens=config.min_new_tokens, compile_backend=compile_backend(model, config))
+                            min_new_tokens=config.min_new_tokens, compile_backend=compile_backend(model, config),
+                            graph_step=graph_step(model, config))
 
 
 def compile_backend(model: Any, config: MedcapConfig) -> str | None:
     """``"inductor"`` when ``config.compile_generation`` asks for it and the model is on a GPU, else None."""
     return "inductor" if config.compile_generation and model_device(model).type == "cuda" else None
+
+
+def graph_step(model: Any, config: MedcapConfig) -> bool:
+    """True when ``config.graph_generation`` asks for the recorded decoding step and the model is on a GPU."""
+    return config.graph_generation and model_device(model).type == "cuda"

@@ -49,6 +49,7 @@ from medcap_helpers.errors import ConfigError
 from medcap_helpers.frozen_weights import make_dequantized_weights, release_dequantized_weights
 from medcap_helpers.generation import (
     compile_backend,
+    graph_step,
     generate_reports,
     generation_batch_size,
     generation_inputs,
@@ -355,7 +356,8 @@ class MedcapTrainer(Trainer):
                                                  batch_size=generation_batch_size(self.model, config, self.args.device),
                                                  device=self.args.device,
                                                  min_new_tokens=config.min_new_tokens,
-                                                 compile_backend=compile_backend(self.model, config))
+                                                 compile_backend=compile_backend(self.model, config),
+                                                 graph_step=graph_step(self.model, config))
         predictions = gather_object(share_predictions)
         self.last_predictions = predictions
         self.predictions_by_step[self.state.global_step] = predictions
