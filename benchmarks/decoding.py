@@ -88,6 +88,48 @@ def measure(peft_model: Any, processor: Any, config: Any, rows: Any, compile_bac
             "fell_back": list(generation._graph_failures if graph_step else generation._compile_failures)}
 
 
+def step_agreement(peft_model: Any, processor: Any, config: Any, rows: Any, studies: int = 16) -> dict[str, Any]:
+    """Whether the recorded step computes what the decoder computes: greedy reports for ``studies`` studies
+    from the 16-bit copy, then, fed the same tokens, the copy's logits over each whole report (transformers'
+    forward, no cache) against the recorded step's, token by token (a CUDA graph, one row per study).
+    With random weights near-ties are common, so the top token is compared where the top two differ by more
+    than 0.1 as well as everywhere."""
+    import torch
+
+    from medcap_helpers import generation
+    from medcap_helpers.decoding_graph import CACHE_ARGUMENT, StaticDecodingStep
+    from medcap_helpers.model import unwrap_model
+    from medcap_helpers.multiview import generate_from_tokens
+
+    base = unwrap_model(peft_model)
+    inputs = generation.generation_inputs(peft_model, processor, rows.select(range(studies)), config)
+    copy = generation.decoder_for_generation(peft_model, num_beams=1)
+    memory = torch.stack([inputs[i] for i in range(studies)]).to(device=next(copy.parameters()).device, dtype=copy.dtype)
+    shared = [m for m in copy.modules() if isinstance(m, generation.SharedMemoryCrossAttention)]
+    with torch.no_grad():
+        ids = generate_from_tokens(base, memory, decoder=copy, max_new_tokens=config.max_new_tokens,
+                                   min_new_tokens=config.min_new_tokens, num_beams=1)
+        for module in shared:
+            module.reset()
+        reference = copy(input_ids=ids[:, :-1], encoder_hidden_states=memory).logits.float()
+        for module in shared:
+            module.reset()
+        step = StaticDecodingStep(copy, studies, 1, ids.shape[1] - 1, use_graph=memory.device.type == "cuda").install()
+        cache = step.new_batch()
+        recorded = torch.cat([copy(input_ids=ids[:, t:t + 1], encoder_hidden_states=memory,
+                                   **{CACHE_ARGUMENT: cache}).logits.float() for t in range(ids.shape[1] - 1)], dim=1)
+        step.release()
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1
+    same_top = recorded.argmax(-1) == reference.argmax(-1)
+    difference = (recorded - reference).abs()
+    return {"studies": studies, "tokens": int(ids.shape[1] - 1), "max_abs_logit_difference": float(difference.max()),
+            "mean_abs_logit_difference": float(difference.mean()), "largest_abs_logit": float(reference.abs().max()),
+            "same_top_token": float(same_top.float().mean()),
+            "same_top_token_where_top_two_differ_by_0.1": float(same_top[clear].float().mean()),
+            "positions_where_top_two_differ_by_0.1": float(clear.float().mean())}
+
+
 NO_KERNEL = {"as_strided", "view", "expand", "empty", "resolve_conj", "reshape", "transpose", "unsqueeze", "t",
              "broadcast_to", "select", "slice", "_unsafe_view", "empty_strided", "empty_like", "detach", "alias",
              "permute", "contiguous", "to", "_reshape_alias", "lift_fresh", "split", "chunk", "squeeze", "flatten",
@@ -259,6 +301,9 @@ def main() -> None:
             results[name] = {"compile_backend": backend, "error": f"{type(err).__name__}: {str(err)[:2000]}"}
         print(name, json.dumps(without_reports(results[name]))[:1500], flush=True)
         save_results(results)  # each measurement as it ends: a call cut off keeps the ones before
+    if "graph" in compiled_names:
+        results["graph_step_agreement"] = step_agreement(peft_model, processor, config, rows)
+        print("graph_step_agreement", results["graph_step_agreement"], flush=True)
     default = results.get("default", {})
     for name in compiled_names.values():
         compiled = results[name]

@@ -59,7 +59,8 @@ class StaticDecodingStep:
     the step as a CUDA graph at its first call and replays it afterwards (CUDA only)."""
 
     def __init__(self, decoder: nn.Module, rows: int, num_beams: int, max_length: int, use_graph: bool) -> None:
-        self.decoder, self.rows, self.num_beams, self.max_length = decoder, rows, num_beams, max_length
+        self.decoder = decoder
+        self.rows, self.num_beams, self.max_length = rows, num_beams, max_length
         self.use_graph = use_graph
         parameter = next(decoder.parameters())
         device, dtype = parameter.device, parameter.dtype
@@ -159,7 +160,11 @@ class StaticDecodingStep:
         return self.decoder.cls(hidden)
 
     def release(self) -> None:
-        """Free the graph and the buffers (the copy's cross-attention keeps its own until reset)."""
+        """Free the graph and the buffers and give the copy its own ``forward`` back (the copy's
+        cross-attention keeps its keys until reset). The installed ``forward`` refers to this step, which
+        refers to the copy: left in place, that cycle kept the copy's 0.3 GB until the garbage collector's
+        next pass, and every generation call on a GPU started with less memory than the one before."""
         self.graph = None
         self.logits = None
-        self.keys, self.values = [], []
+        self.keys, self.values, self.cross_attention = [], [], []
+        vars(self.decoder).pop("forward", None)

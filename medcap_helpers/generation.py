@@ -100,6 +100,10 @@ def _effective_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     return dequantize_module_weight(module).detach(), module.bias
 
 
+SET_MEMORY_STUDIES = 4
+"""Studies whose image tokens :meth:`SharedMemoryCrossAttention.set_memory` projects at once."""
+
+
 class SharedMemoryCrossAttention(nn.Module):
     """A decoder layer's cross-attention whose keys and values are computed once per study and shared by
     the study's beams.
@@ -125,19 +129,23 @@ class SharedMemoryCrossAttention(nn.Module):
 
     def set_memory(self, encoder_hidden_states: torch.Tensor) -> None:
         """Keys and values of a batch's image tokens (one copy per study), written into the last batch's
-        tensors when the shapes agree: a step recorded as a CUDA graph reads them at fixed addresses."""
+        tensors when the shapes agree: a step recorded as a CUDA graph reads them at fixed addresses.
+        Projected a few studies at a time, straight into those tensors: projecting the whole batch at once
+        took about 0.35 GB more for a moment at BLIP-large size (37 studies, two views)."""
         attention = self.attention.self
         heads, size = attention.num_attention_heads, attention.attention_head_size
         memory = encoder_hidden_states[:: self.num_beams]
         studies, tokens = memory.shape[:2]
-        # contiguous once per batch: a strided copy would otherwise be made of them at every step
-        keys = attention.key(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
-        values = attention.value(memory).view(studies, tokens, heads, size).transpose(1, 2).contiguous()
-        if self.keys is not None and self.values is not None and self.keys.shape == keys.shape:
-            self.keys.copy_(keys)
-            self.values.copy_(values)
-        else:
-            self.keys, self.values = keys, values
+        shape = (studies, heads, tokens, size)
+        if self.keys is None or self.values is None or self.keys.shape != shape:
+            self.keys = self.values = None  # freed before the next batch's are made
+            self.keys = memory.new_empty(shape)
+            self.values = memory.new_empty(shape)
+        for start in range(0, studies, SET_MEMORY_STUDIES):
+            chunk = memory[start:start + SET_MEMORY_STUDIES]
+            # stored contiguous: a strided copy would otherwise be made of them at every step
+            self.keys[start:start + len(chunk)] = attention.key(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
+            self.values[start:start + len(chunk)] = attention.value(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
         self.rows = encoder_hidden_states.shape[0]
 
     def attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
