@@ -124,13 +124,13 @@ class StaticDecodingStep:
 
     def _replay(self) -> None:
         if self.graph is None:  # record once: warm up on a side stream (as torch's docs ask), then capture
-            stream = torch.cuda.Stream()
+            stream, pool = _recording_resources()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._step()  # the same writes the replay makes: this step's keys and values
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.logits = self._step()
         self.graph.replay()
 
@@ -168,3 +168,16 @@ class StaticDecodingStep:
         self.logits = None
         self.keys, self.values, self.cross_attention = [], [], []
         vars(self.decoder).pop("forward", None)
+
+
+_recording: dict[int, tuple[torch.cuda.Stream, Any]] = {}
+"""Per GPU, the side stream that warms a step up before it is recorded and the memory pool the recorded
+steps share, one each per process: every new stream gets its own cuBLAS workspace, kept until the process
+ends, and a recorded step's pool is only reused by steps recorded into the same pool."""
+
+
+def _recording_resources() -> tuple[torch.cuda.Stream, Any]:
+    device = torch.cuda.current_device()
+    if device not in _recording:
+        _recording[device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
+    return _recording[device]
