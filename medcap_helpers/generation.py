@@ -269,9 +269,9 @@ settings: a process's later calls start there. Before this, the first batch of 1
 rehearsal's 03-06 ran out of memory, and each call halved it anew (the measured memory of a batch:
 ``benchmarks/results/decoding_memory.json``)."""
 _compile_failures: list[str] = []
+"""Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 _graph_failures: list[str] = []
 """Why the decoding step could not run as a CUDA graph in this process, if it could not (then not tried again)."""
-"""Why the compiled decoding step failed in this process, if it did: later calls then generate eagerly."""
 
 
 def compiled_decoder_for_generation(model: Any, num_beams: int, backend: str) -> nn.Module:
@@ -354,8 +354,9 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 start = len(reports)
                 batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
                 # A compiled (recorded) step is compiled (recorded) again for every new batch shape:
-                # a short last batch is padded with its last study, whose extra reports are dropped.
-                padding = batch_size - len(batch) if compiled or graphed else 0
+                # a short last batch is padded with its last study, whose extra reports are dropped
+                # (never beyond the call's studies: a call of 5 studies runs a batch of 5).
+                padding = min(batch_size, len(images)) - len(batch) if compiled or graphed else 0
                 batch += [batch[-1]] * padding
                 try:
                     if graphed:  # the step's buffers stay (the image tokens' keys are refilled in place)

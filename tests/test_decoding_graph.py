@@ -99,3 +99,16 @@ def test_graph_generation_is_ignored_on_the_cpu(peft_model, tmp_path):
     model, _ = peft_model
     config = MedcapConfig.from_profile("smoke", run_dir=str(tmp_path), graph_generation=True)
     assert generation.graph_step(model, config) is False
+
+
+def test_a_call_smaller_than_the_batch_is_not_padded_to_it(peft_model, monkeypatch):
+    model, processor = peft_model
+    steps = []
+    original_init = StaticDecodingStep.__init__
+    monkeypatch.setattr(StaticDecodingStep, "__init__",
+                        lambda self, *a, **k: steps.append(self) or original_init(self, *a, **k))
+    images = _images()[:2]
+    settings = dict(max_new_tokens=5, num_beams=2, progress=False, batch_size=8)
+    assert (generation.generate_reports(model, processor, images, graph_step=True, **settings)
+            == generation.generate_reports(model, processor, images, **settings))
+    assert [step.rows for step in steps] == [2 * 2], "two studies of two beams, not eight studies"
