@@ -112,3 +112,24 @@ def test_a_call_smaller_than_the_batch_is_not_padded_to_it(peft_model, monkeypat
     assert (generation.generate_reports(model, processor, images, graph_step=True, **settings)
             == generation.generate_reports(model, processor, images, **settings))
     assert [step.rows for step in steps] == [2 * 2], "two studies of two beams, not eight studies"
+
+
+def test_a_step_that_cannot_be_recorded_falls_back_to_plain_generation_with_a_warning(peft_model, monkeypatch):
+    """E.g. an operator that a CUDA graph cannot hold: the call goes on without the recorded step (the same
+    reports), says so once, and later calls of the process do not try again."""
+    model, processor = peft_model
+    images = _images()[:4]
+    settings = dict(max_new_tokens=6, num_beams=2, progress=False, batch_size=2)
+    plain = generation.generate_reports(model, processor, images, **settings)
+    attempts = []
+
+    def unrecordable(self):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticDecodingStep, "_step", unrecordable)
+    monkeypatch.setattr(generation, "_graph_failures", [])
+    with pytest.warns(RuntimeWarning, match="could not run as a CUDA graph .*operation not permitted"):
+        assert generation.generate_reports(model, processor, images, graph_step=True, **settings) == plain
+    assert generation.generate_reports(model, processor, images, graph_step=True, **settings) == plain
+    assert attempts == [1], "tried once per process"
