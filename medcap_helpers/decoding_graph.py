@@ -124,13 +124,13 @@ class StaticDecodingStep:
 
     def _replay(self) -> None:
         if self.graph is None:  # record once: warm up on a side stream (as torch's docs ask), then capture
-            stream, pool = _recording_resources()
+            stream = _warm_up_stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._step()  # the same writes the replay makes: this step's keys and values
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph):  # its own memory pool, freed with the graph
                 self.logits = self._step()
         self.graph.replay()
 
@@ -170,14 +170,17 @@ class StaticDecodingStep:
         vars(self.decoder).pop("forward", None)
 
 
-_recording: dict[int, tuple[torch.cuda.Stream, Any]] = {}
-"""Per GPU, the side stream that warms a step up before it is recorded and the memory pool the recorded
-steps share, one each per process: every new stream gets its own cuBLAS workspace, kept until the process
-ends, and a recorded step's pool is only reused by steps recorded into the same pool."""
+_warm_up_streams: dict[int, torch.cuda.Stream] = {}
+"""Per GPU, the side stream that warms a step up before it is recorded, one per process: every new stream
+gets a cuBLAS workspace of its own, kept until the process ends. With a new stream (and pool) per
+recording an H100's generation batches shrank by a study at every call (37, 36, 35, 34); with one stream
+and one shared pool, by one study once (37, 36, 36), but the shared pool failed from the second call on
+(an internal assert in PyTorch's allocator: the first graph, and with it the pool, had been freed). So
+each recording keeps its own pool, freed with it; this combination is not yet measured on a GPU."""
 
 
-def _recording_resources() -> tuple[torch.cuda.Stream, Any]:
+def _warm_up_stream() -> torch.cuda.Stream:
     device = torch.cuda.current_device()
-    if device not in _recording:
-        _recording[device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
-    return _recording[device]
+    if device not in _warm_up_streams:
+        _warm_up_streams[device] = torch.cuda.Stream()
+    return _warm_up_streams[device]
