@@ -102,8 +102,9 @@ class StaticDecodingStep:
                  attention_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithCrossAttentions:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if input_ids is None or input_ids.shape != (self.rows, 1) or encoder_hidden_states is None:
+            got = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"The static decoding step takes one token for each of its {self.rows} rows and the "
-                             f"image tokens; got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}.")
+                             f"image tokens; got input_ids of shape {got}.")
         if not isinstance(cache, StepCache) or cache.step is not self:
             raise ValueError(f"Pass the cache from StaticDecodingStep.new_batch() to generate() as {CACHE_ARGUMENT}.")
         if self.position >= self.max_length:

@@ -143,9 +143,10 @@ class SharedMemoryCrossAttention(nn.Module):
             self.values = memory.new_empty(shape)
         for start in range(0, studies, SET_MEMORY_STUDIES):
             chunk = memory[start:start + SET_MEMORY_STUDIES]
+            rows = slice(start, start + len(chunk))
             # stored contiguous: a strided copy would otherwise be made of them at every step
-            self.keys[start:start + len(chunk)] = attention.key(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
-            self.values[start:start + len(chunk)] = attention.value(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
+            self.keys[rows] = attention.key(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
+            self.values[rows] = attention.value(chunk).view(len(chunk), tokens, heads, size).transpose(1, 2)
         self.rows = encoder_hidden_states.shape[0]
 
     def attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
