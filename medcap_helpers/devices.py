@@ -136,6 +136,22 @@ def gpu_memory_by_process(index: int | None = None) -> dict[int, float]:
         return {}
 
 
+def private_pool_free_bytes(device: torch.device | str) -> int:
+    """Bytes reserved in private memory pools (CUDA graphs' pools: compiled training's, while its graphs
+    live) that nothing in them uses: held back from every other allocation, yet counted neither by
+    ``memory_allocated`` nor as free. 0 without CUDA or a snapshot of the allocator."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # noqa: BLE001 - a diagnostic; sizing goes on without it
+        return 0
+    return sum(int(seg["total_size"]) - int(seg["allocated_size"]) for seg in segments
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def process_gpu_gb() -> float | None:
     """This process's GPU memory as NVML reports it (what nvidia-smi shows: CUDA context, allocator cache,
     library workspaces), else the whole device's use; None without NVML."""

@@ -33,6 +33,7 @@ from medcap_helpers.devices import (
     is_out_of_memory,
     model_device,
     out_of_memory,
+    private_pool_free_bytes,
     release_memory,
 )
 from medcap_helpers.model import image_tokens_per_view, unwrap_model
@@ -499,7 +500,10 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
 
     The budget is what PyTorch's allocator may hold of ``config.vram_budget_gb`` (its cap, set by
     :func:`~medcap_helpers.devices.cap_gpu_memory`: the budget less the CUDA context and library
-    workspaces), less ``margin``, what is allocated already and :data:`GENERATION_WORKSPACE_BYTES`. Sized
+    workspaces), less ``margin``, what is allocated already, what CUDA graphs' private pools hold unused
+    (compiled training's, between epochs: :func:`~medcap_helpers.devices.private_pool_free_bytes`; the
+    compiled runs' validations took 2.5x the eager ones', likely batches retried smaller next to that pool)
+    and :data:`GENERATION_WORKSPACE_BYTES`. Sized
     against the whole budget instead, the first batch of every call ran out of memory on an H100 and was
     retried at half the size."""
     device = torch.device(device) if device is not None else model_device(model)
@@ -508,7 +512,7 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
     copy_bytes = decoder_copy_bytes(model)
     allocator_cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
     free = (min(config.vram_budget_gb * GB, allocator_cap) * (1 - margin) - torch.cuda.memory_allocated(device)
-            - copy_bytes - GENERATION_WORKSPACE_BYTES)
+            - private_pool_free_bytes(device) - copy_bytes - GENERATION_WORKSPACE_BYTES)
     per_study = study_generation_bytes(model, config, shared_cross_attention=copy_bytes > 0)
     return max(1, min(config.eval_batch_size, int(free // per_study)))
 

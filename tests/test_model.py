@@ -518,6 +518,18 @@ def test_generation_batches_fit_what_the_allocator_may_hold_not_the_whole_budget
     assert batch_for(1.0) == int((budget * generation.GB * 0.9 - 2**20 - copy_bytes - 2**19) // per_study) > 2 * halved
     assert generation.generation_batch_size(peft_model, config.replace(vram_budget_gb=None), device="cuda") == 10_000
 
+    # Compiled training's CUDA graphs keep a private pool between epochs: what it holds unused is not free.
+    pool, mib = (1, 7), 2**20
+    segments = [{"device": 0, "segment_pool_id": (0, 0), "total_size": 8 * mib, "allocated_size": mib},
+                {"device": 0, "segment_pool_id": pool, "total_size": 5 * mib, "allocated_size": mib},
+                {"device": 1, "segment_pool_id": pool, "total_size": 9 * mib, "allocated_size": 0}]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    assert devices.private_pool_free_bytes("cuda") == 4 * mib, "device 0's private pool, less what it uses"
+    assert batch_for(1.0) == int((budget * generation.GB * 0.9 - 2**20 - 4 * mib - copy_bytes - 2**19) // per_study)
+    assert devices.private_pool_free_bytes("cpu") == 0
+
 
 def test_generation_memory_estimate_matches_the_measured_peak_and_the_shared_cross_attention_saving():
     from transformers import BlipForConditionalGeneration
