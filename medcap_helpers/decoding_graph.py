@@ -73,7 +73,8 @@ class StaticDecodingStep:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
         self.token_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.beam_order = torch.arange(rows, device=device)
+        self.in_order = torch.arange(rows, device=device)
+        self.beam_order = self.in_order.clone()
         self.positions = torch.arange(max_length, device=device)
         self.mask_fill = torch.finfo(dtype).min
         self.logits: torch.Tensor | None = None
@@ -95,7 +96,7 @@ class StaticDecodingStep:
     def new_batch(self) -> StepCache:
         """Start a batch: position 0, beams in order; the cache handle to pass to ``generate``."""
         self.position = 0
-        self.beam_order.copy_(torch.arange(self.rows, device=self.beam_order.device))
+        self.beam_order.copy_(self.in_order)
         return StepCache(self)
 
     def __call__(self, input_ids: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
@@ -142,6 +143,7 @@ class StaticDecodingStep:
         if self.num_beams > 1:
             for buffer in (*self.keys, *self.values):
                 buffer.copy_(buffer.index_select(0, self.beam_order))
+            self.beam_order.copy_(self.in_order)  # applied once: a step without a reorder keeps the order
         bert = self.decoder.bert
         hidden = bert.embeddings(input_ids=self.token_ids, position_ids=self.position_index.view(1, 1))
         # BLIP's additive causal mask, over the whole buffer: positions after this one are not written yet
