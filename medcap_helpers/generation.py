@@ -338,7 +338,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         decoder = compiled_decoder_for_generation(model, num_beams, compile_backend)
     else:
         decoder = decoder_for_generation(model, num_beams) if use_copy else base.text_decoder
-    shared_cross_attention = [m for m in decoder.modules() if isinstance(m, SharedMemoryCrossAttention)]
+    shared_cross_attention = _shared_cross_attention(decoder)
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
     if compiled:
         settings["cache_implementation"] = "static"
@@ -363,17 +363,12 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 try:
                     if graphed:  # the step's buffers stay (the image tokens' keys are refilled in place)
                         if static_step is None or static_step.rows != len(batch) * num_beams:
-                            if static_step is not None:
-                                static_step.release()
-                                static_step = None
-                                for module in shared_cross_attention:
-                                    module.reset()
+                            _forget_batch(static_step, shared_cross_attention)
                             static_step = StaticDecodingStep(decoder, len(batch) * num_beams, num_beams,
                                                              max_new_tokens, use_graph=device.type == "cuda").install()
                         settings[CACHE_ARGUMENT] = static_step.new_batch()
                     else:
-                        for module in shared_cross_attention:
-                            module.reset()
+                        _forget_batch(None, shared_cross_attention)
                     if isinstance(batch[0], torch.Tensor):  # cached image tokens (vision_cache.StudyTokens)
                         output = generate_from_tokens(base, torch.stack(batch), decoder=decoder, **settings)
                     else:
@@ -387,12 +382,10 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         warnings.warn(f"The decoding step could not run as a CUDA graph ({_graph_failures[-1][:300]}); "
                                       "reports are generated without it from now on (graph_generation=False avoids "
                                       "the attempt).", RuntimeWarning, stacklevel=2)
-                        if static_step is not None:
-                            static_step.release()
-                            static_step = None
+                        _forget_batch(static_step, shared_cross_attention)
+                        static_step = None
                         decoder, graphed = decoder_for_generation(model, num_beams), False
-                        shared_cross_attention = [m for m in decoder.modules()
-                                                  if isinstance(m, SharedMemoryCrossAttention)]
+                        shared_cross_attention = _shared_cross_attention(decoder)
                         settings.pop(CACHE_ARGUMENT, None)
                         continue
                     if compiled and not is_out_of_memory(err):  # e.g. no working Triton: generate eagerly
@@ -403,17 +396,13 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         release_generation_decoder(decoder)
                         _compiled_decoders.clear()
                         decoder, compiled = decoder_for_generation(model, num_beams), False
-                        shared_cross_attention = [m for m in decoder.modules()
-                                                  if isinstance(m, SharedMemoryCrossAttention)]
+                        shared_cross_attention = _shared_cross_attention(decoder)
                         settings.pop("cache_implementation")
                         continue
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
                         raise
-                    if static_step is not None:  # made again for the smaller batch
-                        static_step.release()
-                        static_step = None
-                        for module in shared_cross_attention:
-                            module.reset()
+                    _forget_batch(static_step, shared_cross_attention)  # a recorded step is made again, smaller
+                    static_step = None
                     if len(batch) == 1:
                         oom = _generation_oom(err, requested_batch_size, num_beams, max_new_tokens, len(reports), len(images))
                     batch_size = max(1, len(batch) * 3 // 4)
@@ -426,10 +415,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                 reports.extend(" ".join(t.split()) for t in texts)
                 bar.update(len(texts))
     finally:
-        for module in shared_cross_attention:  # a batch's keys and values: free them now
-            module.reset()
-        if static_step is not None:
-            static_step.release()
+        _forget_batch(static_step, shared_cross_attention)  # a batch's keys and values: free them now
         settings.pop(CACHE_ARGUMENT, None)
         del static_step
         if compiled:
@@ -440,6 +426,19 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         release_memory()
         raise oom
     return reports
+
+
+def _shared_cross_attention(decoder: nn.Module) -> list[SharedMemoryCrossAttention]:
+    return [m for m in decoder.modules() if isinstance(m, SharedMemoryCrossAttention)]
+
+
+def _forget_batch(static_step: StaticDecodingStep | None,
+                  shared_cross_attention: list[SharedMemoryCrossAttention]) -> None:
+    """Free the recorded step, if any, and the last batch's image-token keys and values."""
+    if static_step is not None:
+        static_step.release()
+    for module in shared_cross_attention:
+        module.reset()
 
 
 def _generation_oom(error: BaseException, batch_size: int, num_beams: int, max_new_tokens: int, done: int,

@@ -49,10 +49,10 @@ from medcap_helpers.errors import ConfigError
 from medcap_helpers.frozen_weights import make_dequantized_weights, release_dequantized_weights
 from medcap_helpers.generation import (
     compile_backend,
-    graph_step,
     generate_reports,
     generation_batch_size,
     generation_inputs,
+    graph_step,
 )
 from medcap_helpers.metrics import (
     CE_MACRO_F1,
