@@ -109,7 +109,8 @@ def tables() -> str:
 def multi_gpu_table(results: dict[str, Any]) -> list[str]:
     """One GPU against two (``benchmarks/multi_gpu.py``): training throughput, validation loss, sweep time."""
     training, sweep = results.get("training", {}), results.get("sweep", {})
-    lines = ["**One GPU or two** (H200s, rehearsal, 4 GB cap per GPU; `python benchmarks/multi_gpu.py`)", "",
+    lines = ["**One GPU or two** (rehearsal, 4 GB cap per GPU; `python benchmarks/multi_gpu.py`; the two-GPU pairs on two "
+             "H200s, the later one-GPU rows on H200 or H100 machines)", "",
              "| GPUs | image tokens | micro-batch × accumulation | other settings | training studies | epochs | "
              "training samples/s: all epochs (each after its first step) | final validation loss |",
              "|---:|---|---|---|---:|---:|---:|---:|"]
