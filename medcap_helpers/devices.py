@@ -152,6 +152,22 @@ def private_pool_free_bytes(device: torch.device | str) -> int:
                if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
+def allocator_state(device: torch.device | str) -> str:
+    """What PyTorch's allocator holds on ``device``, as one line for a message: allocated, reserved (against
+    its cap), reserved but unused in CUDA graphs' private pools, and free pieces of partly used blocks
+    (``inactive_split_bytes``: free, yet no larger tensor fits in them). Empty without CUDA in use."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stats = torch.cuda.memory_stats(index)
+    cap = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.get_device_properties(index).total_memory
+    return (f"allocated {stats.get('allocated_bytes.all.current', 0) / GB:.2f} GB, reserved "
+            f"{stats.get('reserved_bytes.all.current', 0) / GB:.2f} GB of the allocator's {cap / GB:.2f} GB cap, "
+            f"{private_pool_free_bytes(device) / GB:.2f} GB unused in CUDA graphs' pools, "
+            f"{stats.get('inactive_split_bytes.all.current', 0) / GB:.2f} GB in free pieces of split blocks")
+
+
 def process_gpu_gb() -> float | None:
     """This process's GPU memory as NVML reports it (what nvidia-smi shows: CUDA context, allocator cache,
     library workspaces), else the whole device's use; None without NVML."""

@@ -30,6 +30,7 @@ from medcap_helpers.decoding_graph import CACHE_ARGUMENT, StaticDecodingStep
 from medcap_helpers.devices import (
     GB,
     OutOfMemory,
+    allocator_state,
     is_out_of_memory,
     model_device,
     out_of_memory,
@@ -408,8 +409,11 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                     batch_size = max(1, len(batch) * 3 // 4)
                     if len(batch) > 1:  # said, not silent; this call's later batches and the process's later calls
                         _batch_size_after_oom[oom_key] = batch_size  # never above what it held: the call started there
+                        state = allocator_state(device)  # the error still holds the failed batch's tensors
                         warnings.warn(f"Generating reports: a batch of {len(batch)} studies ran out of GPU memory; "
-                                      f"going on with batches of {batch_size}.", RuntimeWarning, stacklevel=2)
+                                      f"going on with batches of {batch_size}."
+                                      + (f" Memory at the failure: {state}." if state else ""),
+                                      RuntimeWarning, stacklevel=2)
                     continue
                 texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)[:len(batch) - padding]
                 reports.extend(" ".join(t.split()) for t in texts)

@@ -530,6 +530,17 @@ def test_generation_batches_fit_what_the_allocator_may_hold_not_the_whole_budget
     assert batch_for(1.0) == int((budget * generation.GB * 0.9 - 2**20 - 4 * mib - copy_bytes - 2**19) // per_study)
     assert devices.private_pool_free_bytes("cpu") == 0
 
+    # A batch that still runs out of memory says what the allocator held then, the pool's unused part included.
+    gb = generation.GB
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {
+        "allocated_bytes.all.current": int(1.5 * gb), "reserved_bytes.all.current": int(2.75 * gb),
+        "inactive_split_bytes.all.current": int(0.25 * gb)})
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
+    state = devices.allocator_state("cuda")
+    assert state == ("allocated 1.50 GB, reserved 2.75 GB of the allocator's 0.50 GB cap, 0.00 GB unused in "
+                     "CUDA graphs' pools, 0.25 GB in free pieces of split blocks")
+    assert devices.allocator_state("cpu") == ""
+
 
 def test_generation_memory_estimate_matches_the_measured_peak_and_the_shared_cross_attention_saving():
     from transformers import BlipForConditionalGeneration
