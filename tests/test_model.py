@@ -533,12 +533,12 @@ def test_generation_batches_fit_what_the_allocator_may_hold_not_the_whole_budget
     # A batch that still runs out of memory says what the allocator held then, the pool's unused part included.
     gb = generation.GB
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {
-        "allocated_bytes.all.current": int(1.5 * gb), "reserved_bytes.all.current": int(2.75 * gb),
-        "inactive_split_bytes.all.current": int(0.25 * gb)})
+        "allocated_bytes.all.current": int(0.3 * gb), "reserved_bytes.all.current": int(0.45 * gb),
+        "inactive_split_bytes.all.current": int(0.05 * gb)})
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.5)
     state = devices.allocator_state("cuda")
-    assert state == ("allocated 1.50 GB, reserved 2.75 GB of the allocator's 0.50 GB cap, 0.00 GB unused in "
-                     "CUDA graphs' pools, 0.25 GB in free pieces of split blocks")
+    assert state == ("allocated 0.30 GB, reserved 0.45 GB of the allocator's 0.50 GB cap, 0.00 GB unused in "
+                     "CUDA graphs' pools, 0.05 GB in free pieces of split blocks")
     assert devices.allocator_state("cpu") == ""
 
 
