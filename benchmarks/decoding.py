@@ -105,7 +105,7 @@ def step_agreement(peft_model: Any, processor: Any, config: Any, rows: Any, stud
     inputs = generation.generation_inputs(peft_model, processor, rows.select(range(studies)), config)
     copy = generation.decoder_for_generation(peft_model, num_beams=1)
     memory = torch.stack([inputs[i] for i in range(studies)]).to(device=next(copy.parameters()).device, dtype=copy.dtype)
-    shared = generation._shared_cross_attention(copy)
+    shared = generation.shared_cross_attention_modules(copy)
     with torch.no_grad():
         ids = generate_from_tokens(base, memory, decoder=copy, max_new_tokens=config.max_new_tokens,
                                    min_new_tokens=config.min_new_tokens, num_beams=1)

@@ -81,6 +81,16 @@ def device_map_for(device: torch.device | str) -> dict[str, Any]:
     return {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
 
 
+def cuda_index(device: torch.device) -> int:
+    """The GPU index of a CUDA ``device`` (the current GPU for a bare ``"cuda"``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def allocator_cap_bytes(device: torch.device | str | int) -> float:
+    """The bytes PyTorch's allocator may hold on ``device``: its per-process cap (see :func:`cap_gpu_memory`)."""
+    return torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -89,7 +99,7 @@ def memory_snapshot(device: torch.device | str) -> dict[str, float]:
     """Memory now and at peak, in GB: CUDA allocator (+ NVML device use when available) or CPU RSS."""
     device = torch.device(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = cuda_index(device)
         snap = {"allocated_gb": torch.cuda.memory_allocated(index) / GB,
                 "reserved_gb": torch.cuda.memory_reserved(index) / GB,
                 "max_allocated_gb": torch.cuda.max_memory_allocated(index) / GB,
@@ -143,7 +153,7 @@ def private_pool_free_bytes(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_initialized():
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     try:
         segments = torch.cuda.memory_snapshot()
     except Exception:  # noqa: BLE001 - a diagnostic; sizing goes on without it
@@ -159,9 +169,9 @@ def allocator_state(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_initialized():
         return ""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     stats = torch.cuda.memory_stats(index)
-    cap = torch.cuda.get_per_process_memory_fraction(index) * torch.cuda.get_device_properties(index).total_memory
+    cap = allocator_cap_bytes(index)
     return (f"allocated {stats.get('allocated_bytes.all.current', 0) / GB:.2f} GB, reserved "
             f"{stats.get('reserved_bytes.all.current', 0) / GB:.2f} GB of the allocator's {cap / GB:.2f} GB cap, "
             f"{private_pool_free_bytes(device) / GB:.2f} GB unused in CUDA graphs' pools, "
@@ -191,7 +201,7 @@ def cap_gpu_memory(budget_gb: float, device: torch.device | str) -> float:
     as nvidia-smi counts it — stays within ``budget_gb``: a bigger card then behaves like the budgeted one.
     Returns the allocator's cap in GB."""
     device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     torch.empty(1, device=torch.device("cuda", index))  # creates the CUDA context, which the cap must leave room for
     outside_allocator = max(0.0, (process_gpu_gb() or 0.0) - torch.cuda.memory_reserved(index) / GB)
     outside_allocator += LIBRARY_WORKSPACE_GB

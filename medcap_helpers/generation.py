@@ -30,6 +30,7 @@ from medcap_helpers.decoding_graph import CACHE_ARGUMENT, StaticDecodingStep
 from medcap_helpers.devices import (
     GB,
     OutOfMemory,
+    allocator_cap_bytes,
     allocator_state,
     is_out_of_memory,
     model_device,
@@ -339,7 +340,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
         decoder = compiled_decoder_for_generation(model, num_beams, compile_backend)
     else:
         decoder = decoder_for_generation(model, num_beams) if use_copy else base.text_decoder
-    shared_cross_attention = _shared_cross_attention(decoder)
+    shared_cross_attention = shared_cross_attention_modules(decoder)
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
     if compiled:
         settings["cache_implementation"] = "static"
@@ -386,7 +387,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         _forget_batch(static_step, shared_cross_attention)
                         static_step = None
                         decoder, graphed = decoder_for_generation(model, num_beams), False
-                        shared_cross_attention = _shared_cross_attention(decoder)
+                        shared_cross_attention = shared_cross_attention_modules(decoder)
                         settings.pop(CACHE_ARGUMENT, None)
                         continue
                     if compiled and not is_out_of_memory(err):  # e.g. no working Triton: generate eagerly
@@ -397,7 +398,7 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
                         release_generation_decoder(decoder)
                         _compiled_decoders.clear()
                         decoder, compiled = decoder_for_generation(model, num_beams), False
-                        shared_cross_attention = _shared_cross_attention(decoder)
+                        shared_cross_attention = shared_cross_attention_modules(decoder)
                         settings.pop("cache_implementation")
                         continue
                     if isinstance(err, OutOfMemory) or not is_out_of_memory(err):
@@ -432,7 +433,8 @@ def generate_reports(model: Any, processor: BlipProcessor, images: Sequence[Any]
     return reports
 
 
-def _shared_cross_attention(decoder: nn.Module) -> list[SharedMemoryCrossAttention]:
+def shared_cross_attention_modules(decoder: nn.Module) -> list[SharedMemoryCrossAttention]:
+    """The decoder copy's cross-attention layers that keep one set of image-token keys per study."""
     return [m for m in decoder.modules() if isinstance(m, SharedMemoryCrossAttention)]
 
 
@@ -513,9 +515,9 @@ def generation_batch_size(model: Any, config: MedcapConfig, device: torch.device
     if config.vram_budget_gb is None or device.type != "cuda":
         return config.eval_batch_size
     copy_bytes = decoder_copy_bytes(model)
-    allocator_cap = torch.cuda.get_per_process_memory_fraction(device) * torch.cuda.get_device_properties(device).total_memory
-    free = (min(config.vram_budget_gb * GB, allocator_cap) * (1 - margin) - torch.cuda.memory_allocated(device)
-            - private_pool_free_bytes(device) - copy_bytes - GENERATION_WORKSPACE_BYTES)
+    free = (min(config.vram_budget_gb * GB, allocator_cap_bytes(device)) * (1 - margin)
+            - torch.cuda.memory_allocated(device) - private_pool_free_bytes(device) - copy_bytes
+            - GENERATION_WORKSPACE_BYTES)
     per_study = study_generation_bytes(model, config, shared_cross_attention=copy_bytes > 0)
     return max(1, min(config.eval_batch_size, int(free // per_study)))
 
